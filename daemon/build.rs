@@ -1,0 +1,13 @@
+//! Compiles the KV Connect `.proto` files with `protox` (pure Rust, no `protoc`).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/datapath.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let descriptors = protox::compile(protos, ["proto"])?;
+    prost_build::Config::new()
+        .bytes(["."])
+        .compile_fds(descriptors)?;
+    Ok(())
+}
