@@ -1,0 +1,365 @@
+//! The one writer: group-commits queued atomic writes, a savepoint per write (DESIGN.md).
+//!
+//! Cores send writes over a bounded channel. The committer takes every write waiting, opens one
+//! transaction, applies each write inside its own `SAVEPOINT` (checks, then mutations, then
+//! enqueues), rolls a failing write back to its savepoint, commits once, and only then answers
+//! the writers and wakes the watchers. It also sweeps expired rows.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::Rng;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::oneshot;
+
+use super::watch::WatchRegistry;
+use super::StoreError;
+use crate::kv::model::{AtomicWrite, Enqueue, MutationKind, WriteOutcome};
+use crate::kv::value::{StoredValue, Value};
+use crate::kv::versionstamp::Versionstamp;
+use crate::kv::{now_ms, KvError};
+
+/// Most writes one transaction carries.
+const MAX_BATCH: usize = 512;
+/// Writes that may wait for the committer before senders are made to wait (backpressure).
+pub const QUEUE_CAPACITY: usize = 4096;
+/// Longest time between two expiry sweeps, to catch expiries written by other processes.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Rows one sweep transaction deletes at most, so a sweep never holds writers up for long.
+const SWEEP_CHUNK: i64 = 1000;
+/// Queue retry schedule stored when a message gives none (proto3 cannot tell empty from absent).
+const DEFAULT_BACKOFF: &str = "[100,1000,5000,30000,60000]";
+
+const LOOKUP_VERSION: &str =
+    "SELECT version, seq FROM kv WHERE k = ?1 AND (expiration_ms < 0 OR expiration_ms > ?2)";
+const LOOKUP_VALUE: &str =
+    "SELECT v, v_encoding FROM kv WHERE k = ?1 AND (expiration_ms < 0 OR expiration_ms > ?2)";
+const UPSERT: &str = "INSERT INTO kv (k, v, v_encoding, version, seq, expiration_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)
+     ON CONFLICT (k) DO UPDATE SET v = excluded.v, v_encoding = excluded.v_encoding,
+       version = excluded.version, seq = 0, expiration_ms = excluded.expiration_ms";
+const DELETE: &str = "DELETE FROM kv WHERE k = ?1";
+const ENQUEUE: &str =
+    "INSERT INTO queue (ts, id, data, backoff_schedule, keys_if_undelivered) VALUES (?1, ?2, ?3, ?4, ?5)";
+const SET_VERSION: &str = "UPDATE data_version SET version = ?1 WHERE k = 0";
+
+struct WriteJob {
+    write: AtomicWrite,
+    reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+}
+
+/// Where cores send writes. Cheap to clone; the committer stops once every handle is dropped
+/// and the queue is drained.
+#[derive(Clone)]
+pub struct CommitterHandle {
+    tx: flume::Sender<WriteJob>,
+}
+
+impl CommitterHandle {
+    /// Queues a write and waits for its outcome. Waits for room when the queue is full.
+    pub async fn write(&self, write: AtomicWrite) -> Result<WriteOutcome, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.tx.send_async(WriteJob { write, reply }).await.map_err(|_| StoreError::Unavailable)?;
+        outcome.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// Writes waiting for the committer.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+/// Starts the committer thread on the write connection.
+pub fn spawn(conn: Connection, watches: Arc<WatchRegistry>) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
+    let version: i64 = conn.query_row("SELECT version FROM data_version WHERE k = 0", [], |r| r.get(0))?;
+    let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
+    let mut committer =
+        Committer { conn, version: version as u64, watches, next_expiry: None, last_sweep: Instant::now() };
+    let thread = std::thread::Builder::new().name("committer".into()).spawn(move || {
+        committer.sweep();
+        committer.run(rx);
+    })?;
+    Ok((CommitterHandle { tx }, thread))
+}
+
+struct Committer {
+    conn: Connection,
+    /// Last committed global version (`data_version.version`).
+    version: u64,
+    watches: Arc<WatchRegistry>,
+    /// Earliest expiry in the table, if any is known.
+    next_expiry: Option<i64>,
+    last_sweep: Instant,
+}
+
+/// Why one write of a batch did not apply.
+enum ApplyError {
+    /// The write is invalid; it was rolled back to its savepoint; the batch goes on.
+    Invalid(KvError),
+    /// The database failed; the whole batch is rolled back.
+    Database(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for ApplyError {
+    fn from(e: rusqlite::Error) -> Self {
+        ApplyError::Database(e)
+    }
+}
+
+impl From<KvError> for ApplyError {
+    fn from(e: KvError) -> Self {
+        ApplyError::Invalid(e)
+    }
+}
+
+impl Committer {
+    fn run(&mut self, rx: flume::Receiver<WriteJob>) {
+        loop {
+            let first = match rx.recv_timeout(self.time_until_sweep()) {
+                Ok(job) => job,
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    self.sweep();
+                    continue;
+                }
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+            if self.time_until_sweep().is_zero() {
+                self.sweep();
+            }
+        }
+        tracing::debug!("committer stopped: every sender is gone and the queue is empty");
+    }
+
+    fn time_until_sweep(&self) -> Duration {
+        let periodic = SWEEP_INTERVAL.saturating_sub(self.last_sweep.elapsed());
+        match self.next_expiry {
+            Some(t) => periodic.min(Duration::from_millis((t - now_ms()).max(0) as u64)),
+            None => periodic,
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<WriteJob>) {
+        let now = now_ms();
+        let mut version = self.version;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut changed: Vec<Bytes> = Vec::new();
+        let mut next_expiry = self.next_expiry;
+
+        let applied = (|| -> rusqlite::Result<()> {
+            self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            for job in &batch {
+                let keys_before = changed.len();
+                match self.apply_in_savepoint(&job.write, version, now, &mut changed) {
+                    Ok((outcome, v)) => {
+                        version = v;
+                        if matches!(outcome, WriteOutcome::Committed(_)) {
+                            for m in job.write.mutations.iter() {
+                                if let Some(t) = m.expire_at_ms {
+                                    next_expiry = Some(next_expiry.map_or(t, |n| n.min(t)));
+                                }
+                            }
+                        }
+                        results.push(Ok(outcome));
+                    }
+                    Err(ApplyError::Invalid(e)) => {
+                        changed.truncate(keys_before);
+                        results.push(Err(StoreError::Invalid(e)));
+                    }
+                    Err(ApplyError::Database(e)) => return Err(e),
+                }
+            }
+            if version != self.version {
+                self.conn.prepare_cached(SET_VERSION)?.execute([version as i64])?;
+            }
+            self.conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(())
+        })();
+
+        if let Err(e) = applied {
+            // Nothing of this batch is committed, so telling the writers to retry is safe.
+            tracing::error!("commit of {} writes failed, rolled back: {e}", batch.len());
+            let _ = self.conn.execute_batch("ROLLBACK");
+            for job in batch {
+                let _ = job.reply.send(Err(StoreError::Unavailable));
+            }
+            return;
+        }
+        self.version = version;
+        self.next_expiry = next_expiry;
+        for (job, result) in batch.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+        self.watches.notify(&changed);
+    }
+
+    /// Applies one write inside its own savepoint. Returns the outcome and the global version
+    /// after it (advanced only when the write applies).
+    fn apply_in_savepoint(
+        &self,
+        write: &AtomicWrite,
+        version: u64,
+        now: i64,
+        changed: &mut Vec<Bytes>,
+    ) -> Result<(WriteOutcome, u64), ApplyError> {
+        self.conn.prepare_cached("SAVEPOINT write")?.execute([])?;
+        let result = self.apply(write, version, now, changed);
+        if let Err(ApplyError::Invalid(_)) = result {
+            self.conn.prepare_cached("ROLLBACK TO write")?.execute([])?;
+        }
+        self.conn.prepare_cached("RELEASE write")?.execute([])?;
+        result
+    }
+
+    fn apply(
+        &self,
+        write: &AtomicWrite,
+        version: u64,
+        now: i64,
+        changed: &mut Vec<Bytes>,
+    ) -> Result<(WriteOutcome, u64), ApplyError> {
+        let mut failed = Vec::new();
+        {
+            let mut lookup = self.conn.prepare_cached(LOOKUP_VERSION)?;
+            for (i, check) in write.checks.iter().enumerate() {
+                let current = lookup
+                    .query_row(params![&check.key[..], now], |r| {
+                        Ok(Versionstamp::new(r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u16))
+                    })
+                    .optional()?;
+                if current != check.versionstamp {
+                    failed.push(i as u32);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            return Ok((WriteOutcome::ChecksFailed(failed), version));
+        }
+
+        let new_version = version + rand::rng().random_range(1..=9);
+        let stamp = Versionstamp::new(new_version, 0);
+        for m in &write.mutations {
+            let expiry = m.expire_at_ms.unwrap_or(-1);
+            match &m.kind {
+                MutationKind::Set(value) => {
+                    self.upsert(&m.key, value, new_version, expiry)?;
+                    changed.push(m.key.clone());
+                }
+                MutationKind::SetSuffixVersionstamped(value) => {
+                    let mut key = Vec::with_capacity(m.key.len() + 22);
+                    key.extend_from_slice(&m.key);
+                    key.extend_from_slice(&stamp.key_suffix());
+                    let key = Bytes::from(key);
+                    self.upsert(&key, value, new_version, expiry)?;
+                    changed.push(key);
+                }
+                MutationKind::Delete => {
+                    self.conn.prepare_cached(DELETE)?.execute([&m.key[..]])?;
+                    changed.push(m.key.clone());
+                }
+                // sum/min/max clear an existing expiry unless the mutation sets one (SPEC §10 D13).
+                MutationKind::Le64(op, operand) => {
+                    let result = op.apply(self.lookup_value(&m.key, now)?, *operand)?;
+                    self.upsert(&m.key, &result, new_version, expiry)?;
+                    changed.push(m.key.clone());
+                }
+                MutationKind::V8Sum(sum) => {
+                    let result = sum.apply(self.lookup_value(&m.key, now)?)?;
+                    self.upsert(&m.key, &result, new_version, expiry)?;
+                    changed.push(m.key.clone());
+                }
+            }
+        }
+        for e in &write.enqueues {
+            self.enqueue(e)?;
+        }
+        Ok((WriteOutcome::Committed(stamp), new_version))
+    }
+
+    fn lookup_value(&self, key: &[u8], now: i64) -> rusqlite::Result<Option<StoredValue>> {
+        self.conn
+            .prepare_cached(LOOKUP_VALUE)?
+            .query_row(params![key, now], |r| {
+                Ok(StoredValue { data: Bytes::from(r.get::<_, Vec<u8>>(0)?), encoding: r.get(1)? })
+            })
+            .optional()
+    }
+
+    fn upsert(&self, key: &[u8], value: &Value, version: u64, expiry: i64) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(UPSERT)?.execute(params![
+            key,
+            &value.data[..],
+            value.encoding as i64,
+            version as i64,
+            expiry
+        ])?;
+        Ok(())
+    }
+
+    fn enqueue(&self, e: &Enqueue) -> rusqlite::Result<()> {
+        let backoff = if e.backoff_schedule.is_empty() {
+            DEFAULT_BACKOFF.to_string()
+        } else {
+            serde_json::to_string(&e.backoff_schedule).expect("a list of numbers serializes")
+        };
+        let dead_letter: Vec<&[u8]> = e.keys_if_undelivered.iter().map(|k| &k[..]).collect();
+        let dead_letter = serde_json::to_string(&dead_letter).expect("a list of byte lists serializes");
+        let id = uuid::Uuid::new_v4().hyphenated().to_string();
+        self.conn.prepare_cached(ENQUEUE)?.execute(params![e.deadline_ms, id, &e.payload[..], backoff, dead_letter])?;
+        Ok(())
+    }
+
+    /// Deletes expired rows in small transactions; each transaction that deleted rows advances
+    /// the version by one and wakes the watchers of those keys (SPEC §7.6).
+    fn sweep(&mut self) {
+        self.last_sweep = Instant::now();
+        loop {
+            match self.sweep_chunk() {
+                Ok(n) if n < SWEEP_CHUNK as usize => break,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::error!("expiry sweep failed: {e}");
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    return;
+                }
+            }
+        }
+        self.next_expiry = self
+            .conn
+            .query_row("SELECT min(expiration_ms) FROM kv WHERE expiration_ms >= 0", [], |r| r.get(0))
+            .unwrap_or(None);
+    }
+
+    fn sweep_chunk(&mut self) -> rusqlite::Result<usize> {
+        let now = now_ms();
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let deleted: Vec<Bytes> = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM kv WHERE k IN
+                   (SELECT k FROM kv WHERE expiration_ms >= 0 AND expiration_ms <= ?1 LIMIT ?2)
+                 RETURNING k",
+            )?
+            .query_map(params![now, SWEEP_CHUNK], |r| Ok(Bytes::from(r.get::<_, Vec<u8>>(0)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let version = self.version + 1;
+        if !deleted.is_empty() {
+            self.conn.prepare_cached(SET_VERSION)?.execute([version as i64])?;
+        }
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        if !deleted.is_empty() {
+            self.version = version;
+            tracing::debug!("expiry sweep deleted {} rows", deleted.len());
+            self.watches.notify(&deleted);
+        }
+        Ok(deleted.len())
+    }
+}

@@ -1,0 +1,54 @@
+//! Storage: the Deno-compatible SQLite schema, the committer (the only writer), per-core
+//! readers, expiry, and watch notification. All SQL lives here.
+
+pub mod committer;
+pub mod reader;
+pub mod schema;
+pub mod watch;
+
+use std::fmt;
+
+use crate::kv::KvError;
+
+pub use committer::CommitterHandle;
+pub use reader::Reader;
+pub use schema::SyncMode;
+pub use watch::WatchRegistry;
+
+/// Why the store could not serve a request.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The request (or a stored value it met) is invalid: a 400, nothing was written.
+    Invalid(KvError),
+    /// The database failed; for writes, nothing was committed.
+    Database(rusqlite::Error),
+    /// The committer is gone (shutting down) or rolled back the batch; nothing was committed.
+    Unavailable,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e)
+    }
+}
+
+impl From<KvError> for StoreError {
+    fn from(e: KvError) -> Self {
+        StoreError::Invalid(e)
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Invalid(e) => write!(f, "{e}"),
+            StoreError::Database(e) => write!(f, "database error: {e}"),
+            StoreError::Unavailable => f.write_str("the committer is unavailable"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+#[cfg(test)]
+mod tests;

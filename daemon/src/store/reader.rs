@@ -1,0 +1,89 @@
+//! Snapshot reads on a core's own read-only connection (SPEC §2.3, §7.5).
+
+use std::path::Path;
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::StoreError;
+use crate::kv::model::{Entry, ReadRange};
+use crate::kv::value::StoredValue;
+use crate::kv::versionstamp::Versionstamp;
+
+// A row is visible unless it has an expiry that has passed (SPEC §10 D4): expired rows are absent
+// even before the sweep deletes them.
+const SCAN_FORWARD: &str = "SELECT k, v, v_encoding, version, seq FROM kv
+     WHERE k >= ?1 AND k < ?2 AND (expiration_ms < 0 OR expiration_ms > ?3)
+     ORDER BY k ASC LIMIT ?4";
+const SCAN_REVERSE: &str = "SELECT k, v, v_encoding, version, seq FROM kv
+     WHERE k >= ?1 AND k < ?2 AND (expiration_ms < 0 OR expiration_ms > ?3)
+     ORDER BY k DESC LIMIT ?4";
+const GET: &str = "SELECT k, v, v_encoding, version, seq FROM kv
+     WHERE k = ?1 AND (expiration_ms < 0 OR expiration_ms > ?2)";
+
+/// One read-only SQLite connection; each core owns one.
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Ok(Reader { conn: super::schema::open_reader(path)? })
+    }
+
+    /// Reads every range from one snapshot.
+    pub fn read_ranges(&mut self, ranges: &[ReadRange], now_ms: i64) -> Result<Vec<Vec<Entry>>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            if r.start >= r.end {
+                out.push(Vec::new());
+                continue;
+            }
+            let mut stmt = tx.prepare_cached(if r.reverse { SCAN_REVERSE } else { SCAN_FORWARD })?;
+            let rows = stmt.query_map(params![&r.start[..], &r.end[..], now_ms, r.limit as i64], row_to_entry)?;
+            let entries = rows.map(|e| e?.decode()).collect::<Result<Vec<_>, StoreError>>()?;
+            out.push(entries);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Reads single keys from one snapshot; `None` for absent (or expired) keys.
+    pub fn read_keys(&mut self, keys: &[Bytes], now_ms: i64) -> Result<Vec<Option<Entry>>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut out = Vec::with_capacity(keys.len());
+        {
+            let mut stmt = tx.prepare_cached(GET)?;
+            for k in keys {
+                let row = stmt.query_row(params![&k[..], now_ms], row_to_entry).optional()?;
+                out.push(row.map(RawEntry::decode).transpose()?);
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// A row before its encoding is checked.
+pub(crate) struct RawEntry {
+    key: Vec<u8>,
+    value: StoredValue,
+    versionstamp: Versionstamp,
+}
+
+impl RawEntry {
+    fn decode(self) -> Result<Entry, StoreError> {
+        Ok(Entry { key: Bytes::from(self.key), value: self.value.decode()?, versionstamp: self.versionstamp })
+    }
+}
+
+fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawEntry> {
+    let version: i64 = r.get(3)?;
+    let seq: i64 = r.get(4)?;
+    Ok(RawEntry {
+        key: r.get(0)?,
+        value: StoredValue { data: Bytes::from(r.get::<_, Vec<u8>>(1)?), encoding: r.get(2)? },
+        versionstamp: Versionstamp::new(version as u64, seq as u16),
+    })
+}
