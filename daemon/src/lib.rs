@@ -1,7 +1,11 @@
 //! denokv: a self-hosted Deno KV server speaking the KV Connect protocol.
 
+pub mod config;
+pub mod http;
 pub mod kv;
+pub mod runtime;
 pub mod store;
+pub mod telemetry;
 
 /// The KV Connect protobuf messages (SPEC §2.2), generated from `proto/datapath.proto`.
 pub mod proto {

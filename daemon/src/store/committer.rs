@@ -49,19 +49,31 @@ struct WriteJob {
     reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
 }
 
+enum Message {
+    Write(WriteJob),
+    /// Commit what is queued, then stop.
+    Stop,
+}
+
 /// Where cores send writes. Cheap to clone; the committer stops once every handle is dropped
 /// and the queue is drained.
 #[derive(Clone)]
 pub struct CommitterHandle {
-    tx: flume::Sender<WriteJob>,
+    tx: flume::Sender<Message>,
 }
 
 impl CommitterHandle {
     /// Queues a write and waits for its outcome. Waits for room when the queue is full.
     pub async fn write(&self, write: AtomicWrite) -> Result<WriteOutcome, StoreError> {
         let (reply, outcome) = oneshot::channel();
-        self.tx.send_async(WriteJob { write, reply }).await.map_err(|_| StoreError::Unavailable)?;
+        self.tx.send_async(Message::Write(WriteJob { write, reply })).await.map_err(|_| StoreError::Unavailable)?;
         outcome.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// Asks the committer to commit every write already queued and stop. Blocks while the
+    /// queue is full.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Message::Stop);
     }
 
     /// Writes waiting for the committer.
@@ -114,20 +126,25 @@ impl From<KvError> for ApplyError {
 }
 
 impl Committer {
-    fn run(&mut self, rx: flume::Receiver<WriteJob>) {
-        loop {
+    fn run(&mut self, rx: flume::Receiver<Message>) {
+        let mut stopping = false;
+        while !stopping {
             let first = match rx.recv_timeout(self.time_until_sweep()) {
-                Ok(job) => job,
+                Ok(Message::Write(job)) => job,
+                Ok(Message::Stop) | Err(flume::RecvTimeoutError::Disconnected) => break,
                 Err(flume::RecvTimeoutError::Timeout) => {
                     self.sweep();
                     continue;
                 }
-                Err(flume::RecvTimeoutError::Disconnected) => break,
             };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(job) => batch.push(job),
+                    Ok(Message::Write(job)) => batch.push(job),
+                    Ok(Message::Stop) => {
+                        stopping = true;
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -136,7 +153,18 @@ impl Committer {
                 self.sweep();
             }
         }
-        tracing::debug!("committer stopped: every sender is gone and the queue is empty");
+        // Commit whatever is still queued: those writers are waiting for an answer.
+        let mut rest = rx
+            .drain()
+            .filter_map(|m| match m {
+                Message::Write(job) => Some(job),
+                Message::Stop => None,
+            })
+            .peekable();
+        while rest.peek().is_some() {
+            self.commit_batch(rest.by_ref().take(MAX_BATCH).collect());
+        }
+        tracing::debug!("committer stopped with an empty queue");
     }
 
     fn time_until_sweep(&self) -> Duration {

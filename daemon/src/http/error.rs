@@ -1,0 +1,77 @@
+//! Error answers: a status and a one-line plain-text message (SPEC §1.6).
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+
+use super::body::{full, Body};
+use crate::kv::KvError;
+use crate::store::StoreError;
+
+/// An answer other than success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "Resource not found.")
+    }
+
+    pub fn malformed_authorization() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "Malformed authorization header.")
+    }
+
+    pub fn invalid_token() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "Invalid access token.")
+    }
+
+    pub fn body_too_large() -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "Failed to buffer the request body: length limit exceeded")
+    }
+
+    pub fn internal() -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "An internal server error occurred.")
+    }
+
+    /// Only for failures where the request surely had no effect: Deno retries 5xx forever.
+    pub fn unavailable() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "The server is temporarily unavailable, try again later.")
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        Response::builder()
+            .status(self.status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(full(Bytes::from(self.message)))
+            .expect("static response parts are valid")
+    }
+}
+
+impl From<KvError> for ApiError {
+    fn from(e: KvError) -> Self {
+        ApiError::bad_request(e.message())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Invalid(e) => e.into(),
+            StoreError::Database(e) => {
+                tracing::error!("database error: {e}");
+                ApiError::internal()
+            }
+            StoreError::Unavailable => ApiError::unavailable(),
+        }
+    }
+}

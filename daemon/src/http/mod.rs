@@ -1,0 +1,164 @@
+//! The KV Connect HTTP surface (SPEC §1): routes, authentication, data-path checks, and the
+//! translation between protobuf and the protocol model. Nothing outside this module knows HTTP.
+
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod metadata;
+mod watch;
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Response, StatusCode};
+use hyper::body::Incoming;
+use prost::Message;
+
+use crate::kv::model::{Entry, WriteOutcome};
+use crate::kv::{now_ms, validate};
+use crate::proto as pb;
+use crate::store::{CommitterHandle, Reader, WatchRegistry};
+use auth::Tokens;
+use body::{empty, full, read_limited, Body};
+use error::ApiError;
+
+pub type Request = http::Request<Incoming>;
+
+/// What every core shares.
+pub struct Shared {
+    pub tokens: Tokens,
+    /// `None` when the server is read-only.
+    pub committer: Option<CommitterHandle>,
+    pub watches: Arc<WatchRegistry>,
+    /// The data-path endpoint advertised in the metadata (`/v2`).
+    pub endpoint_url: String,
+}
+
+/// What one core's request handlers use: the shared state and the core's own reader.
+pub struct CoreContext {
+    pub shared: Arc<Shared>,
+    pub reader: RefCell<Reader>,
+    /// Turns true when the server starts shutting down.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Answers one request; errors become their plain-text responses.
+pub async fn handle(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Response<Body> {
+    match route(req, ctx).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn route(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Result<Response<Body>, ApiError> {
+    let route = match req.uri().path() {
+        "/" => Route::Metadata,
+        "/v2/snapshot_read" => Route::SnapshotRead,
+        "/v2/atomic_write" => Route::AtomicWrite,
+        "/v2/watch" => Route::Watch,
+        _ => return Err(ApiError::not_found()),
+    };
+    if req.method() != Method::POST {
+        return Ok(Response::builder().status(StatusCode::METHOD_NOT_ALLOWED).body(empty()).unwrap());
+    }
+    let (parts, incoming) = req.into_parts();
+    let content_length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    if route == Route::Metadata {
+        let token = ctx.shared.tokens.authenticate(&parts.headers)?;
+        let body = read_limited(incoming, content_length).await?;
+        return metadata::exchange(&body, token, &ctx.shared.endpoint_url);
+    }
+    check_data_path_headers(&parts.headers, &ctx.shared.tokens)?;
+    let body = read_limited(incoming, content_length).await?;
+    match route {
+        Route::SnapshotRead => snapshot_read(decode(&body)?, ctx),
+        Route::AtomicWrite => atomic_write(decode(&body)?, ctx).await,
+        Route::Watch => watch::start(decode(&body)?, ctx),
+        Route::Metadata => unreachable!("handled above"),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Metadata,
+    SnapshotRead,
+    AtomicWrite,
+    Watch,
+}
+
+/// The checks every data-path request passes first, in upstream's order (SPEC §1.4).
+fn check_data_path_headers(headers: &HeaderMap, tokens: &Tokens) -> Result<(), ApiError> {
+    let version = headers.get("x-denokv-version").and_then(|v| v.to_str().ok());
+    if !matches!(version, Some("2" | "3")) {
+        return Err(ApiError::bad_request("Expected protocol version 2."));
+    }
+    tokens.authenticate(headers)?;
+    let id = headers
+        .get("x-denokv-database-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| uuid::Uuid::parse_str(v).ok());
+    if id != Some(uuid::Uuid::nil()) {
+        return Err(ApiError::bad_request("Invalid database id."));
+    }
+    Ok(())
+}
+
+fn decode<M: Message + Default>(body: &Bytes) -> Result<M, ApiError> {
+    M::decode(body.clone()).map_err(|e| ApiError::bad_request(format!("Request protobuf is invalid: {e}.")))
+}
+
+fn protobuf(msg: &impl Message) -> Response<Body> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-protobuf")
+        .body(full(msg.encode_to_vec()))
+        .expect("static response parts are valid")
+}
+
+fn entry_to_pb(e: Entry) -> pb::KvEntry {
+    pb::KvEntry {
+        key: e.key,
+        value: e.value.data,
+        encoding: e.value.encoding as i32,
+        versionstamp: Bytes::copy_from_slice(&e.versionstamp.0),
+    }
+}
+
+fn snapshot_read(req: pb::SnapshotRead, ctx: &CoreContext) -> Result<Response<Body>, ApiError> {
+    let ranges = validate::snapshot_read(req)?;
+    let results = ctx.reader.borrow_mut().read_ranges(&ranges, now_ms())?;
+    let out = pb::SnapshotReadOutput {
+        ranges: results
+            .into_iter()
+            .map(|entries| pb::ReadRangeOutput { values: entries.into_iter().map(entry_to_pb).collect() })
+            .collect(),
+        read_disabled: false,
+        read_is_strongly_consistent: true,
+        status: pb::SnapshotReadStatus::SrSuccess as i32,
+    };
+    Ok(protobuf(&out))
+}
+
+async fn atomic_write(req: pb::AtomicWrite, ctx: &CoreContext) -> Result<Response<Body>, ApiError> {
+    let write = validate::atomic_write(req, now_ms())?;
+    let Some(committer) = &ctx.shared.committer else {
+        // Read-only: a 200 that says so, not a 400 (SPEC §10 D6).
+        return Ok(protobuf(&pb::AtomicWriteOutput {
+            status: pb::AtomicWriteStatus::AwWriteDisabled as i32,
+            ..Default::default()
+        }));
+    };
+    let out = match committer.write(write).await? {
+        WriteOutcome::Committed(stamp) => pb::AtomicWriteOutput {
+            status: pb::AtomicWriteStatus::AwSuccess as i32,
+            versionstamp: Bytes::copy_from_slice(&stamp.0),
+            failed_checks: Vec::new(),
+        },
+        WriteOutcome::ChecksFailed(failed) => pb::AtomicWriteOutput {
+            status: pb::AtomicWriteStatus::AwCheckFailure as i32,
+            versionstamp: Bytes::new(),
+            failed_checks: failed,
+        },
+    };
+    Ok(protobuf(&out))
+}

@@ -1,0 +1,136 @@
+//! One serving core: a monoio runtime (io_uring, or epoll where io_uring is unavailable) that
+//! accepts on its own listener and serves HTTP/1.1 and h2c with hyper.
+
+use std::cell::{Cell, RefCell};
+use std::convert::Infallible;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
+use monoio::io::IntoPollIo;
+
+use super::hyper_compat::{LocalExec, MonoioTimer};
+use crate::http::{self, CoreContext, Shared};
+use crate::store::Reader;
+
+/// What a core needs to start.
+pub struct CoreSetup {
+    pub index: usize,
+    pub listener: std::net::TcpListener,
+    pub shared: Arc<Shared>,
+    pub reader: Reader,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub drain_timeout: Duration,
+}
+
+/// Runs the core until shutdown, then lets open connections finish (bounded by the drain
+/// timeout).
+pub fn run(setup: CoreSetup) -> anyhow::Result<()> {
+    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build()?;
+    tracing::debug!(
+        "core {} runs on {}",
+        setup.index,
+        if monoio::utils::is_legacy() { "epoll" } else { "io_uring" }
+    );
+    rt.block_on(serve(setup))
+}
+
+/// The io driver the runtime of the calling thread uses.
+pub fn driver_name() -> &'static str {
+    if monoio::utils::detect_uring() {
+        "io_uring"
+    } else {
+        "epoll"
+    }
+}
+
+async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
+    let listener = monoio::net::TcpListener::from_std(setup.listener)?;
+    let ctx = Rc::new(CoreContext {
+        shared: setup.shared,
+        reader: RefCell::new(setup.reader),
+        shutdown: setup.shutdown.clone(),
+    });
+    let mut builder = auto::Builder::new(LocalExec);
+    builder.http1().timer(MonoioTimer).header_read_timeout(Duration::from_secs(30));
+    builder
+        .http2()
+        .timer(MonoioTimer)
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Some(Duration::from_secs(60)));
+    let builder = Rc::new(builder);
+    let open = Rc::new(Cell::new(0usize));
+    let mut shutdown = setup.shutdown;
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    monoio::spawn(connection(stream, ctx.clone(), builder.clone(), open.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.wait_for(|stopping| *stopping) => break,
+        }
+    }
+    drop(listener);
+    let deadline = Instant::now() + setup.drain_timeout;
+    while open.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if open.get() > 0 {
+        tracing::warn!("core {}: {} connections still open after the drain timeout", setup.index, open.get());
+    }
+    Ok(())
+}
+
+async fn connection(
+    stream: monoio::net::TcpStream,
+    ctx: Rc<CoreContext>,
+    builder: Rc<auto::Builder<LocalExec>>,
+    open: Rc<Cell<usize>>,
+) {
+    open.set(open.get() + 1);
+    let _guard = OpenGuard(open);
+    let _ = stream.set_nodelay(true);
+    let io = match stream.into_poll_io() {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::warn!("cannot serve a connection: {e}");
+            return;
+        }
+    };
+    let mut shutdown = ctx.shutdown.clone();
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(http::handle(req, &ctx).await) }
+    });
+    let mut conn = pin!(builder.serve_connection(TokioIo::new(io), service));
+    monoio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!("connection ended with an error: {e}");
+            }
+            return;
+        }
+        _ = shutdown.wait_for(|stopping| *stopping) => {}
+    }
+    // Finish requests in flight; HTTP/2 clients get GOAWAY and retry elsewhere.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+struct OpenGuard(Rc<Cell<usize>>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
