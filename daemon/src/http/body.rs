@@ -4,8 +4,8 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 
 use super::error::ApiError;
@@ -22,16 +22,31 @@ pub fn empty() -> Body {
     full(Bytes::new())
 }
 
+/// Bytes of an oversized body read and thrown away before answering 413, so that an HTTP/1.1
+/// client still sending it gets the answer instead of a reset connection.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
 /// Reads a whole request body of at most 2 MiB; larger bodies are refused with 413.
-pub async fn read_limited(body: Incoming, content_length: Option<u64>) -> Result<Bytes, ApiError> {
-    if content_length.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+pub async fn read_limited(mut body: Incoming, content_length: Option<u64>) -> Result<Bytes, ApiError> {
+    let declared_too_large = content_length.is_some_and(|n| n > MAX_BODY_BYTES as u64);
+    let mut buf = BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("Failed to read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len();
+        if declared_too_large || seen > MAX_BODY_BYTES {
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&data);
+    }
+    if declared_too_large || seen > MAX_BODY_BYTES {
         return Err(ApiError::body_too_large());
     }
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::body_too_large()),
-        Err(e) => Err(ApiError::bad_request(format!("Failed to read the request body: {e}"))),
-    }
+    Ok(buf.freeze())
 }
 
 /// A streamed body fed by a task through a channel; ends when the sender is dropped.

@@ -1,0 +1,235 @@
+//! Test harness: runs the real `denokv` binary on a free loopback port with a temporary
+//! database, and talks to it over HTTP/1.1 or h2c.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
+use hyper_util::rt::TokioExecutor;
+use prost::Message;
+
+pub const TOKEN: &str = "0123456789abcdef";
+pub const NIL_ID: &str = "00000000-0000-0000-0000-000000000000";
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_denokv")
+}
+
+/// A running server; stopped (SIGKILL) on drop if not stopped before.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub db: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// A fresh database in a temporary folder.
+    pub fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let mut s = Server::start_on(&db, extra, &[]);
+        s._dir = Some(dir);
+        s
+    }
+
+    /// `wrapper` runs before the binary (e.g. `strace ...`).
+    pub fn start_on(db: &Path, extra: &[&str], wrapper: &[&str]) -> Server {
+        let mut args: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        args.push(binary().to_string());
+        args.extend(["--sqlite-path".into(), db.display().to_string(), "serve".into()]);
+        args.extend(["--access-token".into(), TOKEN.into(), "--addr".into(), "127.0.0.1:0".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(&args[0])
+            .args(&args[1..])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]));
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find("Listening on http://") {
+                    let addr = line[i + "Listening on http://".len()..].trim().to_string();
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start; log:\n{}", log.lock().unwrap().join("\n"))
+            }
+        };
+        Server { child: Some(child), addr, db: db.to_path_buf(), _dir: None, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        wait_timeout(&mut child, Duration::from_secs(20))
+    }
+
+    /// SIGKILL, then wait for the exit.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the binary to completion (for start-up errors).
+pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let mut cmd = Command::new(binary());
+    cmd.args(args).env_remove("DENO_KV_ACCESS_TOKEN").env_remove("DENO_KV_SQLITE_PATH");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    H1,
+    H2,
+}
+
+pub const BOTH: [Proto; 2] = [Proto::H1, Proto::H2];
+
+/// An HTTP/1.1 and an h2c (prior knowledge) client.
+pub struct Client {
+    h1: HyperClient<HttpConnector, Full<Bytes>>,
+    h2: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.headers.get("content-type").map_or("", |v| v.to_str().unwrap())
+    }
+
+    pub fn decode<M: Message + Default>(&self) -> M {
+        assert_eq!(self.status, 200, "expected 200, got {}: {}", self.status, self.text());
+        M::decode(self.body.clone()).unwrap()
+    }
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Client::new()
+    }
+}
+
+impl Client {
+    pub fn new() -> Self {
+        Client {
+            h1: HyperClient::builder(TokioExecutor::new()).build_http(),
+            h2: HyperClient::builder(TokioExecutor::new()).http2_only(true).build_http(),
+        }
+    }
+
+    pub async fn send(&self, proto: Proto, req: http::Request<Full<Bytes>>) -> http::Response<Incoming> {
+        let c = if proto == Proto::H1 { &self.h1 } else { &self.h2 };
+        c.request(req).await.unwrap()
+    }
+
+    pub async fn request(
+        &self,
+        proto: Proto,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let mut b = http::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let resp = self.send(proto, b.body(Full::new(body.into())).unwrap()).await;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Reply { status, headers, body }
+    }
+
+    /// A data-path call with the right headers.
+    pub async fn data(&self, proto: Proto, server: &Server, route: &str, body: impl Into<Bytes>) -> Reply {
+        let auth = format!("Bearer {TOKEN}");
+        let headers = [("authorization", auth.as_str()), ("x-denokv-version", "3"), ("x-denokv-database-id", NIL_ID)];
+        self.request(proto, "POST", &server.url(&format!("/v2/{route}")), &headers, body).await
+    }
+}
+
+pub fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+pub fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

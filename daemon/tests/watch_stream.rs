@@ -1,0 +1,184 @@
+//! Watch streams (SPEC §2.7) over HTTP/1.1 and h2c.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use common::*;
+use denokv::proto as pb;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use prost::Message;
+
+fn key(s: &str) -> Bytes {
+    let mut k = vec![0x02];
+    k.extend_from_slice(s.as_bytes());
+    k.push(0);
+    Bytes::from(k)
+}
+
+/// Reads length-prefixed frames from a watch body.
+struct Frames {
+    body: Incoming,
+    buf: BytesMut,
+}
+
+enum Frame {
+    Ping,
+    Data(pb::WatchOutput),
+}
+
+impl Frames {
+    async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes(self.buf[..4].try_into().unwrap()) as usize;
+                if self.buf.len() >= 4 + len {
+                    self.buf.advance(4);
+                    let payload = self.buf.split_to(len);
+                    return Some(if len == 0 { Frame::Ping } else { Frame::Data(pb::WatchOutput::decode(payload).unwrap()) });
+                }
+            }
+            let frame = self.body.frame().await?.ok()?;
+            if let Ok(d) = frame.into_data() {
+                self.buf.extend_from_slice(&d);
+            }
+        }
+    }
+
+    /// The next data frame, skipping pings; fails after `limit`.
+    async fn data(&mut self, limit: Duration) -> pb::WatchOutput {
+        tokio::time::timeout(limit, async {
+            loop {
+                match self.next().await.expect("stream ended") {
+                    Frame::Ping => continue,
+                    Frame::Data(d) => return d,
+                }
+            }
+        })
+        .await
+        .expect("no data frame in time")
+    }
+}
+
+async fn open_watch(c: &Client, p: Proto, s: &Server, keys: &[Bytes]) -> Frames {
+    let body = pb::Watch { keys: keys.iter().map(|k| pb::WatchKey { key: k.clone() }).collect() }.encode_to_vec();
+    let req = http::Request::post(s.url("/v2/watch"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("x-denokv-version", "3")
+        .header("x-denokv-database-id", NIL_ID)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = c.send(p, req).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+    Frames { body: resp.into_body(), buf: BytesMut::new() }
+}
+
+async fn set(c: &Client, s: &Server, k: &Bytes, v: &[u8]) -> Bytes {
+    let w = pb::AtomicWrite {
+        mutations: vec![pb::Mutation {
+            key: k.clone(),
+            value: Some(pb::KvValue { data: Bytes::copy_from_slice(v), encoding: pb::ValueEncoding::VeBytes as i32 }),
+            mutation_type: pb::MutationType::MSet as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let out: pb::AtomicWriteOutput = c.data(Proto::H2, s, "atomic_write", w.encode_to_vec()).await.decode();
+    out.versionstamp
+}
+
+#[tokio::test]
+async fn first_frame_then_changes_pushed_on_commit() {
+    let s = Server::start(&[]);
+    let c = Client::new();
+    let a = key("a");
+    set(&c, &s, &a, b"1").await;
+    for p in BOTH {
+        let b = key(&format!("b-{p:?}"));
+        let mut frames = open_watch(&c, p, &s, &[a.clone(), b.clone()]).await;
+        // The first frame carries every key, changed=true; absent keys have no entry.
+        let first = frames.data(Duration::from_secs(5)).await;
+        assert_eq!(first.status, pb::SnapshotReadStatus::SrSuccess as i32);
+        assert_eq!(first.keys.len(), 2);
+        assert!(first.keys.iter().all(|k| k.changed));
+        assert_eq!(&first.keys[0].entry_if_changed.as_ref().unwrap().value[..], b"1");
+        assert!(first.keys[1].entry_if_changed.is_none());
+
+        // A commit to b is pushed; a is unchanged and says so.
+        let stamp = set(&c, &s, &b, p.label()).await;
+        let next = frames.data(Duration::from_secs(5)).await;
+        assert!(!next.keys[0].changed && next.keys[0].entry_if_changed.is_none());
+        assert!(next.keys[1].changed);
+        let entry = next.keys[1].entry_if_changed.as_ref().unwrap();
+        assert_eq!((&entry.value[..], &entry.versionstamp), (p.label(), &stamp));
+    }
+}
+
+#[tokio::test]
+async fn every_commit_of_a_lagging_watcher_is_seen_coalesced() {
+    let s = Server::start(&[]);
+    let c = Client::new();
+    let k = key("counter");
+    let mut frames = open_watch(&c, Proto::H2, &s, std::slice::from_ref(&k)).await;
+    frames.data(Duration::from_secs(5)).await;
+    let mut last = Bytes::new();
+    for i in 0..50u32 {
+        last = set(&c, &s, &k, &i.to_le_bytes()).await;
+    }
+    // Frames may coalesce, but the stream converges on the last commit.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let f = frames.data(deadline - tokio::time::Instant::now()).await;
+        let e = f.keys[0].entry_if_changed.as_ref().unwrap();
+        if e.versionstamp == last {
+            assert_eq!(&e.value[..], &49u32.to_le_bytes());
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn watch_limits() {
+    let s = Server::start(&[]);
+    let c = Client::new();
+    let too_many = pb::Watch { keys: (0..11).map(|i| pb::WatchKey { key: key(&i.to_string()) }).collect() };
+    let r = c.data(Proto::H2, &s, "watch", too_many.encode_to_vec()).await;
+    assert_eq!((r.status, r.text().as_str()), (400, "Too many keys watched in a single watch request."));
+    let big = pb::Watch { keys: vec![pb::WatchKey { key: Bytes::from(vec![1u8; 2050]) }] };
+    let r = c.data(Proto::H2, &s, "watch", big.encode_to_vec()).await;
+    assert_eq!((r.status, r.text().as_str()), (400, "A key exceeds the key size limit."));
+    // A 2049-byte key is accepted (Deno allows it; SPEC §10 D8d).
+    let mut frames = open_watch(&c, Proto::H2, &s, &[Bytes::from(vec![1u8; 2049])]).await;
+    frames.data(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn watch_streams_end_cleanly_on_shutdown() {
+    let mut s = Server::start(&[]);
+    let c = Client::new();
+    let mut frames = open_watch(&c, Proto::H2, &s, &[key("x")]).await;
+    frames.data(Duration::from_secs(5)).await;
+    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while frames.next().await.is_some() {}
+    })
+    .await;
+    assert!(end.is_ok(), "the watch stream did not end");
+}
+
+trait Label {
+    fn label(&self) -> &'static [u8];
+}
+
+impl Label for Proto {
+    fn label(&self) -> &'static [u8] {
+        match self {
+            Proto::H1 => b"h1",
+            Proto::H2 => b"h2",
+        }
+    }
+}

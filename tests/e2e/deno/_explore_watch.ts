@@ -1,0 +1,13 @@
+import { startServer } from "./server.ts";
+import { RawClient, encodeKey, bytesValue, M_SET, hex } from "./raw.ts";
+const s = await startServer();
+const c = new RawClient(s.url, s.token);
+const ka = encodeKey(["w","a"]), kb = encodeKey(["w","b"]);
+console.log((await c.write({mutations:[{key:ka, type:M_SET, value: bytesValue("initial")}]})).out);
+const w = await c.watch([ka, kb]);
+const show = (f: any) => JSON.stringify(f.keys.map((k: any) => ({changed:k.changed, v: k.entry && new TextDecoder().decode(k.entry.value), vs: k.entry && hex(k.entry.versionstamp)})));
+console.log("frame1", show(await w.next()));
+console.log((await c.write({mutations:[{key:kb, type:M_SET, value: bytesValue("b1")}]})).out);
+console.log("frame2", show(await w.next()));
+await w.cancel();
+await s.stop();
