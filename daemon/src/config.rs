@@ -14,7 +14,11 @@ use crate::store::SyncMode;
 pub const MIN_TOKEN_LEN: usize = 12;
 
 #[derive(Parser, Debug)]
-#[command(name = "denokv", version, about = "A self-hosted Deno KV server speaking the KV Connect protocol.")]
+#[command(
+    name = "denokv",
+    version,
+    about = "A self-hosted Deno KV server speaking the KV Connect protocol."
+)]
 pub struct Cli {
     /// SQLite database file; created if missing (unless --read-only). Same format as the
     /// Deno CLI's local KV.
@@ -84,7 +88,10 @@ impl ServeArgs {
             bail!("--sync-from-s3 (replica mode) is not supported by this version of denokv yet");
         }
         if self.read_only && !db_path.exists() {
-            bail!("cannot open database {} read-only: the file does not exist", db_path.display());
+            bail!(
+                "cannot open database {} read-only: the file does not exist",
+                db_path.display()
+            );
         }
         let threads = match self.threads {
             Some(n) => n as usize,

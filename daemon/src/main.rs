@@ -6,7 +6,9 @@ fn main() {
     let cli = Cli::parse();
     denokv::telemetry::init_logging();
     let result = match cli.command {
-        Command::Serve(args) => args.into_options(cli.sqlite_path).and_then(denokv::runtime::serve),
+        Command::Serve(args) => args
+            .into_options(cli.sqlite_path)
+            .and_then(denokv::runtime::serve),
     };
     if let Err(e) = result {
         eprintln!("Error: {e:#}");

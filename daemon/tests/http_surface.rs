@@ -8,6 +8,9 @@ use common::*;
 use denokv::proto as pb;
 use prost::Message;
 
+/// Request headers, and the status and text they must get.
+type Headers<'a> = Vec<(&'a str, &'a str)>;
+
 fn auth() -> String {
     format!("Bearer {TOKEN}")
 }
@@ -22,33 +25,59 @@ fn key(s: &str) -> Bytes {
 fn get_range(k: &Bytes) -> pb::ReadRange {
     let mut end = k.to_vec();
     end.push(0);
-    pb::ReadRange { start: k.clone(), end: Bytes::from(end), limit: 1, reverse: false }
+    pb::ReadRange {
+        start: k.clone(),
+        end: Bytes::from(end),
+        limit: 1,
+        reverse: false,
+    }
 }
 
 fn set(k: &Bytes, data: &[u8], encoding: pb::ValueEncoding) -> pb::Mutation {
     pb::Mutation {
         key: k.clone(),
-        value: Some(pb::KvValue { data: Bytes::copy_from_slice(data), encoding: encoding as i32 }),
+        value: Some(pb::KvValue {
+            data: Bytes::copy_from_slice(data),
+            encoding: encoding as i32,
+        }),
         mutation_type: pb::MutationType::MSet as i32,
         ..Default::default()
     }
 }
 
 fn le64_op(k: &Bytes, ty: pb::MutationType, n: u64) -> pb::Mutation {
-    pb::Mutation { mutation_type: ty as i32, ..set(k, &n.to_le_bytes(), pb::ValueEncoding::VeLe64) }
+    pb::Mutation {
+        mutation_type: ty as i32,
+        ..set(k, &n.to_le_bytes(), pb::ValueEncoding::VeLe64)
+    }
 }
 
 fn write(mutations: Vec<pb::Mutation>) -> pb::AtomicWrite {
-    pb::AtomicWrite { mutations, ..Default::default() }
+    pb::AtomicWrite {
+        mutations,
+        ..Default::default()
+    }
 }
 
 async fn commit(c: &Client, p: Proto, s: &Server, w: pb::AtomicWrite) -> pb::AtomicWriteOutput {
-    c.data(p, s, "atomic_write", w.encode_to_vec()).await.decode()
+    c.data(p, s, "atomic_write", w.encode_to_vec())
+        .await
+        .decode()
 }
 
 async fn get(c: &Client, p: Proto, s: &Server, k: &Bytes) -> Option<pb::KvEntry> {
-    let out: pb::SnapshotReadOutput =
-        c.data(p, s, "snapshot_read", pb::SnapshotRead { ranges: vec![get_range(k)] }.encode_to_vec()).await.decode();
+    let out: pb::SnapshotReadOutput = c
+        .data(
+            p,
+            s,
+            "snapshot_read",
+            pb::SnapshotRead {
+                ranges: vec![get_range(k)],
+            }
+            .encode_to_vec(),
+        )
+        .await
+        .decode();
     out.ranges[0].values.first().cloned()
 }
 
@@ -59,7 +88,13 @@ async fn metadata_exchange() {
     let a = auth();
     for p in BOTH {
         let r = c
-            .request(p, "POST", &s.url("/"), &[("authorization", &a), ("content-type", "application/json")], r#"{"supportedVersions":[1,2,3]}"#)
+            .request(
+                p,
+                "POST",
+                &s.url("/"),
+                &[("authorization", &a), ("content-type", "application/json")],
+                r#"{"supportedVersions":[1,2,3]}"#,
+            )
             .await;
         assert_eq!(r.status, 200);
         assert_eq!(r.content_type(), "application/json");
@@ -67,16 +102,34 @@ async fn metadata_exchange() {
         let obj = json.as_object().unwrap();
         let mut keys: Vec<&str> = obj.keys().map(|k| k.as_str()).collect();
         keys.sort();
-        assert_eq!(keys, ["databaseId", "endpoints", "expiresAt", "token", "version"], "exactly five properties");
+        assert_eq!(
+            keys,
+            ["databaseId", "endpoints", "expiresAt", "token", "version"],
+            "exactly five properties"
+        );
         assert_eq!(json["version"], 3);
         assert_eq!(json["databaseId"], NIL_ID);
-        assert_eq!(json["endpoints"], serde_json::json!([{"url": "/v2", "consistency": "strong"}]));
+        assert_eq!(
+            json["endpoints"],
+            serde_json::json!([{"url": "/v2", "consistency": "strong"}])
+        );
         assert_eq!(json["token"], TOKEN);
         let expires = json["expiresAt"].as_str().unwrap();
         assert!(expires.ends_with('Z') && expires.len() == 24, "{expires}");
 
-        let v2 = c.request(p, "POST", &s.url("/"), &[("authorization", &a)], r#"{"supportedVersions":[2]}"#).await;
-        assert_eq!(serde_json::from_slice::<serde_json::Value>(&v2.body).unwrap()["version"], 2);
+        let v2 = c
+            .request(
+                p,
+                "POST",
+                &s.url("/"),
+                &[("authorization", &a)],
+                r#"{"supportedVersions":[2]}"#,
+            )
+            .await;
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&v2.body).unwrap()["version"],
+            2
+        );
     }
 }
 
@@ -85,7 +138,7 @@ async fn metadata_errors_authenticate_first() {
     let s = Server::start(&[]);
     let c = Client::new();
     let a = auth();
-    let cases: Vec<(Vec<(&str, &str)>, &str, u16, &str)> = vec![
+    let cases: Vec<(Headers, &str, u16, &str)> = vec![
         (vec![], r#"{"supportedVersions":[3]}"#, 401, "Malformed authorization header."),
         (vec![("authorization", "Bearer")], r#"{"supportedVersions":[3]}"#, 401, "Malformed authorization header."),
         (vec![("authorization", "Bearer nope-nope-nope")], r#"{"supportedVersions":[3]}"#, 401, "Invalid access token."),
@@ -102,8 +155,14 @@ async fn metadata_errors_authenticate_first() {
     ];
     for p in BOTH {
         for (headers, body, status, text) in &cases {
-            let r = c.request(p, "POST", &s.url("/"), headers, body.to_string()).await;
-            assert_eq!((r.status, r.text().as_str()), (*status, *text), "{p:?} {headers:?} {body}");
+            let r = c
+                .request(p, "POST", &s.url("/"), headers, body.to_string())
+                .await;
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (*status, *text),
+                "{p:?} {headers:?} {body}"
+            );
             assert_eq!(r.content_type(), "text/plain; charset=utf-8");
         }
     }
@@ -116,7 +175,11 @@ async fn routing_errors() {
     for p in BOTH {
         for path in ["/nope", "/v2/snapshot_read/", "/v2", "/db"] {
             let r = c.request(p, "POST", &s.url(path), &[], "").await;
-            assert_eq!((r.status, r.text().as_str()), (404, "Resource not found."), "{path}");
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (404, "Resource not found."),
+                "{path}"
+            );
         }
         for path in ["/", "/v2/atomic_write"] {
             let r = c.request(p, "GET", &s.url(path), &[], "").await;
@@ -130,25 +193,102 @@ async fn data_path_header_checks_in_order() {
     let s = Server::start(&[]);
     let c = Client::new();
     let a = auth();
-    let body = pb::SnapshotRead { ranges: vec![get_range(&key("a"))] }.encode_to_vec();
-    let cases: Vec<(Vec<(&str, &str)>, u16, &str)> = vec![
-        (vec![("authorization", &a), ("x-denokv-database-id", NIL_ID)], 400, "Expected protocol version 2."),
-        (vec![("authorization", &a), ("x-denokv-version", "4"), ("x-denokv-database-id", NIL_ID)], 400, "Expected protocol version 2."),
-        (vec![("x-denokv-version", "3"), ("x-denokv-database-id", NIL_ID)], 401, "Malformed authorization header."),
-        (vec![("authorization", "Bearer wrong-token!!"), ("x-denokv-version", "3")], 401, "Invalid access token."),
-        (vec![("authorization", &a), ("x-denokv-version", "3")], 400, "Invalid database id."),
-        (vec![("authorization", &a), ("x-denokv-version", "2"), ("x-denokv-database-id", "11111111-1111-1111-1111-111111111111")], 400, "Invalid database id."),
-        (vec![("authorization", &a), ("x-denokv-version", "2"), ("x-denokv-database-id", "not-a-uuid")], 400, "Invalid database id."),
+    let body = pb::SnapshotRead {
+        ranges: vec![get_range(&key("a"))],
+    }
+    .encode_to_vec();
+    let cases: Vec<(Headers, u16, &str)> = vec![
+        (
+            vec![("authorization", &a), ("x-denokv-database-id", NIL_ID)],
+            400,
+            "Expected protocol version 2.",
+        ),
+        (
+            vec![
+                ("authorization", &a),
+                ("x-denokv-version", "4"),
+                ("x-denokv-database-id", NIL_ID),
+            ],
+            400,
+            "Expected protocol version 2.",
+        ),
+        (
+            vec![("x-denokv-version", "3"), ("x-denokv-database-id", NIL_ID)],
+            401,
+            "Malformed authorization header.",
+        ),
+        (
+            vec![
+                ("authorization", "Bearer wrong-token!!"),
+                ("x-denokv-version", "3"),
+            ],
+            401,
+            "Invalid access token.",
+        ),
+        (
+            vec![("authorization", &a), ("x-denokv-version", "3")],
+            400,
+            "Invalid database id.",
+        ),
+        (
+            vec![
+                ("authorization", &a),
+                ("x-denokv-version", "2"),
+                (
+                    "x-denokv-database-id",
+                    "11111111-1111-1111-1111-111111111111",
+                ),
+            ],
+            400,
+            "Invalid database id.",
+        ),
+        (
+            vec![
+                ("authorization", &a),
+                ("x-denokv-version", "2"),
+                ("x-denokv-database-id", "not-a-uuid"),
+            ],
+            400,
+            "Invalid database id.",
+        ),
     ];
     for p in BOTH {
         for (headers, status, text) in &cases {
-            let r = c.request(p, "POST", &s.url("/v2/snapshot_read"), headers, body.clone()).await;
-            assert_eq!((r.status, r.text().as_str()), (*status, *text), "{p:?} {headers:?}");
+            let r = c
+                .request(
+                    p,
+                    "POST",
+                    &s.url("/v2/snapshot_read"),
+                    headers,
+                    body.clone(),
+                )
+                .await;
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (*status, *text),
+                "{p:?} {headers:?}"
+            );
         }
         // Any UUID spelling of the nil id is accepted, and version 2 works like 3.
-        for id in [NIL_ID, "00000000000000000000000000000000", "{00000000-0000-0000-0000-000000000000}"] {
-            let headers = [("authorization", a.as_str()), ("x-denokv-version", "2"), ("x-denokv-database-id", id)];
-            let r = c.request(p, "POST", &s.url("/v2/snapshot_read"), &headers, body.clone()).await;
+        for id in [
+            NIL_ID,
+            "00000000000000000000000000000000",
+            "{00000000-0000-0000-0000-000000000000}",
+        ] {
+            let headers = [
+                ("authorization", a.as_str()),
+                ("x-denokv-version", "2"),
+                ("x-denokv-database-id", id),
+            ];
+            let r = c
+                .request(
+                    p,
+                    "POST",
+                    &s.url("/v2/snapshot_read"),
+                    &headers,
+                    body.clone(),
+                )
+                .await;
             assert_eq!(r.status, 200, "{id}: {}", r.text());
         }
     }
@@ -161,10 +301,23 @@ async fn bad_bodies() {
     for p in BOTH {
         let r = c.data(p, &s, "snapshot_read", vec![0xff, 0xff, 0xff]).await;
         assert_eq!(r.status, 400);
-        assert!(r.text().starts_with("Request protobuf is invalid: failed to decode Protobuf message"), "{}", r.text());
+        assert!(
+            r.text()
+                .starts_with("Request protobuf is invalid: failed to decode Protobuf message"),
+            "{}",
+            r.text()
+        );
         assert!(r.text().ends_with('.'));
-        let r = c.data(p, &s, "atomic_write", vec![0u8; 2 * 1024 * 1024 + 1]).await;
-        assert_eq!((r.status, r.text().as_str()), (413, "Failed to buffer the request body: length limit exceeded"));
+        let r = c
+            .data(p, &s, "atomic_write", vec![0u8; 2 * 1024 * 1024 + 1])
+            .await;
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (
+                413,
+                "Failed to buffer the request body: length limit exceeded"
+            )
+        );
     }
 }
 
@@ -174,20 +327,47 @@ async fn spec_exchange_vectors() {
     let c = Client::new();
     for p in BOTH {
         // SPEC §11.3: a get of ["a"] on an empty database.
-        let r = c.data(p, &s, "snapshot_read", hex("0a0d0a030261001204026100001801")).await;
+        let r = c
+            .data(
+                p,
+                &s,
+                "snapshot_read",
+                hex("0a0d0a030261001204026100001801"),
+            )
+            .await;
         assert_eq!(r.status, 200);
         assert_eq!(r.content_type(), "application/x-protobuf");
         assert_eq!(to_hex(&r.body), "0a0020014001");
     }
     // One set of ["a"] = bytes "x".
-    let r = c.data(Proto::H2, &s, "atomic_write", hex("120e0a0302610012050a017810031801")).await;
+    let r = c
+        .data(
+            Proto::H2,
+            &s,
+            "atomic_write",
+            hex("120e0a0302610012050a017810031801"),
+        )
+        .await;
     let out: pb::AtomicWriteOutput = r.decode();
     assert_eq!(out.status, pb::AtomicWriteStatus::AwSuccess as i32);
     assert_eq!(out.versionstamp.len(), 10);
     let v = u64::from_be_bytes(out.versionstamp[..8].try_into().unwrap());
-    assert!((1..=9).contains(&v), "first commit of a fresh database: {v}");
-    let r = c.data(Proto::H1, &s, "snapshot_read", hex("0a0d0a030261001204026100001801")).await;
-    let want = format!("0a180a160a030261001201781803220a{}20014001", to_hex(&out.versionstamp));
+    assert!(
+        (1..=9).contains(&v),
+        "first commit of a fresh database: {v}"
+    );
+    let r = c
+        .data(
+            Proto::H1,
+            &s,
+            "snapshot_read",
+            hex("0a0d0a030261001204026100001801"),
+        )
+        .await;
+    let want = format!(
+        "0a180a160a030261001201781803220a{}20014001",
+        to_hex(&out.versionstamp)
+    );
     assert_eq!(to_hex(&r.body), want);
 }
 
@@ -195,28 +375,71 @@ async fn spec_exchange_vectors() {
 async fn reads_ranges_reverse_and_limits() {
     let s = Server::start(&[]);
     let c = Client::new();
-    let muts = (0..20).map(|i| set(&key(&format!("k{i:02}")), b"v", pb::ValueEncoding::VeBytes)).collect();
+    let muts = (0..20)
+        .map(|i| set(&key(&format!("k{i:02}")), b"v", pb::ValueEncoding::VeBytes))
+        .collect();
     commit(&c, Proto::H2, &s, write(muts)).await;
-    let range = |a: &str, b: &str, limit, reverse| pb::ReadRange { start: key(a), end: key(b), limit, reverse };
-    let read = pb::SnapshotRead { ranges: vec![range("k03", "k07", 100, false), range("k03", "k07", 2, true), range("k09", "k01", 5, false)] };
-    let out: pb::SnapshotReadOutput = c.data(Proto::H1, &s, "snapshot_read", read.encode_to_vec()).await.decode();
+    let range = |a: &str, b: &str, limit, reverse| pb::ReadRange {
+        start: key(a),
+        end: key(b),
+        limit,
+        reverse,
+    };
+    let read = pb::SnapshotRead {
+        ranges: vec![
+            range("k03", "k07", 100, false),
+            range("k03", "k07", 2, true),
+            range("k09", "k01", 5, false),
+        ],
+    };
+    let out: pb::SnapshotReadOutput = c
+        .data(Proto::H1, &s, "snapshot_read", read.encode_to_vec())
+        .await
+        .decode();
     let names = |r: &pb::ReadRangeOutput| -> Vec<String> {
-        r.values.iter().map(|e| String::from_utf8(e.key[1..e.key.len() - 1].to_vec()).unwrap()).collect()
+        r.values
+            .iter()
+            .map(|e| String::from_utf8(e.key[1..e.key.len() - 1].to_vec()).unwrap())
+            .collect()
     };
     assert_eq!(names(&out.ranges[0]), ["k03", "k04", "k05", "k06"]);
     assert_eq!(names(&out.ranges[1]), ["k06", "k05"]);
-    assert!(out.ranges[2].values.is_empty(), "start >= end is empty, not an error");
+    assert!(
+        out.ranges[2].values.is_empty(),
+        "start >= end is empty, not an error"
+    );
     assert!(out.read_is_strongly_consistent && !out.read_disabled);
     assert_eq!(out.status, pb::SnapshotReadStatus::SrSuccess as i32);
 
-    let too_many = pb::SnapshotRead { ranges: vec![range("a", "b", 1, false); 11] };
-    let r = c.data(Proto::H2, &s, "snapshot_read", too_many.encode_to_vec()).await;
-    assert_eq!((r.status, r.text().as_str()), (400, "Too many read ranges requested in one read request."));
-    let zero = pb::SnapshotRead { ranges: vec![range("a", "b", 0, false)] };
-    let r = c.data(Proto::H2, &s, "snapshot_read", zero.encode_to_vec()).await;
-    assert_eq!((r.status, r.text().as_str()), (400, "The read range limit of the snapshot read request is invalid."));
-    let big = pb::SnapshotRead { ranges: vec![range("a", "b", 1001, false)] };
-    let r = c.data(Proto::H2, &s, "snapshot_read", big.encode_to_vec()).await;
+    let too_many = pb::SnapshotRead {
+        ranges: vec![range("a", "b", 1, false); 11],
+    };
+    let r = c
+        .data(Proto::H2, &s, "snapshot_read", too_many.encode_to_vec())
+        .await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (400, "Too many read ranges requested in one read request.")
+    );
+    let zero = pb::SnapshotRead {
+        ranges: vec![range("a", "b", 0, false)],
+    };
+    let r = c
+        .data(Proto::H2, &s, "snapshot_read", zero.encode_to_vec())
+        .await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (
+            400,
+            "The read range limit of the snapshot read request is invalid."
+        )
+    );
+    let big = pb::SnapshotRead {
+        ranges: vec![range("a", "b", 1001, false)],
+    };
+    let r = c
+        .data(Proto::H2, &s, "snapshot_read", big.encode_to_vec())
+        .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.text(), "The total number of entries requested across read ranges in the read request is too large.");
 }
@@ -226,14 +449,32 @@ async fn writes_checks_and_failed_checks() {
     let s = Server::start(&[]);
     let c = Client::new();
     let (a, b) = (key("a"), key("b"));
-    let first = commit(&c, Proto::H2, &s, write(vec![set(&a, b"1", pb::ValueEncoding::VeBytes)])).await;
+    let first = commit(
+        &c,
+        Proto::H2,
+        &s,
+        write(vec![set(&a, b"1", pb::ValueEncoding::VeBytes)]),
+    )
+    .await;
     let stamp = first.versionstamp.clone();
     let w = pb::AtomicWrite {
         checks: vec![
-            pb::Check { key: a.clone(), versionstamp: stamp.clone() },
-            pb::Check { key: a.clone(), versionstamp: Bytes::new() },
-            pb::Check { key: b.clone(), versionstamp: Bytes::new() },
-            pb::Check { key: b.clone(), versionstamp: stamp.clone() },
+            pb::Check {
+                key: a.clone(),
+                versionstamp: stamp.clone(),
+            },
+            pb::Check {
+                key: a.clone(),
+                versionstamp: Bytes::new(),
+            },
+            pb::Check {
+                key: b.clone(),
+                versionstamp: Bytes::new(),
+            },
+            pb::Check {
+                key: b.clone(),
+                versionstamp: stamp.clone(),
+            },
         ],
         mutations: vec![set(&b, b"2", pb::ValueEncoding::VeBytes)],
         ..Default::default()
@@ -245,21 +486,47 @@ async fn writes_checks_and_failed_checks() {
     assert!(get(&c, Proto::H1, &s, &b).await.is_none());
 
     let ok = pb::AtomicWrite {
-        checks: vec![pb::Check { key: a.clone(), versionstamp: stamp.clone() }, pb::Check { key: b.clone(), versionstamp: Bytes::new() }],
+        checks: vec![
+            pb::Check {
+                key: a.clone(),
+                versionstamp: stamp.clone(),
+            },
+            pb::Check {
+                key: b.clone(),
+                versionstamp: Bytes::new(),
+            },
+        ],
         mutations: vec![set(&b, b"2", pb::ValueEncoding::VeBytes)],
         ..Default::default()
     };
     let out = commit(&c, Proto::H2, &s, ok).await;
     assert_eq!(out.status, pb::AtomicWriteStatus::AwSuccess as i32);
     assert!(out.versionstamp > stamp, "versionstamps increase");
-    assert_eq!(get(&c, Proto::H2, &s, &b).await.unwrap().versionstamp, out.versionstamp);
+    assert_eq!(
+        get(&c, Proto::H2, &s, &b).await.unwrap().versionstamp,
+        out.versionstamp
+    );
 
     // 100 checks are fine (Deno allows them; SPEC §10 D19), 101 are not.
-    let checks = |n| pb::AtomicWrite { checks: vec![pb::Check { key: a.clone(), versionstamp: Bytes::new() }; n], ..Default::default() };
+    let checks = |n| pb::AtomicWrite {
+        checks: vec![
+            pb::Check {
+                key: a.clone(),
+                versionstamp: Bytes::new()
+            };
+            n
+        ],
+        ..Default::default()
+    };
     let out = commit(&c, Proto::H2, &s, checks(100)).await;
     assert_eq!(out.failed_checks.len(), 100);
-    let r = c.data(Proto::H2, &s, "atomic_write", checks(101).encode_to_vec()).await;
-    assert_eq!((r.status, r.text().as_str()), (400, "Too many checks included in atomic write."));
+    let r = c
+        .data(Proto::H2, &s, "atomic_write", checks(101).encode_to_vec())
+        .await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (400, "Too many checks included in atomic write.")
+    );
 }
 
 #[tokio::test]
@@ -267,33 +534,101 @@ async fn invalid_writes_are_400s_and_leave_no_trace() {
     let s = Server::start(&[]);
     let c = Client::new();
     let (n, text, other) = (key("n"), key("text"), key("other"));
-    commit(&c, Proto::H2, &s, write(vec![set(&text, b"hello", pb::ValueEncoding::VeBytes)])).await;
+    commit(
+        &c,
+        Proto::H2,
+        &s,
+        write(vec![set(&text, b"hello", pb::ValueEncoding::VeBytes)]),
+    )
+    .await;
     let before = commit(&c, Proto::H2, &s, write(vec![])).await.versionstamp;
     let cases: Vec<(pb::Mutation, &str)> = vec![
-        (le64_op(&text, pb::MutationType::MSum, 1), "Failed to perform 'sum' mutation on a non-U64 value in the database"),
-        (le64_op(&text, pb::MutationType::MMin, 1), "Failed to perform 'min' mutation on a non-U64 value in the database"),
-        (le64_op(&text, pb::MutationType::MMax, 1), "Failed to perform 'max' mutation on a non-U64 value in the database"),
-        (pb::Mutation { mutation_type: pb::MutationType::MMax as i32, ..set(&n, b"\xff\x0f\x49\x02", pb::ValueEncoding::VeV8) }, "Failed to perform 'max' mutation on a non-U64 operand"),
-        (set(&n, b"1234", pb::ValueEncoding::VeLe64), "A Deno.KvU64 (LE64) value must be exactly 8 bytes."),
-        (set(&n, b"x", pb::ValueEncoding::VeUnspecified), "The value encoding 0 is unknown."),
-        (pb::Mutation { mutation_type: 6, ..set(&n, b"x", pb::ValueEncoding::VeBytes) }, "Invalid mutation kind or arguments."),
-        (pb::Mutation { value: None, ..set(&n, b"", pb::ValueEncoding::VeBytes) }, "Invalid mutation kind or arguments."),
-        (pb::Mutation { expire_at_ms: -2, ..set(&n, b"x", pb::ValueEncoding::VeBytes) }, "Invalid mutation expire at."),
-        (set(&Bytes::from(vec![1u8; 2049]), b"x", pb::ValueEncoding::VeBytes), "A key exceeds the key size limit."),
-        (set(&n, &vec![0u8; 65537], pb::ValueEncoding::VeBytes), "A value exceeds the value size limit."),
-        (pb::Mutation { mutation_type: pb::MutationType::MSum as i32, ..set(&n, b"x", pb::ValueEncoding::VeBytes) }, "Some of the parameters are not valid V8 values"),
+        (
+            le64_op(&text, pb::MutationType::MSum, 1),
+            "Failed to perform 'sum' mutation on a non-U64 value in the database",
+        ),
+        (
+            le64_op(&text, pb::MutationType::MMin, 1),
+            "Failed to perform 'min' mutation on a non-U64 value in the database",
+        ),
+        (
+            le64_op(&text, pb::MutationType::MMax, 1),
+            "Failed to perform 'max' mutation on a non-U64 value in the database",
+        ),
+        (
+            pb::Mutation {
+                mutation_type: pb::MutationType::MMax as i32,
+                ..set(&n, b"\xff\x0f\x49\x02", pb::ValueEncoding::VeV8)
+            },
+            "Failed to perform 'max' mutation on a non-U64 operand",
+        ),
+        (
+            set(&n, b"1234", pb::ValueEncoding::VeLe64),
+            "A Deno.KvU64 (LE64) value must be exactly 8 bytes.",
+        ),
+        (
+            set(&n, b"x", pb::ValueEncoding::VeUnspecified),
+            "The value encoding 0 is unknown.",
+        ),
+        (
+            pb::Mutation {
+                mutation_type: 6,
+                ..set(&n, b"x", pb::ValueEncoding::VeBytes)
+            },
+            "Invalid mutation kind or arguments.",
+        ),
+        (
+            pb::Mutation {
+                value: None,
+                ..set(&n, b"", pb::ValueEncoding::VeBytes)
+            },
+            "Invalid mutation kind or arguments.",
+        ),
+        (
+            pb::Mutation {
+                expire_at_ms: -2,
+                ..set(&n, b"x", pb::ValueEncoding::VeBytes)
+            },
+            "Invalid mutation expire at.",
+        ),
+        (
+            set(
+                &Bytes::from(vec![1u8; 2049]),
+                b"x",
+                pb::ValueEncoding::VeBytes,
+            ),
+            "A key exceeds the key size limit.",
+        ),
+        (
+            set(&n, &vec![0u8; 65537], pb::ValueEncoding::VeBytes),
+            "A value exceeds the value size limit.",
+        ),
+        (
+            pb::Mutation {
+                mutation_type: pb::MutationType::MSum as i32,
+                ..set(&n, b"x", pb::ValueEncoding::VeBytes)
+            },
+            "Some of the parameters are not valid V8 values",
+        ),
     ];
     for p in BOTH {
         for (bad, text) in &cases {
             // A valid set before the bad mutation must not survive (SPEC §10 D1).
-            let w = write(vec![set(&other, b"leak", pb::ValueEncoding::VeBytes), bad.clone()]);
+            let w = write(vec![
+                set(&other, b"leak", pb::ValueEncoding::VeBytes),
+                bad.clone(),
+            ]);
             let r = c.data(p, &s, "atomic_write", w.encode_to_vec()).await;
             assert_eq!((r.status, r.text().as_str()), (400, *text), "{p:?}");
-            assert!(get(&c, p, &s, &other).await.is_none(), "{text}: the earlier mutation leaked");
+            assert!(
+                get(&c, p, &s, &other).await.is_none(),
+                "{text}: the earlier mutation leaked"
+            );
         }
     }
     let after = commit(&c, Proto::H2, &s, write(vec![])).await.versionstamp;
-    let gap = u64::from_be_bytes(after[..8].try_into().unwrap()) - u64::from_be_bytes(before[..8].try_into().unwrap());
+    let gap = u64::from_be_bytes(after[..8].try_into().unwrap())
+        - u64::from_be_bytes(before[..8].try_into().unwrap());
     assert!(gap <= 9, "failed writes advanced the version by {gap}");
 }
 
@@ -310,41 +645,87 @@ async fn le64_sum_min_max_and_v8_sum() {
     ];
     commit(&c, Proto::H2, &s, write(ops)).await;
     let e = get(&c, Proto::H2, &s, &n).await.unwrap();
-    assert_eq!((e.encoding, e.value.to_vec()), (pb::ValueEncoding::VeLe64 as i32, 7u64.to_le_bytes().to_vec()));
+    assert_eq!(
+        (e.encoding, e.value.to_vec()),
+        (
+            pb::ValueEncoding::VeLe64 as i32,
+            7u64.to_le_bytes().to_vec()
+        )
+    );
 
     let big = key("big");
-    let sum = |data: &str| pb::Mutation { mutation_type: pb::MutationType::MSum as i32, ..set(&big, &hex(data), pb::ValueEncoding::VeV8) };
-    commit(&c, Proto::H1, &s, write(vec![sum("ff0f5a020a"), sum("ff0f5a0301")])).await; // 10n + -1n
+    let sum = |data: &str| pb::Mutation {
+        mutation_type: pb::MutationType::MSum as i32,
+        ..set(&big, &hex(data), pb::ValueEncoding::VeV8)
+    };
+    commit(
+        &c,
+        Proto::H1,
+        &s,
+        write(vec![sum("ff0f5a020a"), sum("ff0f5a0301")]),
+    )
+    .await; // 10n + -1n
     let e = get(&c, Proto::H1, &s, &big).await.unwrap();
-    assert_eq!(to_hex(&e.value), "ff0f5a100900000000000000", "9n, padded as V8 writes BigInts");
-    let r = c.data(Proto::H1, &s, "atomic_write", write(vec![sum("ff0f4902")]).encode_to_vec()).await;
-    assert_eq!((r.status, r.text().as_str()), (400, "Cannot sum BigInt with Number"));
+    assert_eq!(
+        to_hex(&e.value),
+        "ff0f5a100900000000000000",
+        "9n, padded as V8 writes BigInts"
+    );
+    let r = c
+        .data(
+            Proto::H1,
+            &s,
+            "atomic_write",
+            write(vec![sum("ff0f4902")]).encode_to_vec(),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (400, "Cannot sum BigInt with Number")
+    );
 }
 
 #[tokio::test]
 async fn expiry_and_versionstamped_keys() {
     let s = Server::start(&[]);
     let c = Client::new();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     let (gone, stays) = (key("gone"), key("stays"));
     let w = write(vec![
-        pb::Mutation { expire_at_ms: now + 200, ..set(&gone, b"x", pb::ValueEncoding::VeBytes) },
-        pb::Mutation { expire_at_ms: now + 3_600_000, ..set(&stays, b"x", pb::ValueEncoding::VeBytes) },
+        pb::Mutation {
+            expire_at_ms: now + 200,
+            ..set(&gone, b"x", pb::ValueEncoding::VeBytes)
+        },
+        pb::Mutation {
+            expire_at_ms: now + 3_600_000,
+            ..set(&stays, b"x", pb::ValueEncoding::VeBytes)
+        },
     ]);
     commit(&c, Proto::H2, &s, w).await;
     assert!(get(&c, Proto::H2, &s, &gone).await.is_some());
     tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    assert!(get(&c, Proto::H2, &s, &gone).await.is_none(), "expired keys are never returned");
+    assert!(
+        get(&c, Proto::H2, &s, &gone).await.is_none(),
+        "expired keys are never returned"
+    );
     assert!(get(&c, Proto::H2, &s, &stays).await.is_some());
 
     let prefix = key("jobs");
-    let m = pb::Mutation { mutation_type: pb::MutationType::MSetSuffixVersionstampedKey as i32, ..set(&prefix, b"job", pb::ValueEncoding::VeBytes) };
+    let m = pb::Mutation {
+        mutation_type: pb::MutationType::MSetSuffixVersionstampedKey as i32,
+        ..set(&prefix, b"job", pb::ValueEncoding::VeBytes)
+    };
     let out = commit(&c, Proto::H2, &s, write(vec![m])).await;
     let mut k = prefix.to_vec();
     k.push(0x02);
     k.extend_from_slice(to_hex(&out.versionstamp).as_bytes());
     k.push(0);
-    let e = get(&c, Proto::H2, &s, &Bytes::from(k)).await.expect("written at prefix ++ hex(versionstamp)");
+    let e = get(&c, Proto::H2, &s, &Bytes::from(k))
+        .await
+        .expect("written at prefix ++ hex(versionstamp)");
     assert_eq!(e.versionstamp, out.versionstamp);
 }
 
@@ -352,19 +733,44 @@ async fn expiry_and_versionstamped_keys() {
 async fn enqueue_validation_and_storage() {
     let s = Server::start(&[]);
     let c = Client::new();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    let e = |deadline_ms| pb::Enqueue { payload: Bytes::from(hex("ff0f4902")), deadline_ms, keys_if_undelivered: vec![key("dlq")], backoff_schedule: vec![100, 200] };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let e = |deadline_ms| pb::Enqueue {
+        payload: Bytes::from(hex("ff0f4902")),
+        deadline_ms,
+        keys_if_undelivered: vec![key("dlq")],
+        backoff_schedule: vec![100, 200],
+    };
     for deadline in [0, now, now + 2_592_000_000 - 10_000] {
-        let w = pb::AtomicWrite { enqueues: vec![e(deadline)], ..Default::default() };
-        assert_eq!(commit(&c, Proto::H1, &s, w).await.status, pb::AtomicWriteStatus::AwSuccess as i32);
+        let w = pb::AtomicWrite {
+            enqueues: vec![e(deadline)],
+            ..Default::default()
+        };
+        assert_eq!(
+            commit(&c, Proto::H1, &s, w).await.status,
+            pb::AtomicWriteStatus::AwSuccess as i32
+        );
     }
     for deadline in [-1, now + 2_592_000_000 + 60_000] {
-        let w = pb::AtomicWrite { enqueues: vec![e(deadline)], ..Default::default() };
-        let r = c.data(Proto::H1, &s, "atomic_write", w.encode_to_vec()).await;
-        assert_eq!((r.status, r.text().as_str()), (400, "Invalid mutation enqueue deadline."), "{deadline}");
+        let w = pb::AtomicWrite {
+            enqueues: vec![e(deadline)],
+            ..Default::default()
+        };
+        let r = c
+            .data(Proto::H1, &s, "atomic_write", w.encode_to_vec())
+            .await;
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (400, "Invalid mutation enqueue deadline."),
+            "{deadline}"
+        );
     }
     let conn = rusqlite::Connection::open(&s.db).unwrap();
-    let rows: i64 = conn.query_row("SELECT count(*) FROM queue", [], |r| r.get(0)).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(rows, 3);
 }
 
@@ -375,15 +781,38 @@ async fn read_only_mode_answers_write_disabled() {
     {
         let mut rw = Server::start_on(&db, &[], &[]);
         let c = Client::new();
-        commit(&c, Proto::H2, &rw, write(vec![set(&key("a"), b"x", pb::ValueEncoding::VeBytes)])).await;
-        assert!(rw.stop().success());
+        commit(
+            &c,
+            Proto::H2,
+            &rw,
+            write(vec![set(&key("a"), b"x", pb::ValueEncoding::VeBytes)]),
+        )
+        .await;
+        drop(c);
+        let status = tokio::task::spawn_blocking(move || rw.stop())
+            .await
+            .unwrap();
+        assert!(status.success());
     }
     let ro = Server::start_on(&db, &["--read-only"], &[]);
     let c = Client::new();
     assert!(get(&c, Proto::H2, &ro, &key("a")).await.is_some());
-    let out = commit(&c, Proto::H2, &ro, write(vec![set(&key("b"), b"x", pb::ValueEncoding::VeBytes)])).await;
+    let out = commit(
+        &c,
+        Proto::H2,
+        &ro,
+        write(vec![set(&key("b"), b"x", pb::ValueEncoding::VeBytes)]),
+    )
+    .await;
     assert_eq!(out.status, pb::AtomicWriteStatus::AwWriteDisabled as i32);
     // Invalid input is still a 400 first.
-    let r = c.data(Proto::H2, &ro, "atomic_write", write(vec![set(&key("b"), b"1", pb::ValueEncoding::VeLe64)]).encode_to_vec()).await;
+    let r = c
+        .data(
+            Proto::H2,
+            &ro,
+            "atomic_write",
+            write(vec![set(&key("b"), b"1", pb::ValueEncoding::VeLe64)]).encode_to_vec(),
+        )
+        .await;
     assert_eq!(r.status, 400);
 }

@@ -37,7 +37,11 @@ impl Frames {
                 if self.buf.len() >= 4 + len {
                     self.buf.advance(4);
                     let payload = self.buf.split_to(len);
-                    return Some(if len == 0 { Frame::Ping } else { Frame::Data(pb::WatchOutput::decode(payload).unwrap()) });
+                    return Some(if len == 0 {
+                        Frame::Ping
+                    } else {
+                        Frame::Data(pb::WatchOutput::decode(payload).unwrap())
+                    });
                 }
             }
             let frame = self.body.frame().await?.ok()?;
@@ -63,7 +67,13 @@ impl Frames {
 }
 
 async fn open_watch(c: &Client, p: Proto, s: &Server, keys: &[Bytes]) -> Frames {
-    let body = pb::Watch { keys: keys.iter().map(|k| pb::WatchKey { key: k.clone() }).collect() }.encode_to_vec();
+    let body = pb::Watch {
+        keys: keys
+            .iter()
+            .map(|k| pb::WatchKey { key: k.clone() })
+            .collect(),
+    }
+    .encode_to_vec();
     let req = http::Request::post(s.url("/v2/watch"))
         .header("authorization", format!("Bearer {TOKEN}"))
         .header("x-denokv-version", "3")
@@ -73,20 +83,29 @@ async fn open_watch(c: &Client, p: Proto, s: &Server, keys: &[Bytes]) -> Frames 
     let resp = c.send(p, req).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/octet-stream");
-    Frames { body: resp.into_body(), buf: BytesMut::new() }
+    Frames {
+        body: resp.into_body(),
+        buf: BytesMut::new(),
+    }
 }
 
 async fn set(c: &Client, s: &Server, k: &Bytes, v: &[u8]) -> Bytes {
     let w = pb::AtomicWrite {
         mutations: vec![pb::Mutation {
             key: k.clone(),
-            value: Some(pb::KvValue { data: Bytes::copy_from_slice(v), encoding: pb::ValueEncoding::VeBytes as i32 }),
+            value: Some(pb::KvValue {
+                data: Bytes::copy_from_slice(v),
+                encoding: pb::ValueEncoding::VeBytes as i32,
+            }),
             mutation_type: pb::MutationType::MSet as i32,
             ..Default::default()
         }],
         ..Default::default()
     };
-    let out: pb::AtomicWriteOutput = c.data(Proto::H2, s, "atomic_write", w.encode_to_vec()).await.decode();
+    let out: pb::AtomicWriteOutput = c
+        .data(Proto::H2, s, "atomic_write", w.encode_to_vec())
+        .await
+        .decode();
     out.versionstamp
 }
 
@@ -104,14 +123,21 @@ async fn first_frame_then_changes_pushed_on_commit() {
         assert_eq!(first.status, pb::SnapshotReadStatus::SrSuccess as i32);
         assert_eq!(first.keys.len(), 2);
         assert!(first.keys.iter().all(|k| k.changed));
-        assert_eq!(&first.keys[0].entry_if_changed.as_ref().unwrap().value[..], b"1");
+        assert_eq!(
+            &first.keys[0].entry_if_changed.as_ref().unwrap().value[..],
+            b"1"
+        );
         assert!(first.keys[1].entry_if_changed.is_none());
 
-        // A commit to b is pushed; a is unchanged and says so.
+        // A commit to b is pushed. Every key is sent as changed with its entry, since Deno 2.x
+        // reads changed=false as "deleted".
         let stamp = set(&c, &s, &b, p.label()).await;
         let next = frames.data(Duration::from_secs(5)).await;
-        assert!(!next.keys[0].changed && next.keys[0].entry_if_changed.is_none());
-        assert!(next.keys[1].changed);
+        assert!(next.keys.iter().all(|k| k.changed));
+        assert_eq!(
+            &next.keys[0].entry_if_changed.as_ref().unwrap().value[..],
+            b"1"
+        );
         let entry = next.keys[1].entry_if_changed.as_ref().unwrap();
         assert_eq!((&entry.value[..], &entry.versionstamp), (p.label(), &stamp));
     }
@@ -144,12 +170,30 @@ async fn every_commit_of_a_lagging_watcher_is_seen_coalesced() {
 async fn watch_limits() {
     let s = Server::start(&[]);
     let c = Client::new();
-    let too_many = pb::Watch { keys: (0..11).map(|i| pb::WatchKey { key: key(&i.to_string()) }).collect() };
-    let r = c.data(Proto::H2, &s, "watch", too_many.encode_to_vec()).await;
-    assert_eq!((r.status, r.text().as_str()), (400, "Too many keys watched in a single watch request."));
-    let big = pb::Watch { keys: vec![pb::WatchKey { key: Bytes::from(vec![1u8; 2050]) }] };
+    let too_many = pb::Watch {
+        keys: (0..11)
+            .map(|i| pb::WatchKey {
+                key: key(&i.to_string()),
+            })
+            .collect(),
+    };
+    let r = c
+        .data(Proto::H2, &s, "watch", too_many.encode_to_vec())
+        .await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (400, "Too many keys watched in a single watch request.")
+    );
+    let big = pb::Watch {
+        keys: vec![pb::WatchKey {
+            key: Bytes::from(vec![1u8; 2050]),
+        }],
+    };
     let r = c.data(Proto::H2, &s, "watch", big.encode_to_vec()).await;
-    assert_eq!((r.status, r.text().as_str()), (400, "A key exceeds the key size limit."));
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (400, "A key exceeds the key size limit.")
+    );
     // A 2049-byte key is accepted (Deno allows it; SPEC §10 D8d).
     let mut frames = open_watch(&c, Proto::H2, &s, &[Bytes::from(vec![1u8; 2049])]).await;
     frames.data(Duration::from_secs(5)).await;

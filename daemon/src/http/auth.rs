@@ -22,7 +22,9 @@ impl Tokens {
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(ApiError::malformed_authorization)?;
-        let (scheme, token) = value.split_once(' ').ok_or_else(ApiError::malformed_authorization)?;
+        let (scheme, token) = value
+            .split_once(' ')
+            .ok_or_else(ApiError::malformed_authorization)?;
         let mut ok = false;
         for t in &self.tokens {
             // Visit every token so the time taken does not tell which one was close.
@@ -54,18 +56,43 @@ mod tests {
             h.insert(http::header::AUTHORIZATION, v.parse().unwrap());
         }
         let tokens = Tokens::new(vec!["0123456789abcdef".into(), "second token 1".into()]);
-        tokens.authenticate(&h).map(str::to_string).map_err(|e| e.message)
+        tokens
+            .authenticate(&h)
+            .map(str::to_string)
+            .map_err(|e| e.message)
     }
 
     #[test]
     fn authorization_rules() {
-        assert_eq!(check(Some("Bearer 0123456789abcdef")).unwrap(), "0123456789abcdef");
-        assert_eq!(check(Some("bEaReR 0123456789abcdef")).unwrap(), "0123456789abcdef");
-        assert_eq!(check(Some("Bearer second token 1")).unwrap(), "second token 1", "split at the first space");
+        assert_eq!(
+            check(Some("Bearer 0123456789abcdef")).unwrap(),
+            "0123456789abcdef"
+        );
+        assert_eq!(
+            check(Some("bEaReR 0123456789abcdef")).unwrap(),
+            "0123456789abcdef"
+        );
+        assert_eq!(
+            check(Some("Bearer second token 1")).unwrap(),
+            "second token 1",
+            "split at the first space"
+        );
         assert_eq!(check(None).unwrap_err(), "Malformed authorization header.");
-        assert_eq!(check(Some("Bearer")).unwrap_err(), "Malformed authorization header.");
-        assert_eq!(check(Some("Bearer wrong-token-123")).unwrap_err(), "Invalid access token.");
-        assert_eq!(check(Some("Basic 0123456789abcdef")).unwrap_err(), "Invalid access token.");
-        assert_eq!(check(Some("Bearer  0123456789abcdef")).unwrap_err(), "Invalid access token.");
+        assert_eq!(
+            check(Some("Bearer")).unwrap_err(),
+            "Malformed authorization header."
+        );
+        assert_eq!(
+            check(Some("Bearer wrong-token-123")).unwrap_err(),
+            "Invalid access token."
+        );
+        assert_eq!(
+            check(Some("Basic 0123456789abcdef")).unwrap_err(),
+            "Invalid access token."
+        );
+        assert_eq!(
+            check(Some("Bearer  0123456789abcdef")).unwrap_err(),
+            "Invalid access token."
+        );
     }
 }

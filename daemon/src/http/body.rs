@@ -27,13 +27,19 @@ pub fn empty() -> Body {
 const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 
 /// Reads a whole request body of at most 2 MiB; larger bodies are refused with 413.
-pub async fn read_limited(mut body: Incoming, content_length: Option<u64>) -> Result<Bytes, ApiError> {
+pub async fn read_limited(
+    mut body: Incoming,
+    content_length: Option<u64>,
+) -> Result<Bytes, ApiError> {
     let declared_too_large = content_length.is_some_and(|n| n > MAX_BODY_BYTES as u64);
     let mut buf = BytesMut::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::bad_request(format!("Failed to read the request body: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
+        let frame = frame
+            .map_err(|e| ApiError::bad_request(format!("Failed to read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         seen += data.len();
         if declared_too_large || seen > MAX_BODY_BYTES {
             if seen > DRAIN_LIMIT {
@@ -64,7 +70,12 @@ impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
     }
 }

@@ -16,7 +16,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError {
+            status,
+            message: message.into(),
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -36,16 +39,25 @@ impl ApiError {
     }
 
     pub fn body_too_large() -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "Failed to buffer the request body: length limit exceeded")
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Failed to buffer the request body: length limit exceeded",
+        )
     }
 
     pub fn internal() -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "An internal server error occurred.")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "An internal server error occurred.",
+        )
     }
 
     /// Only for failures where the request surely had no effect: Deno retries 5xx forever.
     pub fn unavailable() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "The server is temporarily unavailable, try again later.")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The server is temporarily unavailable, try again later.",
+        )
     }
 
     pub fn into_response(self) -> Response<Body> {

@@ -39,7 +39,9 @@ struct Endpoint<'a> {
 /// Answers an authenticated metadata request. Authentication runs first (SPEC §10 D10).
 pub fn exchange(body: &Bytes, token: &str, endpoint_url: &str) -> Result<Response<Body>, ApiError> {
     let request: MetadataRequest = serde_json::from_slice(body).map_err(|_| {
-        ApiError::bad_request("The server requires at least protocol version 2. Use Deno 1.38.0 or newer.")
+        ApiError::bad_request(
+            "The server requires at least protocol version 2. Use Deno 1.38.0 or newer.",
+        )
     })?;
     let version = [3, 2].into_iter().find(|v| request.supported_versions.contains(v)).ok_or_else(|| {
         ApiError::bad_request(
@@ -49,7 +51,10 @@ pub fn exchange(body: &Bytes, token: &str, endpoint_url: &str) -> Result<Respons
     let response = MetadataResponse {
         version,
         database_id: DATABASE_ID,
-        endpoints: [Endpoint { url: endpoint_url, consistency: "strong" }],
+        endpoints: [Endpoint {
+            url: endpoint_url,
+            consistency: "strong",
+        }],
         token,
         expires_at: rfc3339_millis(SystemTime::now() + VALIDITY),
     };
@@ -112,12 +117,21 @@ mod tests {
         assert!(negotiate(r#"{"supportedVersions":[1,2,3]}"#).is_ok());
         assert!(negotiate(r#"{"supportedVersions":[2],"other":true}"#).is_ok());
         let too_old = "The server could not negotiate a protocol version. The server requires protocol version 2 or 3.";
-        assert_eq!(negotiate(r#"{"supportedVersions":[1]}"#).unwrap_err(), too_old);
+        assert_eq!(
+            negotiate(r#"{"supportedVersions":[1]}"#).unwrap_err(),
+            too_old
+        );
         assert_eq!(negotiate(r#"{}"#).unwrap_err(), too_old);
         let invalid = "The server requires at least protocol version 2. Use Deno 1.38.0 or newer.";
         assert_eq!(negotiate("").unwrap_err(), invalid);
-        assert_eq!(negotiate(r#"{"supportedVersions":[2.0]}"#).unwrap_err(), invalid);
-        assert_eq!(negotiate(r#"{"supportedVersions":["2"]}"#).unwrap_err(), invalid);
+        assert_eq!(
+            negotiate(r#"{"supportedVersions":[2.0]}"#).unwrap_err(),
+            invalid
+        );
+        assert_eq!(
+            negotiate(r#"{"supportedVersions":["2"]}"#).unwrap_err(),
+            invalid
+        );
         assert_eq!(negotiate("[2,3]").unwrap_err(), invalid);
     }
 }

@@ -60,10 +60,16 @@ async fn route(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Result<Response<
         _ => return Err(ApiError::not_found()),
     };
     if req.method() != Method::POST {
-        return Ok(Response::builder().status(StatusCode::METHOD_NOT_ALLOWED).body(empty()).unwrap());
+        return Ok(Response::builder()
+            .status(StatusCode::METHOD_NOT_ALLOWED)
+            .body(empty())
+            .unwrap());
     }
     let (parts, incoming) = req.into_parts();
-    let content_length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    let content_length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     if route == Route::Metadata {
         let token = ctx.shared.tokens.authenticate(&parts.headers)?;
         let body = read_limited(incoming, content_length).await?;
@@ -89,7 +95,9 @@ enum Route {
 
 /// The checks every data-path request passes first, in upstream's order (SPEC §1.4).
 fn check_data_path_headers(headers: &HeaderMap, tokens: &Tokens) -> Result<(), ApiError> {
-    let version = headers.get("x-denokv-version").and_then(|v| v.to_str().ok());
+    let version = headers
+        .get("x-denokv-version")
+        .and_then(|v| v.to_str().ok());
     if !matches!(version, Some("2" | "3")) {
         return Err(ApiError::bad_request("Expected protocol version 2."));
     }
@@ -105,7 +113,8 @@ fn check_data_path_headers(headers: &HeaderMap, tokens: &Tokens) -> Result<(), A
 }
 
 fn decode<M: Message + Default>(body: &Bytes) -> Result<M, ApiError> {
-    M::decode(body.clone()).map_err(|e| ApiError::bad_request(format!("Request protobuf is invalid: {e}.")))
+    M::decode(body.clone())
+        .map_err(|e| ApiError::bad_request(format!("Request protobuf is invalid: {e}.")))
 }
 
 fn protobuf(msg: &impl Message) -> Response<Body> {
@@ -130,7 +139,9 @@ fn snapshot_read(req: pb::SnapshotRead, ctx: &CoreContext) -> Result<Response<Bo
     let out = pb::SnapshotReadOutput {
         ranges: results
             .into_iter()
-            .map(|entries| pb::ReadRangeOutput { values: entries.into_iter().map(entry_to_pb).collect() })
+            .map(|entries| pb::ReadRangeOutput {
+                values: entries.into_iter().map(entry_to_pb).collect(),
+            })
             .collect(),
         read_disabled: false,
         read_is_strongly_consistent: true,

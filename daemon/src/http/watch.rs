@@ -23,8 +23,9 @@ pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Bo
     // Subscribe before the first read so that no commit in between is missed.
     let subscription = ctx.shared.watches.subscribe(&keys);
     let (tx, rx) = tokio::sync::mpsc::channel(2);
-    let first = frame(ctx, &keys, &mut vec![None; keys.len()], true)?;
-    monoio::spawn(stream(ctx.clone(), keys, subscription, tx, first));
+    let mut seen = vec![None; keys.len()];
+    let first = frame(ctx, &keys, &mut seen, true)?.expect("the first frame is always built");
+    monoio::spawn(stream(ctx.clone(), keys, seen, subscription, tx, first));
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(http_body_util::BodyExt::boxed_unsync(ChannelBody::new(rx)))
@@ -34,12 +35,12 @@ pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Bo
 async fn stream(
     ctx: Rc<CoreContext>,
     keys: Vec<Bytes>,
+    mut seen: Vec<Option<Versionstamp>>,
     subscription: crate::store::watch::Subscription,
     tx: tokio::sync::mpsc::Sender<Bytes>,
-    first: Option<(Bytes, Vec<Option<Versionstamp>>)>,
+    first: Bytes,
 ) {
     let mut shutdown = ctx.shutdown.clone();
-    let (first, mut seen) = first.expect("the first frame is always sent");
     if tx.send(PING).await.is_err() || tx.send(first).await.is_err() {
         return;
     }
@@ -54,7 +55,7 @@ async fn stream(
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         }
         match frame(&ctx, &keys, &mut seen, false) {
-            Ok(Some((bytes, _))) => {
+            Ok(Some(bytes)) => {
                 if tx.send(bytes).await.is_err() {
                     return;
                 }
@@ -69,34 +70,39 @@ async fn stream(
     }
 }
 
-/// Reads the keys and builds a frame. Keys whose versionstamp did not change since the last
-/// frame are sent as `changed=false`; returns `None` when nothing changed (and `!first`).
-#[allow(clippy::type_complexity)]
+/// Reads the keys and builds a frame; `None` when no key's versionstamp changed since the
+/// last frame (and this is not the first).
+///
+/// Every key is sent with `changed=true` and its current entry, as upstream does: Deno 2.x
+/// turns a `changed=false` key into `null`, as if it had been deleted, so the protocol's
+/// "unchanged" marker cannot be used with real Deno clients.
 fn frame(
     ctx: &CoreContext,
     keys: &[Bytes],
-    seen: &mut Vec<Option<Versionstamp>>,
+    seen: &mut [Option<Versionstamp>],
     first: bool,
-) -> Result<Option<(Bytes, Vec<Option<Versionstamp>>)>, ApiError> {
+) -> Result<Option<Bytes>, ApiError> {
     let entries = ctx.reader.borrow_mut().read_keys(keys, now_ms())?;
     let mut any_changed = first;
     let mut outputs = Vec::with_capacity(keys.len());
-    for (i, entry) in entries.into_iter().enumerate() {
+    for (entry, seen) in entries.into_iter().zip(seen.iter_mut()) {
         let stamp = entry.as_ref().map(|e| e.versionstamp);
-        let changed = first || stamp != seen[i];
-        any_changed |= changed;
-        seen[i] = stamp;
+        any_changed |= stamp != *seen;
+        *seen = stamp;
         outputs.push(pb::WatchKeyOutput {
-            changed,
-            entry_if_changed: if changed { entry.map(entry_to_pb) } else { None },
+            changed: true,
+            entry_if_changed: entry.map(entry_to_pb),
         });
     }
     if !any_changed {
         return Ok(None);
     }
-    let msg = pb::WatchOutput { status: pb::SnapshotReadStatus::SrSuccess as i32, keys: outputs };
+    let msg = pb::WatchOutput {
+        status: pb::SnapshotReadStatus::SrSuccess as i32,
+        keys: outputs,
+    };
     let mut buf = BytesMut::with_capacity(4 + msg.encoded_len());
     buf.put_u32_le(msg.encoded_len() as u32);
     msg.encode(&mut buf).expect("buffer has room");
-    Ok(Some((buf.freeze(), seen.clone())))
+    Ok(Some(buf.freeze()))
 }

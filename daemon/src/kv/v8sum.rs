@@ -29,8 +29,14 @@ impl SumNumber {
 
     fn into_value(self) -> Value {
         match self {
-            SumNumber::BigInt(b) => Value { data: encode_bigint(&b), encoding: Encoding::V8 },
-            SumNumber::Number(n) => Value { data: encode_number(n), encoding: Encoding::V8 },
+            SumNumber::BigInt(b) => Value {
+                data: encode_bigint(&b),
+                encoding: Encoding::V8,
+            },
+            SumNumber::Number(n) => Value {
+                data: encode_number(n),
+                encoding: Encoding::V8,
+            },
             SumNumber::KvU64(n) => Value::le64(n),
         }
     }
@@ -77,7 +83,11 @@ pub fn parse_number(data: &[u8]) -> Result<SumNumber, V8Error> {
             let bitfield = r.varint()?;
             let len = (bitfield >> 1) as usize;
             let magnitude = BigUint::from_bytes_le(r.take(len)?);
-            let sign = if bitfield & 1 == 1 { Sign::Minus } else { Sign::Plus };
+            let sign = if bitfield & 1 == 1 {
+                Sign::Minus
+            } else {
+                Sign::Plus
+            };
             SumNumber::BigInt(BigInt::from_biguint(sign, magnitude))
         }
         _ => return Err(V8Error::NotANumber),
@@ -130,7 +140,11 @@ fn push_varint(out: &mut Vec<u8>, mut v: u64) {
 
 /// A V8 BigInt, magnitude padded to a multiple of 8 bytes as V8 itself writes it.
 pub fn encode_bigint(b: &BigInt) -> Bytes {
-    let mut mag = if b.is_zero() { Vec::new() } else { b.magnitude().to_bytes_le() };
+    let mut mag = if b.is_zero() {
+        Vec::new()
+    } else {
+        b.magnitude().to_bytes_le()
+    };
     mag.resize(mag.len().div_ceil(8) * 8, 0);
     let mut out = vec![0xFF, 0x0F, b'Z'];
     let negative = b.sign() == Sign::Minus;
@@ -164,11 +178,18 @@ impl V8Sum {
             }
             let n = parse_number(b).map_err(|_| invalid_params())?;
             if n.kind() != operand.kind() {
-                return Err(KvError::new("Min/max parameters have different types than the operand"));
+                return Err(KvError::new(
+                    "Min/max parameters have different types than the operand",
+                ));
             }
             Ok(Some(n))
         };
-        Ok(V8Sum { min: bound(min)?, max: bound(max)?, operand, clamp })
+        Ok(V8Sum {
+            min: bound(min)?,
+            max: bound(max)?,
+            operand,
+            clamp,
+        })
     }
 
     /// Adds the operand to the stored value (`None`: absent key) and applies the bounds.
@@ -200,7 +221,9 @@ impl V8Sum {
             (SumNumber::BigInt(a), SumNumber::BigInt(b)) => SumNumber::BigInt(a + b),
             (SumNumber::Number(a), SumNumber::Number(b)) => SumNumber::Number(a + b),
             (SumNumber::KvU64(_), SumNumber::KvU64(_)) => {
-                return Err(KvError::new("Cannot use min/max parameters with KvU64 operands"))
+                return Err(KvError::new(
+                    "Cannot use min/max parameters with KvU64 operands",
+                ))
             }
             _ => return Err(mixed(&stored, &self.operand)),
         };
@@ -210,12 +233,21 @@ impl V8Sum {
     fn bounded(&self, n: SumNumber) -> Result<SumNumber, KvError> {
         let below = |b: &SumNumber| less(&n, b);
         let above = |b: &SumNumber| less(b, &n);
-        let out_of_range = || KvError::new("The result of a Sum operation would exceed its range limit");
+        let out_of_range =
+            || KvError::new("The result of a Sum operation would exceed its range limit");
         if let Some(min) = self.min.as_ref().filter(|m| below(m)) {
-            return if self.clamp { Ok(min.clone()) } else { Err(out_of_range()) };
+            return if self.clamp {
+                Ok(min.clone())
+            } else {
+                Err(out_of_range())
+            };
         }
         if let Some(max) = self.max.as_ref().filter(|m| above(m)) {
-            return if self.clamp { Ok(max.clone()) } else { Err(out_of_range()) };
+            return if self.clamp {
+                Ok(max.clone())
+            } else {
+                Err(out_of_range())
+            };
         }
         Ok(n)
     }
@@ -231,7 +263,11 @@ fn less(a: &SumNumber, b: &SumNumber) -> bool {
 }
 
 fn mixed(stored: &SumNumber, operand: &SumNumber) -> KvError {
-    KvError::new(format!("Cannot sum {} with {}", stored.kind(), operand.kind()))
+    KvError::new(format!(
+        "Cannot sum {} with {}",
+        stored.kind(),
+        operand.kind()
+    ))
 }
 
 #[cfg(test)]
@@ -239,11 +275,17 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     fn v8(s: &str) -> Option<StoredValue> {
-        Some(StoredValue { data: Bytes::from(hex(s)), encoding: 1 })
+        Some(StoredValue {
+            data: Bytes::from(hex(s)),
+            encoding: 1,
+        })
     }
 
     fn big(n: i64) -> SumNumber {
@@ -254,7 +296,10 @@ mod tests {
     fn parses_spec_vectors() {
         assert_eq!(parse_number(&hex("ff0f5a020a")), Ok(big(10)));
         assert_eq!(parse_number(&hex("ff0f5a0301")), Ok(big(-1)));
-        assert_eq!(parse_number(&hex("ff0f4e000000000000f83f")), Ok(SumNumber::Number(1.5)));
+        assert_eq!(
+            parse_number(&hex("ff0f4e000000000000f83f")),
+            Ok(SumNumber::Number(1.5))
+        );
         assert_eq!(parse_number(&hex("ff0f4902")), Ok(SumNumber::Number(1.0)));
         assert_eq!(parse_number(&hex("ff0f4901")), Ok(SumNumber::Number(-1.0)));
         assert_eq!(parse_number(&hex("ff0f5a100a00000000000000")), Ok(big(10)));
@@ -276,27 +321,42 @@ mod tests {
             assert_eq!((enc.len() - 4) % 8, 0, "{n}");
             assert_eq!(parse_number(&enc), Ok(big(n)));
         }
-        assert_eq!(&encode_bigint(&BigInt::from(10))[..], &hex("ff0f5a100a00000000000000")[..]);
+        assert_eq!(
+            &encode_bigint(&BigInt::from(10))[..],
+            &hex("ff0f5a100a00000000000000")[..]
+        );
     }
 
     #[test]
     fn bigint_and_number_sums() {
         let s = V8Sum::parse(&hex("ff0f5a020a"), b"", b"", false).unwrap();
-        assert_eq!(parse_number(&s.apply(v8("ff0f5a0301")).unwrap().data), Ok(big(9)));
+        assert_eq!(
+            parse_number(&s.apply(v8("ff0f5a0301")).unwrap().data),
+            Ok(big(9))
+        );
         let s = V8Sum::parse(&hex("ff0f4e000000000000f83f"), b"", b"", false).unwrap();
-        assert_eq!(parse_number(&s.apply(v8("ff0f4902")).unwrap().data), Ok(SumNumber::Number(2.5)));
+        assert_eq!(
+            parse_number(&s.apply(v8("ff0f4902")).unwrap().data),
+            Ok(SumNumber::Number(2.5))
+        );
     }
 
     #[test]
     fn mixed_kinds_are_named() {
         let s = V8Sum::parse(&hex("ff0f4902"), b"", b"", false).unwrap();
-        assert_eq!(s.apply(v8("ff0f5a020a")).unwrap_err().message(), "Cannot sum BigInt with Number");
+        assert_eq!(
+            s.apply(v8("ff0f5a020a")).unwrap_err().message(),
+            "Cannot sum BigInt with Number"
+        );
     }
 
     #[test]
     fn kvu64_with_bigint_operand_wraps_as_u64() {
         let s = V8Sum::parse(&hex("ff0f5a0202"), b"", b"", false).unwrap();
-        let stored = Some(StoredValue { data: Bytes::copy_from_slice(&u64::MAX.to_le_bytes()), encoding: 2 });
+        let stored = Some(StoredValue {
+            data: Bytes::copy_from_slice(&u64::MAX.to_le_bytes()),
+            encoding: 2,
+        });
         assert_eq!(s.apply(stored).unwrap(), Value::le64(1));
     }
 
@@ -313,25 +373,52 @@ mod tests {
         );
         let min = encode_bigint(&BigInt::from(0));
         let neg = V8Sum::parse(&hex("ff0f5a0301"), &min, b"", true).unwrap();
-        assert_eq!(parse_number(&neg.apply(v8("ff0f5a00")).unwrap().data), Ok(big(0)));
+        assert_eq!(
+            parse_number(&neg.apply(v8("ff0f5a00")).unwrap().data),
+            Ok(big(0))
+        );
     }
 
     #[test]
     fn bound_kind_must_match_operand() {
         let err = V8Sum::parse(&hex("ff0f5a020a"), &hex("ff0f4902"), b"", false).unwrap_err();
-        assert_eq!(err.message(), "Min/max parameters have different types than the operand");
+        assert_eq!(
+            err.message(),
+            "Min/max parameters have different types than the operand"
+        );
         let err = V8Sum::parse(b"xyz", b"", b"", false).unwrap_err();
-        assert_eq!(err.message(), "Some of the parameters are not valid V8 values");
+        assert_eq!(
+            err.message(),
+            "Some of the parameters are not valid V8 values"
+        );
     }
 
     #[test]
     fn stored_value_errors() {
         let s = V8Sum::parse(&hex("ff0f4902"), b"", b"", false).unwrap();
-        let bytes = Some(StoredValue { data: Bytes::from_static(b"x"), encoding: 3 });
-        assert_eq!(s.apply(bytes).unwrap_err().message(), "unsupported value type");
-        assert_eq!(s.apply(v8("")).unwrap_err().message(), "operand cannot be empty");
-        assert_eq!(s.apply(v8("0102")).unwrap_err().message(), "invalid v8 value");
-        let unknown = Some(StoredValue { data: Bytes::from_static(b"x"), encoding: 9 });
-        assert_eq!(s.apply(unknown).unwrap_err().message(), "Invalid sum operand");
+        let bytes = Some(StoredValue {
+            data: Bytes::from_static(b"x"),
+            encoding: 3,
+        });
+        assert_eq!(
+            s.apply(bytes).unwrap_err().message(),
+            "unsupported value type"
+        );
+        assert_eq!(
+            s.apply(v8("")).unwrap_err().message(),
+            "operand cannot be empty"
+        );
+        assert_eq!(
+            s.apply(v8("0102")).unwrap_err().message(),
+            "invalid v8 value"
+        );
+        let unknown = Some(StoredValue {
+            data: Bytes::from_static(b"x"),
+            encoding: 9,
+        });
+        assert_eq!(
+            s.apply(unknown).unwrap_err().message(),
+            "Invalid sum operand"
+        );
     }
 }

@@ -33,13 +33,18 @@ pub struct Value {
 
 impl Value {
     pub fn le64(n: u64) -> Self {
-        Value { data: Bytes::copy_from_slice(&n.to_le_bytes()), encoding: Encoding::Le64 }
+        Value {
+            data: Bytes::copy_from_slice(&n.to_le_bytes()),
+            encoding: Encoding::Le64,
+        }
     }
 
     /// The u64 of an LE64 value, if this is one with exactly 8 bytes.
     pub fn as_u64(&self) -> Option<u64> {
         match self.encoding {
-            Encoding::Le64 => <[u8; 8]>::try_from(&self.data[..]).ok().map(u64::from_le_bytes),
+            Encoding::Le64 => <[u8; 8]>::try_from(&self.data[..])
+                .ok()
+                .map(u64::from_le_bytes),
             _ => None,
         }
     }
@@ -54,7 +59,10 @@ pub struct StoredValue {
 
 impl StoredValue {
     pub fn decode(self) -> Result<Value, KvError> {
-        Ok(Value { encoding: Encoding::from_number(self.encoding)?, data: self.data })
+        Ok(Value {
+            encoding: Encoding::from_number(self.encoding)?,
+            data: self.data,
+        })
     }
 }
 
@@ -99,7 +107,10 @@ mod tests {
     use super::*;
 
     fn stored(v: Value) -> Option<StoredValue> {
-        Some(StoredValue { data: v.data, encoding: v.encoding as i64 })
+        Some(StoredValue {
+            data: v.data,
+            encoding: v.encoding as i64,
+        })
     }
 
     #[test]
@@ -129,23 +140,44 @@ mod tests {
 
     #[test]
     fn non_u64_stored_value_is_an_error_with_upstream_text() {
-        let v8 = stored(Value { data: Bytes::from_static(b"\xff\x0f\x49\x02"), encoding: Encoding::V8 });
+        let v8 = stored(Value {
+            data: Bytes::from_static(b"\xff\x0f\x49\x02"),
+            encoding: Encoding::V8,
+        });
         let err = Le64Op::Sum.apply(v8, 1).unwrap_err();
-        assert_eq!(err.message(), "Failed to perform 'sum' mutation on a non-U64 value in the database");
-        let bytes = stored(Value { data: Bytes::from_static(b"x"), encoding: Encoding::Bytes });
+        assert_eq!(
+            err.message(),
+            "Failed to perform 'sum' mutation on a non-U64 value in the database"
+        );
+        let bytes = stored(Value {
+            data: Bytes::from_static(b"x"),
+            encoding: Encoding::Bytes,
+        });
         let err = Le64Op::Min.apply(bytes, 1).unwrap_err();
-        assert_eq!(err.message(), "Failed to perform 'min' mutation on a non-U64 value in the database");
+        assert_eq!(
+            err.message(),
+            "Failed to perform 'min' mutation on a non-U64 value in the database"
+        );
     }
 
     #[test]
     fn unknown_stored_encoding_is_named() {
-        let s = Some(StoredValue { data: Bytes::from_static(b"x"), encoding: 7 });
-        assert_eq!(Le64Op::Max.apply(s, 1).unwrap_err().message(), "The value encoding 7 is unknown.");
+        let s = Some(StoredValue {
+            data: Bytes::from_static(b"x"),
+            encoding: 7,
+        });
+        assert_eq!(
+            Le64Op::Max.apply(s, 1).unwrap_err().message(),
+            "The value encoding 7 is unknown."
+        );
     }
 
     #[test]
     fn wrong_length_le64_in_database_is_not_a_u64() {
-        let s = Some(StoredValue { data: Bytes::from_static(b"\x01\x02"), encoding: 2 });
+        let s = Some(StoredValue {
+            data: Bytes::from_static(b"\x01\x02"),
+            encoding: 2,
+        });
         assert!(Le64Op::Sum.apply(s, 1).is_err());
     }
 }

@@ -60,7 +60,10 @@ mod tests {
         assert_eq!(Versionstamp::new(6, 0).to_hex(), "00000000000000060000");
         assert_eq!(Versionstamp::new(9, 0).to_hex(), "00000000000000090000");
         assert_eq!(Versionstamp::new(1, 0x0102).0[8..], [1, 2]);
-        assert_eq!(Versionstamp::new(0x0102030405060708, 0).version(), 0x0102030405060708);
+        assert_eq!(
+            Versionstamp::new(0x0102030405060708, 0).version(),
+            0x0102030405060708
+        );
     }
 
     #[test]
@@ -84,6 +87,9 @@ mod tests {
     }
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 }

@@ -30,11 +30,17 @@ pub struct CoreSetup {
 /// Runs the core until shutdown, then lets open connections finish (bounded by the drain
 /// timeout).
 pub fn run(setup: CoreSetup) -> anyhow::Result<()> {
-    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build()?;
+    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()?;
     tracing::debug!(
         "core {} runs on {}",
         setup.index,
-        if monoio::utils::is_legacy() { "epoll" } else { "io_uring" }
+        if monoio::utils::is_legacy() {
+            "epoll"
+        } else {
+            "io_uring"
+        }
     );
     rt.block_on(serve(setup))
 }
@@ -56,7 +62,10 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
         shutdown: setup.shutdown.clone(),
     });
     let mut builder = auto::Builder::new(LocalExec);
-    builder.http1().timer(MonoioTimer).header_read_timeout(Duration::from_secs(30));
+    builder
+        .http1()
+        .timer(MonoioTimer)
+        .header_read_timeout(Duration::from_secs(30));
     builder
         .http2()
         .timer(MonoioTimer)
@@ -86,7 +95,11 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     if open.get() > 0 {
-        tracing::warn!("core {}: {} connections still open after the drain timeout", setup.index, open.get());
+        tracing::warn!(
+            "core {}: {} connections still open after the drain timeout",
+            setup.index,
+            open.get()
+        );
     }
     Ok(())
 }

@@ -36,7 +36,8 @@ const LOOKUP_VERSION: &str =
     "SELECT version, seq FROM kv WHERE k = ?1 AND (expiration_ms < 0 OR expiration_ms > ?2)";
 const LOOKUP_VALUE: &str =
     "SELECT v, v_encoding FROM kv WHERE k = ?1 AND (expiration_ms < 0 OR expiration_ms > ?2)";
-const UPSERT: &str = "INSERT INTO kv (k, v, v_encoding, version, seq, expiration_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)
+const UPSERT: &str =
+    "INSERT INTO kv (k, v, v_encoding, version, seq, expiration_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)
      ON CONFLICT (k) DO UPDATE SET v = excluded.v, v_encoding = excluded.v_encoding,
        version = excluded.version, seq = 0, expiration_ms = excluded.expiration_ms";
 const DELETE: &str = "DELETE FROM kv WHERE k = ?1";
@@ -66,7 +67,10 @@ impl CommitterHandle {
     /// Queues a write and waits for its outcome. Waits for room when the queue is full.
     pub async fn write(&self, write: AtomicWrite) -> Result<WriteOutcome, StoreError> {
         let (reply, outcome) = oneshot::channel();
-        self.tx.send_async(Message::Write(WriteJob { write, reply })).await.map_err(|_| StoreError::Unavailable)?;
+        self.tx
+            .send_async(Message::Write(WriteJob { write, reply }))
+            .await
+            .map_err(|_| StoreError::Unavailable)?;
         outcome.await.map_err(|_| StoreError::Unavailable)?
     }
 
@@ -83,15 +87,27 @@ impl CommitterHandle {
 }
 
 /// Starts the committer thread on the write connection.
-pub fn spawn(conn: Connection, watches: Arc<WatchRegistry>) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
-    let version: i64 = conn.query_row("SELECT version FROM data_version WHERE k = 0", [], |r| r.get(0))?;
-    let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
-    let mut committer =
-        Committer { conn, version: version as u64, watches, next_expiry: None, last_sweep: Instant::now() };
-    let thread = std::thread::Builder::new().name("committer".into()).spawn(move || {
-        committer.sweep();
-        committer.run(rx);
+pub fn spawn(
+    conn: Connection,
+    watches: Arc<WatchRegistry>,
+) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
+    let version: i64 = conn.query_row("SELECT version FROM data_version WHERE k = 0", [], |r| {
+        r.get(0)
     })?;
+    let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
+    let mut committer = Committer {
+        conn,
+        version: version as u64,
+        watches,
+        next_expiry: None,
+        last_sweep: Instant::now(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("committer".into())
+        .spawn(move || {
+            committer.sweep();
+            committer.run(rx);
+        })?;
     Ok((CommitterHandle { tx }, thread))
 }
 
@@ -184,6 +200,10 @@ impl Committer {
 
         let applied = (|| -> rusqlite::Result<()> {
             self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            // Another process (the Deno CLI, say) may have written the file since our last
+            // commit: versionstamps must never go backwards.
+            let start = self.current_version()?;
+            version = start;
             for job in &batch {
                 let keys_before = changed.len();
                 match self.apply_in_savepoint(&job.write, version, now, &mut changed) {
@@ -205,8 +225,10 @@ impl Committer {
                     Err(ApplyError::Database(e)) => return Err(e),
                 }
             }
-            if version != self.version {
-                self.conn.prepare_cached(SET_VERSION)?.execute([version as i64])?;
+            if version != start {
+                self.conn
+                    .prepare_cached(SET_VERSION)?
+                    .execute([version as i64])?;
             }
             self.conn.prepare_cached("COMMIT")?.execute([])?;
             Ok(())
@@ -260,7 +282,10 @@ impl Committer {
             for (i, check) in write.checks.iter().enumerate() {
                 let current = lookup
                     .query_row(params![&check.key[..], now], |r| {
-                        Ok(Versionstamp::new(r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u16))
+                        Ok(Versionstamp::new(
+                            r.get::<_, i64>(0)? as u64,
+                            r.get::<_, i64>(1)? as u16,
+                        ))
                     })
                     .optional()?;
                 if current != check.versionstamp {
@@ -312,11 +337,22 @@ impl Committer {
         Ok((WriteOutcome::Committed(stamp), new_version))
     }
 
+    fn current_version(&self) -> rusqlite::Result<u64> {
+        let v: i64 = self
+            .conn
+            .prepare_cached("SELECT version FROM data_version WHERE k = 0")?
+            .query_row([], |r| r.get(0))?;
+        Ok(v as u64)
+    }
+
     fn lookup_value(&self, key: &[u8], now: i64) -> rusqlite::Result<Option<StoredValue>> {
         self.conn
             .prepare_cached(LOOKUP_VALUE)?
             .query_row(params![key, now], |r| {
-                Ok(StoredValue { data: Bytes::from(r.get::<_, Vec<u8>>(0)?), encoding: r.get(1)? })
+                Ok(StoredValue {
+                    data: Bytes::from(r.get::<_, Vec<u8>>(0)?),
+                    encoding: r.get(1)?,
+                })
             })
             .optional()
     }
@@ -339,9 +375,16 @@ impl Committer {
             serde_json::to_string(&e.backoff_schedule).expect("a list of numbers serializes")
         };
         let dead_letter: Vec<&[u8]> = e.keys_if_undelivered.iter().map(|k| &k[..]).collect();
-        let dead_letter = serde_json::to_string(&dead_letter).expect("a list of byte lists serializes");
+        let dead_letter =
+            serde_json::to_string(&dead_letter).expect("a list of byte lists serializes");
         let id = uuid::Uuid::new_v4().hyphenated().to_string();
-        self.conn.prepare_cached(ENQUEUE)?.execute(params![e.deadline_ms, id, &e.payload[..], backoff, dead_letter])?;
+        self.conn.prepare_cached(ENQUEUE)?.execute(params![
+            e.deadline_ms,
+            id,
+            &e.payload[..],
+            backoff,
+            dead_letter
+        ])?;
         Ok(())
     }
 
@@ -362,13 +405,18 @@ impl Committer {
         }
         self.next_expiry = self
             .conn
-            .query_row("SELECT min(expiration_ms) FROM kv WHERE expiration_ms >= 0", [], |r| r.get(0))
+            .query_row(
+                "SELECT min(expiration_ms) FROM kv WHERE expiration_ms >= 0",
+                [],
+                |r| r.get(0),
+            )
             .unwrap_or(None);
     }
 
     fn sweep_chunk(&mut self) -> rusqlite::Result<usize> {
         let now = now_ms();
         self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        self.version = self.current_version()?;
         let deleted: Vec<Bytes> = self
             .conn
             .prepare_cached(
@@ -376,11 +424,15 @@ impl Committer {
                    (SELECT k FROM kv WHERE expiration_ms >= 0 AND expiration_ms <= ?1 LIMIT ?2)
                  RETURNING k",
             )?
-            .query_map(params![now, SWEEP_CHUNK], |r| Ok(Bytes::from(r.get::<_, Vec<u8>>(0)?)))?
+            .query_map(params![now, SWEEP_CHUNK], |r| {
+                Ok(Bytes::from(r.get::<_, Vec<u8>>(0)?))
+            })?
             .collect::<rusqlite::Result<_>>()?;
         let version = self.version + 1;
         if !deleted.is_empty() {
-            self.conn.prepare_cached(SET_VERSION)?.execute([version as i64])?;
+            self.conn
+                .prepare_cached(SET_VERSION)?
+                .execute([version as i64])?;
         }
         self.conn.prepare_cached("COMMIT")?.execute([])?;
         if !deleted.is_empty() {

@@ -28,11 +28,17 @@ pub struct Reader {
 
 impl Reader {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        Ok(Reader { conn: super::schema::open_reader(path)? })
+        Ok(Reader {
+            conn: super::schema::open_reader(path)?,
+        })
     }
 
     /// Reads every range from one snapshot.
-    pub fn read_ranges(&mut self, ranges: &[ReadRange], now_ms: i64) -> Result<Vec<Vec<Entry>>, StoreError> {
+    pub fn read_ranges(
+        &mut self,
+        ranges: &[ReadRange],
+        now_ms: i64,
+    ) -> Result<Vec<Vec<Entry>>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut out = Vec::with_capacity(ranges.len());
         for r in ranges {
@@ -40,9 +46,18 @@ impl Reader {
                 out.push(Vec::new());
                 continue;
             }
-            let mut stmt = tx.prepare_cached(if r.reverse { SCAN_REVERSE } else { SCAN_FORWARD })?;
-            let rows = stmt.query_map(params![&r.start[..], &r.end[..], now_ms, r.limit as i64], row_to_entry)?;
-            let entries = rows.map(|e| e?.decode()).collect::<Result<Vec<_>, StoreError>>()?;
+            let mut stmt = tx.prepare_cached(if r.reverse {
+                SCAN_REVERSE
+            } else {
+                SCAN_FORWARD
+            })?;
+            let rows = stmt.query_map(
+                params![&r.start[..], &r.end[..], now_ms, r.limit as i64],
+                row_to_entry,
+            )?;
+            let entries = rows
+                .map(|e| e?.decode())
+                .collect::<Result<Vec<_>, StoreError>>()?;
             out.push(entries);
         }
         tx.commit()?;
@@ -50,13 +65,19 @@ impl Reader {
     }
 
     /// Reads single keys from one snapshot; `None` for absent (or expired) keys.
-    pub fn read_keys(&mut self, keys: &[Bytes], now_ms: i64) -> Result<Vec<Option<Entry>>, StoreError> {
+    pub fn read_keys(
+        &mut self,
+        keys: &[Bytes],
+        now_ms: i64,
+    ) -> Result<Vec<Option<Entry>>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut out = Vec::with_capacity(keys.len());
         {
             let mut stmt = tx.prepare_cached(GET)?;
             for k in keys {
-                let row = stmt.query_row(params![&k[..], now_ms], row_to_entry).optional()?;
+                let row = stmt
+                    .query_row(params![&k[..], now_ms], row_to_entry)
+                    .optional()?;
                 out.push(row.map(RawEntry::decode).transpose()?);
             }
         }
@@ -74,7 +95,11 @@ pub(crate) struct RawEntry {
 
 impl RawEntry {
     fn decode(self) -> Result<Entry, StoreError> {
-        Ok(Entry { key: Bytes::from(self.key), value: self.value.decode()?, versionstamp: self.versionstamp })
+        Ok(Entry {
+            key: Bytes::from(self.key),
+            value: self.value.decode()?,
+            versionstamp: self.versionstamp,
+        })
     }
 }
 
@@ -83,7 +108,10 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawEntry> {
     let seq: i64 = r.get(4)?;
     Ok(RawEntry {
         key: r.get(0)?,
-        value: StoredValue { data: Bytes::from(r.get::<_, Vec<u8>>(1)?), encoding: r.get(2)? },
+        value: StoredValue {
+            data: Bytes::from(r.get::<_, Vec<u8>>(1)?),
+            encoding: r.get(2)?,
+        },
         versionstamp: Versionstamp::new(version as u64, seq as u16),
     })
 }

@@ -61,13 +61,18 @@ impl SyncMode {
 /// Opens the one read-write connection, switches the file to WAL and brings the schema up to
 /// date. Creates the file if it does not exist.
 pub fn open_writer(path: &Path, sync: SyncMode) -> anyhow::Result<Connection> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(path, flags)
         .with_context(|| format!("cannot open database {}", path.display()))?;
     configure(&conn).with_context(|| format!("cannot use database {}", path.display()))?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        bail!("database {} cannot use WAL mode (journal_mode is {mode})", path.display());
+        bail!(
+            "database {} cannot use WAL mode (journal_mode is {mode})",
+            path.display()
+        );
     }
     conn.execute_batch(&format!("PRAGMA synchronous = {}", sync.pragma()))?;
     migrate(&mut conn).with_context(|| format!("cannot migrate database {}", path.display()))?;
@@ -80,7 +85,8 @@ pub fn open_reader(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open_with_flags(path, flags)
         .with_context(|| format!("cannot open database {} for reading", path.display()))?;
     configure(&conn)?;
-    let version = schema_version(&conn).with_context(|| format!("cannot read database {}", path.display()))?;
+    let version = schema_version(&conn)
+        .with_context(|| format!("cannot read database {}", path.display()))?;
     if version < SCHEMA_VERSION {
         bail!("database {} has schema version {version}; it needs {SCHEMA_VERSION} (open it once read-write)", path.display());
     }
@@ -103,9 +109,17 @@ fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
         return Ok(0);
     }
     let v: Option<i64> = conn
-        .query_row("SELECT version FROM migration_state WHERE k = 0", [], |r| r.get(0))
+        .query_row("SELECT version FROM migration_state WHERE k = 0", [], |r| {
+            r.get(0)
+        })
         .map(Some)
-        .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
+        .or_else(|e| {
+            if e == rusqlite::Error::QueryReturnedNoRows {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        })?;
     Ok(v.unwrap_or(0))
 }
 
@@ -119,7 +133,8 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         bail!("schema version {current} is newer than this server understands ({SCHEMA_VERSION})");
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        tx.execute_batch(sql).with_context(|| format!("migration {}", i + 1))?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("migration {}", i + 1))?;
     }
     tx.execute(
         "INSERT INTO migration_state (k, version) VALUES (0, ?1)
@@ -142,19 +157,32 @@ mod tests {
         let cols: Vec<(String, String, i64, Option<String>, i64)> = conn
             .prepare("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info('kv')")
             .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
         let names: Vec<&str> = cols.iter().map(|c| c.0.as_str()).collect();
-        assert_eq!(names, ["k", "v", "v_encoding", "version", "seq", "expiration_ms"]);
+        assert_eq!(
+            names,
+            ["k", "v", "v_encoding", "version", "seq", "expiration_ms"]
+        );
         assert_eq!(cols[5].3.as_deref(), Some("-1"));
-        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
-        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(sync, 2);
         assert_eq!(schema_version(&conn).unwrap(), 3);
-        let dv: i64 = conn.query_row("SELECT version FROM data_version WHERE k = 0", [], |r| r.get(0)).unwrap();
+        let dv: i64 = conn
+            .query_row("SELECT version FROM data_version WHERE k = 0", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
         assert_eq!(dv, 0);
         drop(conn);
         // Reopening runs no migration twice.
@@ -167,10 +195,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
         let conn = open_writer(&path, SyncMode::Full).unwrap();
-        conn.execute("UPDATE migration_state SET version = 4", []).unwrap();
+        conn.execute("UPDATE migration_state SET version = 4", [])
+            .unwrap();
         drop(conn);
         let err = open_writer(&path, SyncMode::Full).unwrap_err();
-        assert!(format!("{err:#}").contains("schema version 4 is newer"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("schema version 4 is newer"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -24,7 +24,13 @@ impl TestStore {
         let conn = schema::open_writer(&path, SyncMode::Normal).unwrap();
         let watches = Arc::new(WatchRegistry::default());
         let (committer, thread) = committer::spawn(conn, watches.clone()).unwrap();
-        TestStore { _dir: dir, path, committer, watches, thread }
+        TestStore {
+            _dir: dir,
+            path,
+            committer,
+            watches,
+            thread,
+        }
     }
 
     fn reader(&self) -> Reader {
@@ -32,7 +38,11 @@ impl TestStore {
     }
 
     fn get(&self, key: &[u8]) -> Option<Entry> {
-        self.reader().read_keys(&[Bytes::copy_from_slice(key)], crate::kv::now_ms()).unwrap().pop().unwrap()
+        self.reader()
+            .read_keys(&[Bytes::copy_from_slice(key)], crate::kv::now_ms())
+            .unwrap()
+            .pop()
+            .unwrap()
     }
 
     fn stop(self) {
@@ -42,15 +52,25 @@ impl TestStore {
 }
 
 fn bytes_value(s: &str) -> Value {
-    Value { data: Bytes::copy_from_slice(s.as_bytes()), encoding: Encoding::Bytes }
+    Value {
+        data: Bytes::copy_from_slice(s.as_bytes()),
+        encoding: Encoding::Bytes,
+    }
 }
 
 fn set(key: &str, value: &str) -> Mutation {
-    Mutation { key: Bytes::copy_from_slice(key.as_bytes()), kind: MutationKind::Set(bytes_value(value)), expire_at_ms: None }
+    Mutation {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        kind: MutationKind::Set(bytes_value(value)),
+        expire_at_ms: None,
+    }
 }
 
 fn write(mutations: Vec<Mutation>) -> AtomicWrite {
-    AtomicWrite { mutations, ..Default::default() }
+    AtomicWrite {
+        mutations,
+        ..Default::default()
+    }
 }
 
 fn committed(o: Result<WriteOutcome, StoreError>) -> Versionstamp {
@@ -68,21 +88,34 @@ async fn concurrent_writers_each_get_their_own_increasing_versionstamp() {
         let c = s.committer.clone();
         tasks.push(tokio::spawn(async move {
             let key = format!("k{i}");
-            (key.clone(), committed(c.write(write(vec![set(&key, "v")])).await))
+            (
+                key.clone(),
+                committed(c.write(write(vec![set(&key, "v")])).await),
+            )
         }));
     }
     let mut stamps = Vec::new();
     for t in tasks {
         let (key, stamp) = t.await.unwrap();
-        assert_eq!(s.get(key.as_bytes()).unwrap().versionstamp, stamp, "the row carries its write's versionstamp");
+        assert_eq!(
+            s.get(key.as_bytes()).unwrap().versionstamp,
+            stamp,
+            "the row carries its write's versionstamp"
+        );
         stamps.push(stamp);
     }
     stamps.sort();
     stamps.dedup();
     assert_eq!(stamps.len(), 400, "every write has its own versionstamp");
     let conn = rusqlite::Connection::open(&s.path).unwrap();
-    let dv: i64 = conn.query_row("SELECT version FROM data_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(dv as u64, stamps.last().unwrap().version(), "data_version is the last commit's version");
+    let dv: i64 = conn
+        .query_row("SELECT version FROM data_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        dv as u64,
+        stamps.last().unwrap().version(),
+        "data_version is the last commit's version"
+    );
     s.stop();
 }
 
@@ -101,7 +134,11 @@ async fn versionstamps_advance_by_one_to_nine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_write_in_a_batch_leaves_no_trace() {
     let s = TestStore::new();
-    committed(s.committer.write(write(vec![set("text", "not a number")])).await);
+    committed(
+        s.committer
+            .write(write(vec![set("text", "not a number")]))
+            .await,
+    );
     // Queue many writes at once so they share batches; every third one fails mid-way.
     let mut tasks = Vec::new();
     for i in 0..90 {
@@ -129,7 +166,10 @@ async fn a_failing_write_in_a_batch_leaves_no_trace() {
                 ),
                 other => panic!("expected an invalid write, got {other:?}"),
             }
-            assert!(s.get(format!("a{i}").as_bytes()).is_none(), "mutation before the failure was rolled back");
+            assert!(
+                s.get(format!("a{i}").as_bytes()).is_none(),
+                "mutation before the failure was rolled back"
+            );
             assert!(s.get(format!("b{i}").as_bytes()).is_none());
         } else {
             committed(result);
@@ -143,30 +183,51 @@ async fn a_failing_write_in_a_batch_leaves_no_trace() {
 #[tokio::test]
 async fn checks_report_every_failing_index_and_do_not_advance_the_version() {
     let s = TestStore::new();
-    let v1 = committed(s.committer.write(write(vec![set("a", "1"), set("b", "1")])).await);
-    let check = |k: &str, v: Option<Versionstamp>| Check { key: Bytes::copy_from_slice(k.as_bytes()), versionstamp: v };
+    let v1 = committed(
+        s.committer
+            .write(write(vec![set("a", "1"), set("b", "1")]))
+            .await,
+    );
+    let check = |k: &str, v: Option<Versionstamp>| Check {
+        key: Bytes::copy_from_slice(k.as_bytes()),
+        versionstamp: v,
+    };
     let w = AtomicWrite {
         checks: vec![
-            check("a", Some(v1)),                       // holds
-            check("b", None),                           // fails: b exists
-            check("c", None),                           // holds
+            check("a", Some(v1)),                      // holds
+            check("b", None),                          // fails: b exists
+            check("c", None),                          // holds
             check("a", Some(Versionstamp::new(1, 7))), // fails
         ],
         mutations: vec![set("a", "2")],
         ..Default::default()
     };
-    assert_eq!(s.committer.write(w).await.unwrap(), WriteOutcome::ChecksFailed(vec![1, 3]));
+    assert_eq!(
+        s.committer.write(w).await.unwrap(),
+        WriteOutcome::ChecksFailed(vec![1, 3])
+    );
     assert_eq!(s.get(b"a").unwrap().value, bytes_value("1"));
     let v2 = committed(s.committer.write(AtomicWrite::default()).await);
-    assert!(v2.version() - v1.version() <= 9, "the failed write did not advance the version");
+    assert!(
+        v2.version() - v1.version() <= 9,
+        "the failed write did not advance the version"
+    );
     s.stop();
 }
 
 #[tokio::test]
 async fn mutations_see_earlier_mutations_of_the_same_write() {
     let s = TestStore::new();
-    let sum = |n| Mutation { key: Bytes::from_static(b"n"), kind: MutationKind::Le64(Le64Op::Sum, n), expire_at_ms: None };
-    let set_n = Mutation { key: Bytes::from_static(b"n"), kind: MutationKind::Set(Value::le64(1)), expire_at_ms: None };
+    let sum = |n| Mutation {
+        key: Bytes::from_static(b"n"),
+        kind: MutationKind::Le64(Le64Op::Sum, n),
+        expire_at_ms: None,
+    };
+    let set_n = Mutation {
+        key: Bytes::from_static(b"n"),
+        kind: MutationKind::Set(Value::le64(1)),
+        expire_at_ms: None,
+    };
     committed(s.committer.write(write(vec![set_n, sum(2), sum(3)])).await);
     assert_eq!(s.get(b"n").unwrap().value.as_u64(), Some(6));
     s.stop();
@@ -197,17 +258,28 @@ async fn expired_rows_are_invisible_and_swept() {
     later.expire_at_ms = Some(now + 3_600_000);
     committed(s.committer.write(write(vec![m, later])).await);
     assert!(s.get(b"soon").is_some());
-    let range = ReadRange { start: Bytes::new(), end: Bytes::from_static(b"\xff"), limit: 10, reverse: false };
+    let range = ReadRange {
+        start: Bytes::new(),
+        end: Bytes::from_static(b"\xff"),
+        limit: 10,
+        reverse: false,
+    };
     // Expired rows are hidden at read time, before the sweep runs...
-    let entries = s.reader().read_ranges(&[range.clone()], now + 301).unwrap();
+    let entries = s.reader().read_ranges(std::slice::from_ref(&range), now + 301).unwrap();
     assert_eq!(entries[0].len(), 1);
     assert_eq!(&entries[0][0].key[..], b"later");
     // ...and a "must be absent" check passes on an expired row.
     let watch = s.watches.subscribe(&[Bytes::from_static(b"soon")]);
     // The sweep deletes the row shortly after its expiry and wakes its watchers.
-    tokio::time::timeout(std::time::Duration::from_secs(5), watch.changed()).await.expect("sweep woke the watcher");
+    tokio::time::timeout(std::time::Duration::from_secs(5), watch.changed())
+        .await
+        .expect("sweep woke the watcher");
     let conn = rusqlite::Connection::open(&s.path).unwrap();
-    let rows: i64 = conn.query_row("SELECT count(*) FROM kv WHERE k = x'736f6f6e'", [], |r| r.get(0)).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM kv WHERE k = x'736f6f6e'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
     assert_eq!(rows, 0, "the sweep deleted the expired row");
     s.stop();
 }
@@ -219,7 +291,10 @@ async fn absent_check_passes_on_an_expired_row() {
     m.expire_at_ms = Some(crate::kv::now_ms() - 1000);
     committed(s.committer.write(write(vec![m])).await);
     let w = AtomicWrite {
-        checks: vec![Check { key: Bytes::from_static(b"k"), versionstamp: None }],
+        checks: vec![Check {
+            key: Bytes::from_static(b"k"),
+            versionstamp: None,
+        }],
         mutations: vec![set("k", "y")],
         ..Default::default()
     };
@@ -236,7 +311,9 @@ async fn watchers_are_woken_by_commits_of_their_keys_only() {
     let quiet = tokio::time::timeout(std::time::Duration::from_millis(100), watch.changed()).await;
     assert!(quiet.is_err(), "an unrelated key woke the watcher");
     committed(s.committer.write(write(vec![set("w", "x")])).await);
-    tokio::time::timeout(std::time::Duration::from_secs(1), watch.changed()).await.expect("woken");
+    tokio::time::timeout(std::time::Duration::from_secs(1), watch.changed())
+        .await
+        .expect("woken");
     s.stop();
 }
 
@@ -249,12 +326,21 @@ async fn enqueues_are_stored_like_upstream() {
         keys_if_undelivered: vec![Bytes::from_static(b"\x02a\x00")],
         backoff_schedule: vec![],
     };
-    committed(s.committer.write(AtomicWrite { enqueues: vec![e], ..Default::default() }).await);
+    committed(
+        s.committer
+            .write(AtomicWrite {
+                enqueues: vec![e],
+                ..Default::default()
+            })
+            .await,
+    );
     let conn = rusqlite::Connection::open(&s.path).unwrap();
     let (ts, id, backoff, dead): (i64, String, String, String) = conn
-        .query_row("SELECT ts, id, backoff_schedule, keys_if_undelivered FROM queue", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
+        .query_row(
+            "SELECT ts, id, backoff_schedule, keys_if_undelivered FROM queue",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
         .unwrap();
     assert_eq!(ts, 1000);
     assert!(uuid::Uuid::parse_str(&id).is_ok());
@@ -266,7 +352,11 @@ async fn enqueues_are_stored_like_upstream() {
 #[tokio::test]
 async fn reads_honour_bounds_reverse_and_limits() {
     let s = TestStore::new();
-    committed(s.committer.write(write((0..10).map(|i| set(&format!("k{i}"), "v")).collect())).await);
+    committed(
+        s.committer
+            .write(write((0..10).map(|i| set(&format!("k{i}"), "v")).collect()))
+            .await,
+    );
     let mut r = s.reader();
     let range = |start: &str, end: &str, limit, reverse| ReadRange {
         start: Bytes::copy_from_slice(start.as_bytes()),
@@ -275,10 +365,26 @@ async fn reads_honour_bounds_reverse_and_limits() {
         reverse,
     };
     let keys = |rs: Vec<Vec<Entry>>| -> Vec<Vec<String>> {
-        rs.into_iter().map(|es| es.into_iter().map(|e| String::from_utf8(e.key.to_vec()).unwrap()).collect()).collect()
+        rs.into_iter()
+            .map(|es| {
+                es.into_iter()
+                    .map(|e| String::from_utf8(e.key.to_vec()).unwrap())
+                    .collect()
+            })
+            .collect()
     };
     let now = crate::kv::now_ms();
-    let got = keys(r.read_ranges(&[range("k2", "k5", 10, false), range("k2", "k5", 2, true), range("k5", "k2", 5, false)], now).unwrap());
+    let got = keys(
+        r.read_ranges(
+            &[
+                range("k2", "k5", 10, false),
+                range("k2", "k5", 2, true),
+                range("k5", "k2", 5, false),
+            ],
+            now,
+        )
+        .unwrap(),
+    );
     assert_eq!(got, vec![vec!["k2", "k3", "k4"], vec!["k4", "k3"], vec![]]);
     s.stop();
 }

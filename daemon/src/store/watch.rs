@@ -19,9 +19,15 @@ impl WatchRegistry {
         let signal = Arc::new(Notify::new());
         let mut map = self.keys.lock().unwrap();
         for k in keys {
-            map.entry(k.clone()).or_default().push(Arc::downgrade(&signal));
+            map.entry(k.clone())
+                .or_default()
+                .push(Arc::downgrade(&signal));
         }
-        Subscription { registry: self.clone(), keys: keys.to_vec(), signal }
+        Subscription {
+            registry: self.clone(),
+            keys: keys.to_vec(),
+            signal,
+        }
     }
 
     /// Wakes every stream watching any of `keys`. A stream that is busy keeps one pending
@@ -84,7 +90,10 @@ mod tests {
 
     fn ready(f: impl Future<Output = ()>) -> bool {
         let mut f = pin!(f);
-        matches!(f.as_mut().poll(&mut Context::from_waker(Waker::noop())), Poll::Ready(()))
+        matches!(
+            f.as_mut().poll(&mut Context::from_waker(Waker::noop())),
+            Poll::Ready(())
+        )
     }
 
     #[test]
@@ -94,7 +103,10 @@ mod tests {
         let b = reg.subscribe(&[Bytes::from_static(b"b")]);
         reg.notify([&Bytes::from_static(b"a"), &Bytes::from_static(b"a")]);
         assert!(ready(a.changed()));
-        assert!(!ready(a.changed()), "two changes before a read coalesce into one wake-up");
+        assert!(
+            !ready(a.changed()),
+            "two changes before a read coalesce into one wake-up"
+        );
         assert!(!ready(b.changed()));
     }
 

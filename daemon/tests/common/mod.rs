@@ -30,6 +30,7 @@ pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub db: PathBuf,
+    wrapped: bool,
     _dir: Option<tempfile::TempDir>,
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -48,8 +49,17 @@ impl Server {
     pub fn start_on(db: &Path, extra: &[&str], wrapper: &[&str]) -> Server {
         let mut args: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
         args.push(binary().to_string());
-        args.extend(["--sqlite-path".into(), db.display().to_string(), "serve".into()]);
-        args.extend(["--access-token".into(), TOKEN.into(), "--addr".into(), "127.0.0.1:0".into()]);
+        args.extend([
+            "--sqlite-path".into(),
+            db.display().to_string(),
+            "serve".into(),
+        ]);
+        args.extend([
+            "--access-token".into(),
+            TOKEN.into(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(&args[0])
             .args(&args[1..])
@@ -77,10 +87,20 @@ impl Server {
             Ok(a) => a.parse().unwrap(),
             Err(_) => {
                 let _ = child.kill();
-                panic!("server did not start; log:\n{}", log.lock().unwrap().join("\n"))
+                panic!(
+                    "server did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                )
             }
         };
-        Server { child: Some(child), addr, db: db.to_path_buf(), _dir: None, log }
+        Server {
+            child: Some(child),
+            addr,
+            db: db.to_path_buf(),
+            wrapped: !wrapper.is_empty(),
+            _dir: None,
+            log,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -91,15 +111,34 @@ impl Server {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// The server's pid: the child itself, or the child's child when a wrapper runs it.
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
+        let pid = self.child.as_ref().unwrap().id();
+        if self.wrapped {
+            let children =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+            children
+                .split_whitespace()
+                .next()
+                .expect("the wrapper runs the server")
+                .parse()
+                .unwrap()
+        } else {
+            pid as i32
+        }
     }
 
-    /// SIGTERM, then wait for the exit.
+    /// SIGTERM to the server, then wait for the exit (of the wrapper, if any). This blocks the
+    /// thread: from async tests call it in `spawn_blocking`, or a client connection on the same
+    /// runtime cannot answer the server's HTTP/2 GOAWAY ping and the drain runs out.
     pub fn stop(&mut self) -> ExitStatus {
+        let pid = self.pid();
         let mut child = self.child.take().expect("running");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         wait_timeout(&mut child, Duration::from_secs(20))
     }
 
@@ -137,12 +176,17 @@ pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
 /// Runs the binary to completion (for start-up errors).
 pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
     let mut cmd = Command::new(binary());
-    cmd.args(args).env_remove("DENO_KV_ACCESS_TOKEN").env_remove("DENO_KV_SQLITE_PATH");
+    cmd.args(args)
+        .env_remove("DENO_KV_ACCESS_TOKEN")
+        .env_remove("DENO_KV_SQLITE_PATH");
     for (k, v) in env {
         cmd.env(k, v);
     }
     let out = cmd.stdin(Stdio::null()).output().unwrap();
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,11 +215,19 @@ impl Reply {
     }
 
     pub fn content_type(&self) -> &str {
-        self.headers.get("content-type").map_or("", |v| v.to_str().unwrap())
+        self.headers
+            .get("content-type")
+            .map_or("", |v| v.to_str().unwrap())
     }
 
     pub fn decode<M: Message + Default>(&self) -> M {
-        assert_eq!(self.status, 200, "expected 200, got {}: {}", self.status, self.text());
+        assert_eq!(
+            self.status,
+            200,
+            "expected 200, got {}: {}",
+            self.status,
+            self.text()
+        );
         M::decode(self.body.clone()).unwrap()
     }
 }
@@ -188,15 +240,62 @@ impl Default for Client {
 
 impl Client {
     pub fn new() -> Self {
+        // Without TCP_NODELAY a request written in two parts (h2 HEADERS, then DATA) waits
+        // for the peer's delayed ACK: 40 ms a request.
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
         Client {
-            h1: HyperClient::builder(TokioExecutor::new()).build_http(),
-            h2: HyperClient::builder(TokioExecutor::new()).http2_only(true).build_http(),
+            h1: HyperClient::builder(TokioExecutor::new()).build(connector.clone()),
+            h2: HyperClient::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
         }
     }
 
-    pub async fn send(&self, proto: Proto, req: http::Request<Full<Bytes>>) -> http::Response<Incoming> {
-        let c = if proto == Proto::H1 { &self.h1 } else { &self.h2 };
-        c.request(req).await.unwrap()
+    pub async fn send(
+        &self,
+        proto: Proto,
+        req: http::Request<Full<Bytes>>,
+    ) -> http::Response<Incoming> {
+        self.try_send(proto, req).await.unwrap()
+    }
+
+    pub async fn try_send(
+        &self,
+        proto: Proto,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        let c = if proto == Proto::H1 {
+            &self.h1
+        } else {
+            &self.h2
+        };
+        c.request(req).await
+    }
+
+    /// A data-path call that may fail at the transport level (server killed).
+    pub async fn try_data(
+        &self,
+        proto: Proto,
+        server_url: &str,
+        route: &str,
+        body: Vec<u8>,
+    ) -> Option<Reply> {
+        let req = http::Request::post(format!("{server_url}/v2/{route}"))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("x-denokv-version", "3")
+            .header("x-denokv-database-id", NIL_ID)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = self.try_send(proto, req).await.ok()?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some(Reply {
+            status,
+            headers,
+            body,
+        })
     }
 
     pub async fn request(
@@ -211,23 +310,49 @@ impl Client {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let resp = self.send(proto, b.body(Full::new(body.into())).unwrap()).await;
+        let resp = self
+            .send(proto, b.body(Full::new(body.into())).unwrap())
+            .await;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Reply { status, headers, body }
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     /// A data-path call with the right headers.
-    pub async fn data(&self, proto: Proto, server: &Server, route: &str, body: impl Into<Bytes>) -> Reply {
+    pub async fn data(
+        &self,
+        proto: Proto,
+        server: &Server,
+        route: &str,
+        body: impl Into<Bytes>,
+    ) -> Reply {
         let auth = format!("Bearer {TOKEN}");
-        let headers = [("authorization", auth.as_str()), ("x-denokv-version", "3"), ("x-denokv-database-id", NIL_ID)];
-        self.request(proto, "POST", &server.url(&format!("/v2/{route}")), &headers, body).await
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("x-denokv-version", "3"),
+            ("x-denokv-database-id", NIL_ID),
+        ];
+        self.request(
+            proto,
+            "POST",
+            &server.url(&format!("/v2/{route}")),
+            &headers,
+            body,
+        )
+        .await
     }
 }
 
 pub fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 pub fn to_hex(b: &[u8]) -> String {

@@ -83,7 +83,7 @@ e2eTest("watch: a key that expires is reported as deleted", async (ctx) => {
   const target = await ctx.target();
   const watcher = await ctx.open(target);
   const writer = await ctx.open(target);
-  await writer.set(["wexp"], "soon gone", { expireIn: 1000 });
+  await writer.set(["wexp"], "soon gone", { expireIn: 2000 });
   const reader = watcher.watch([["wexp"]]).getReader();
   ctx.defer(() => reader.cancel().catch(() => {}));
   const first = await nextFrame(reader, 10_000, "first frame");

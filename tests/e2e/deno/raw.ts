@@ -90,9 +90,7 @@ function unpackVarints(vals: PbValue[] | undefined): bigint[] {
   for (const v of vals ?? []) {
     if (typeof v === "bigint") out.push(v);
     else {
-      const w = new PbWriter(); // decode packed
-      void w;
-      let i = 0;
+      let i = 0; // packed encoding
       while (i < v.length) {
         let shift = 0n;
         let r = 0n;
@@ -363,10 +361,13 @@ export class RawClient {
   constructor(base: string, token: string, opts: { http2?: boolean } = {}) {
     this.base = base;
     this.token = token;
-    if (opts.http2) {
+    // a dedicated connection pool per RawClient, so one test's broken
+    // connection cannot leak into another's
+    this.client = opts.http2
       // deno-lint-ignore no-explicit-any
-      this.client = Deno.createHttpClient({ http1: false, http2: true } as any);
-    }
+      ? Deno.createHttpClient({ http1: false, http2: true } as any)
+      // deno-lint-ignore no-explicit-any
+      : Deno.createHttpClient({ http1: true, http2: false } as any);
   }
 
   close() {
@@ -406,7 +407,7 @@ export class RawClient {
   }
 
   call(method: "snapshot_read" | "atomic_write" | "watch", body: Uint8Array, headers?: Record<string, string>) {
-    return this.post(`/v2/${method}`, body, headers ?? this.dataHeaders());
+    return this.post(`/v2/${method}`, body as BodyInit, headers ?? this.dataHeaders());
   }
 
   async read(ranges: RawRange[]): Promise<RawReadOutput> {
@@ -430,7 +431,7 @@ export class RawClient {
   async watch(keys: Uint8Array[]): Promise<WatchFrames> {
     const res = await fetch(this.base + "/v2/watch", {
       method: "POST",
-      body: encodeWatch(keys),
+      body: encodeWatch(keys) as BodyInit,
       headers: this.dataHeaders(),
       // deno-lint-ignore no-explicit-any
       ...(this.client ? { client: this.client } as any : {}),
@@ -443,7 +444,7 @@ export class RawClient {
 export class WatchFrames {
   readonly response: Response;
   readonly #reader: ReadableStreamDefaultReader<Uint8Array>;
-  #buf = new Uint8Array(0);
+  #buf: Uint8Array = new Uint8Array(0);
   pings = 0;
 
   constructor(res: Response) {

@@ -3,7 +3,7 @@
 // failed_checks, raw watch frames, and both HTTP/1.1 and h2c transports.
 // Server only.
 
-import { assert, e2eTest, fmt, type ServerProcess, sleep } from "./server.ts";
+import { assert, e2eTest, fmt, sleep, type TestCtx, withTimeout } from "./server.ts";
 import {
   AW_CHECK_FAILURE,
   AW_SUCCESS,
@@ -32,7 +32,7 @@ import {
 
 const opts = { serverOnly: true };
 
-async function setup(ctx: { server: () => Promise<ServerProcess>; defer: (f: () => unknown) => void }, http2 = false) {
+async function setup(ctx: TestCtx, http2 = false) {
   const s = await ctx.server();
   const c = new RawClient(s.url, s.token, { http2 });
   ctx.defer(() => c.close());
@@ -45,10 +45,6 @@ function expectError(r: RawResponse, status: number, text: string | RegExp, what
     r.status === status && ok,
     `${what}: expected ${status} with ${JSON.stringify(String(text))}, got ${r.status} ${JSON.stringify(r.text)}`,
   );
-}
-
-function expect4xx(r: RawResponse, what: string) {
-  assert.ok(r.status >= 400 && r.status < 500, `${what}: expected a 4xx, got ${r.status} ${JSON.stringify(r.text)}`);
 }
 
 const K = (...parts: Deno.KvKeyPart[]) => encodeKey(parts);
@@ -76,7 +72,7 @@ e2eTest("raw: metadata exchange (HTTP/1.1 and h2c)", async (ctx) => {
     assert.equal(JSON.parse(r2.text).version, 2);
     await s.stop();
   }
-});
+}, opts);
 
 e2eTest("raw: metadata errors and authentication", async (ctx) => {
   const { c } = await setup(ctx);
@@ -103,7 +99,7 @@ e2eTest("raw: metadata errors and authentication", async (ctx) => {
   // unknown path
   expectError(await c.post("/nope", "", {}), 404, "Resource not found.", "unknown path");
   expectError(await c.post("/v2/snapshot_read/", "", c.dataHeaders()), 404, "Resource not found.", "trailing slash");
-});
+}, opts);
 
 e2eTest("raw: data-path header validation", async (ctx) => {
   const { c } = await setup(ctx);
@@ -125,12 +121,116 @@ e2eTest("raw: data-path header validation", async (ctx) => {
   const ok = await c.call("snapshot_read", body, { ...h, "x-denokv-version": "2", "x-denokv-database-id": NIL_UUID.replaceAll("-", "") });
   assert.equal(ok.status, 200, `${ok.status} ${ok.text}`);
   expectError(await c.call("snapshot_read", new Uint8Array([0xff, 0xff, 0xff])), 400, "Request protobuf is invalid", "garbage body");
-  // body > 2 MiB
-  const huge = await c.call("atomic_write", new Uint8Array(2 * 1024 * 1024 + 10));
-  assert.equal(huge.status, 413, `2 MiB body: ${huge.status} ${huge.text}`);
-  // the server is still healthy
-  assert.equal((await c.read([{ start: K("a"), end: concat(K("a"), [0]), limit: 1 }])).status, SR_SUCCESS);
-});
+}, opts);
+
+e2eTest("raw: request body over 2 MiB gets 413 (h2c), client can go on", async (ctx) => {
+  const { c } = await setup(ctx, true);
+  let hugeStatus: number | string;
+  try {
+    const r = await c.call("atomic_write", new Uint8Array(2 * 1024 * 1024 + 10));
+    hugeStatus = r.status;
+    if (r.status === 413) assert.match(r.text, /^Failed to buffer the request body/);
+  } catch (e) {
+    hugeStatus = `no response: ${e}${e instanceof Error && e.cause ? ` (${e.cause})` : ""}`;
+  }
+  assert.equal(hugeStatus, 413, "body over 2 MiB");
+  const next = await c.read([{ start: K("a"), end: concat(K("a"), [0]), limit: 1 }]);
+  assert.equal(next.status, SR_SUCCESS, "request after the 413 on the same HTTP/2 connection");
+}, opts);
+
+/** Minimal HTTP/1.1 exchange on one TCP connection (no pooling surprises). */
+class H1Conn {
+  #conn: Deno.TcpConn;
+  #buf: Uint8Array = new Uint8Array(0);
+  constructor(conn: Deno.TcpConn) {
+    this.#conn = conn;
+  }
+  static async open(url: string) {
+    const u = new URL(url);
+    return new H1Conn(await Deno.connect({ hostname: u.hostname, port: Number(u.port) }));
+  }
+  close() {
+    try {
+      this.#conn.close();
+    } catch { /* closed */ }
+  }
+  /** Writes as much of the request as the peer accepts; returns an error text if writing failed. */
+  async send(path: string, headers: Record<string, string>, body: Uint8Array): Promise<string | null> {
+    const head = `POST ${path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: ${body.length}\r\n` +
+      Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join("") + "\r\n";
+    const data = concat(new TextEncoder().encode(head), body);
+    try {
+      let off = 0;
+      while (off < data.length) off += await this.#conn.write(data.subarray(off));
+      return null;
+    } catch (e) {
+      return String(e);
+    }
+  }
+  async #fill(): Promise<boolean> {
+    const chunk = new Uint8Array(65536);
+    const n = await this.#conn.read(chunk);
+    if (n === null) return false;
+    this.#buf = concat(this.#buf, chunk.subarray(0, n));
+    return true;
+  }
+  /** Reads one response; null if the connection was closed first. */
+  async response(): Promise<{ status: number; headers: Map<string, string>; body: string } | null> {
+    let end;
+    while ((end = findCrlf2(this.#buf)) < 0) if (!(await this.#fill())) return null;
+    const head = new TextDecoder().decode(this.#buf.subarray(0, end)).split("\r\n");
+    const status = Number(head[0].split(" ")[1]);
+    const headers = new Map(head.slice(1).map((l) => {
+      const i = l.indexOf(":");
+      return [l.slice(0, i).trim().toLowerCase(), l.slice(i + 1).trim()] as [string, string];
+    }));
+    const len = Number(headers.get("content-length") ?? 0);
+    while (this.#buf.length < end + 4 + len) if (!(await this.#fill())) return null;
+    const body = new TextDecoder().decode(this.#buf.subarray(end + 4, end + 4 + len));
+    this.#buf = this.#buf.slice(end + 4 + len);
+    return { status, headers, body };
+  }
+}
+
+function findCrlf2(b: Uint8Array): number {
+  for (let i = 0; i + 3 < b.length; i++) {
+    if (b[i] === 13 && b[i + 1] === 10 && b[i + 2] === 13 && b[i + 3] === 10) return i;
+  }
+  return -1;
+}
+
+e2eTest("raw: request body over 2 MiB gets 413 (HTTP/1.1); the connection is closed cleanly or reusable", async (ctx) => {
+  const s = await ctx.server();
+  const h = { authorization: `Bearer ${s.token}`, "x-denokv-version": "3", "x-denokv-database-id": NIL_UUID };
+  const conn = await H1Conn.open(s.url);
+  ctx.defer(() => conn.close());
+  const writeErr = await conn.send("/v2/atomic_write", h, new Uint8Array(2 * 1024 * 1024 + 10));
+  let first;
+  try {
+    first = await withTimeout(conn.response(), 10_000, "413 response");
+  } catch (e) {
+    throw new Error(`no 413 response (write: ${writeErr ?? "ok"}): ${e}`);
+  }
+  assert.ok(first, `connection closed without a response (write: ${writeErr ?? "ok"})`);
+  assert.equal(first.status, 413, `status ${first.status} ${first.body}`);
+  assert.match(first.body, /^Failed to buffer the request body/);
+  if (first.headers.get("connection")?.toLowerCase() === "close") return; // closing is announced: fine
+  // not announced: the connection must stay usable for the next request
+  const body = encodeSnapshotRead([{ start: K("a"), end: concat(K("a"), [0]), limit: 1 }]);
+  const err2 = await conn.send("/v2/snapshot_read", h, body);
+  let second = null;
+  let readErr = "";
+  try {
+    second = await withTimeout(conn.response(), 10_000, "second response");
+  } catch (e) {
+    readErr = String(e);
+  }
+  assert.ok(
+    second?.status === 200,
+    `after a 413 without "connection: close" the server ${second ? `answered ${second.status}` : "closed the connection"}` +
+      ` (write: ${err2 ?? "ok"}, read: ${readErr || "EOF"}); HTTP/1.1 clients that reuse the connection fail`,
+  );
+}, opts);
 
 e2eTest("raw: snapshot_read semantics and limits", async (ctx) => {
   const { c } = await setup(ctx);
@@ -177,7 +277,7 @@ e2eTest("raw: snapshot_read semantics and limits", async (ctx) => {
   assert.equal((await c.call("snapshot_read", encodeSnapshotRead([{ start: k2049, end: k2049, limit: 1 }]))).status, 200, "2049-byte read key");
   const k2050 = new Uint8Array(2050).fill(0x02);
   expectError(await c.call("snapshot_read", encodeSnapshotRead([{ start: K("a"), end: k2050, limit: 1 }])), 400, "A key exceeds the key size limit.", "2050-byte read key");
-});
+}, opts);
 
 e2eTest("raw: atomic_write reports ALL failed checks (SPEC §10 D7)", async (ctx) => {
   const { c } = await setup(ctx);
@@ -204,7 +304,7 @@ e2eTest("raw: atomic_write reports ALL failed checks (SPEC §10 D7)", async (ctx
   assert.ok(hex(next.out!.versionstamp) > hex(vs));
   // invalid versionstamp length in a check
   expectError(await c.call("atomic_write", encodeAtomicWrite({ checks: [{ key: K("x"), versionstamp: new Uint8Array(9) }] })), 400, "Invalid versionstamp.", "9-byte check versionstamp");
-});
+}, opts);
 
 e2eTest("raw: up to 100 checks accepted, 101 refused (SPEC §10 D19)", async (ctx) => {
   const { c } = await setup(ctx);
@@ -213,7 +313,7 @@ e2eTest("raw: up to 100 checks accepted, 101 refused (SPEC §10 D19)", async (ct
   assert.equal(r100.res.status, 200, r100.res.text);
   assert.equal(r100.out!.status, AW_SUCCESS);
   expectError(await c.call("atomic_write", encodeAtomicWrite({ checks: checks(101) })), 400, "Too many checks included in atomic write.", "101 checks");
-});
+}, opts);
 
 e2eTest("raw: LE64 of wrong length and unknown encodings get 400, server survives (SPEC §10 D2/D3)", async (ctx) => {
   const { c } = await setup(ctx);
@@ -251,7 +351,7 @@ e2eTest("raw: LE64 of wrong length and unknown encodings get 400, server survive
   const e = await c.get(K("u"));
   assert.equal(e?.encoding, VE_LE64);
   assert.deepStrictEqual(e?.value, le64(42n));
-});
+}, opts);
 
 e2eTest("raw: server-side write limits and their texts", async (ctx) => {
   const { c } = await setup(ctx);
@@ -271,7 +371,7 @@ e2eTest("raw: server-side write limits and their texts", async (ctx) => {
   expectError(await write({ mutations: bigs(13) }), 400, "The total size of the atomic write is too large.", "13 × 64 KiB");
   // nothing of the refused writes was stored
   assert.equal(await c.get(K("b", 12)), null);
-});
+}, opts);
 
 e2eTest("raw: expired rows are absent for reads, checks and sums (SPEC §10 D4)", async (ctx) => {
   const { c } = await setup(ctx);
@@ -294,7 +394,7 @@ e2eTest("raw: expired rows are absent for reads, checks and sums (SPEC §10 D4)"
   const sum = await c.write({ mutations: [{ key: K("e", "u"), type: M_SUM, value: { data: le64(1n), encoding: VE_LE64 } }] });
   assert.equal(sum.out?.status, AW_SUCCESS);
   assert.deepStrictEqual((await c.get(K("e", "u")))?.value, le64(1n), "sum on an expired U64 starts from nothing");
-});
+}, opts);
 
 e2eTest("raw: failed mutation leaves no trace and does not advance the version (SPEC §10 D1)", async (ctx) => {
   const { c } = await setup(ctx);
@@ -340,7 +440,7 @@ e2eTest("raw: failed mutation leaves no trace and does not advance the version (
   const nb = await c.get(K("nb"));
   assert.ok(nb !== null);
   assert.equal(nb.value[4], 12, `sum bound not applied to a missing key: ${hex(nb.value)}`);
-});
+}, opts);
 
 e2eTest("raw: versionstamped-suffix key layout", async (ctx) => {
   const { c } = await setup(ctx);
@@ -351,7 +451,7 @@ e2eTest("raw: versionstamped-suffix key layout", async (ctx) => {
   const e = await c.get(expectKey);
   assert.ok(e, `key ${hex(expectKey)} not found`);
   assert.equal(hex(e.versionstamp), vs);
-});
+}, opts);
 
 e2eTest("raw: enqueue validation (npm-style enqueues are stored)", async (ctx) => {
   const { c } = await setup(ctx);
@@ -375,7 +475,7 @@ e2eTest("raw: enqueue validation (npm-style enqueues are stored)", async (ctx) =
   // enqueues write no KV rows
   const all = await c.read([{ start: new Uint8Array([0]), end: new Uint8Array([0xff]), limit: 100 }]);
   assert.deepStrictEqual(all.ranges[0], []);
-});
+}, opts);
 
 e2eTest("raw: watch frames (first frame complete; every frame carries every key)", async (ctx) => {
   const { c } = await setup(ctx);
@@ -403,9 +503,10 @@ e2eTest("raw: watch frames (first frame complete; every frame carries every key)
     `unchanged key must be re-sent as changed=true with its entry for Deno clients; got ${fmt(f2.keys[0])}`,
   );
   // 2049-byte watch keys (D8d) and > 10 keys
-  const k2049 = new Uint8Array(2049).fill(0x02);
-  const r = await c.call("watch", encodeWatch([k2049]));
-  assert.equal(r.status === 200 || r.status === 0, true, `2049-byte watch key: ${r.status} ${r.text}`);
+  const w2049 = await c.watch([new Uint8Array(2049).fill(0x02)]); // throws unless 200
+  const f2049 = await w2049.next();
+  await w2049.cancel();
+  assert.equal(f2049?.keys.length, 1, "2049-byte watch key accepted");
   expectError(await c.call("watch", encodeWatch(Array(11).fill(ka))), 400, "Too many keys watched in a single watch request.", "11 watch keys");
 }, { ...opts, timeoutMs: 20_000 });
 
@@ -422,4 +523,4 @@ e2eTest("raw: concurrent HTTP/1.1 and h2c clients see each other's writes", asyn
     assert.equal(out.ranges[0].length, 20);
   }
   await sleep(0);
-});
+}, opts);

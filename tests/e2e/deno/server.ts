@@ -159,6 +159,15 @@ export class ServerProcess {
 
 const MAX_LOG_LINES = 5000;
 
+/** run.sh passes E2E_PID_FILE so it can kill servers a crashed test runner left. */
+function recordPid(pid: number) {
+  const f = Deno.env.get("E2E_PID_FILE");
+  if (!f) return;
+  try {
+    Deno.writeTextFileSync(f, `${pid}\n`, { append: true });
+  } catch { /* best effort */ }
+}
+
 async function drainLines(
   stream: ReadableStream<Uint8Array>,
   onLine: (line: string) => void,
@@ -180,6 +189,16 @@ async function drainLines(
 // Strip ANSI colour codes (tracing may colour its output).
 // deno-lint-ignore no-control-regex
 const ANSI = /\x1b\[[0-9;]*m/g;
+
+/**
+ * The environment for a server process: ours minus DENO_KV_* (tests set
+ * DENO_KV_ACCESS_TOKEN for the client, and the server would read it too).
+ */
+export function serverEnv(): Record<string, string> {
+  const env = Deno.env.toObject();
+  for (const k of Object.keys(env)) if (k.startsWith("DENO_KV_")) delete env[k];
+  return env;
+}
 
 /** Start the real denokv binary. Always a real server, whatever TARGET says. */
 export async function startServer(opts: ServerOptions = {}): Promise<ServerProcess> {
@@ -208,15 +227,17 @@ export async function startServer(opts: ServerOptions = {}): Promise<ServerProce
     opts.addr ?? "127.0.0.1:0",
     ...(opts.extraArgs ?? []),
   ];
-  const env: Record<string, string> = {};
-  if (!Deno.env.get("RUST_LOG")) env.RUST_LOG = "info";
+  const env = serverEnv();
+  if (!env.RUST_LOG) env.RUST_LOG = "info";
   const child = new Deno.Command(bin, {
     args,
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
+    clearEnv: true,
     env,
   }).spawn();
+  recordPid(child.pid);
   const log: string[] = [];
   let resolveReady: (url: string) => void;
   const ready = new Promise<string>((r) => (resolveReady = r));
@@ -277,6 +298,14 @@ export class TestCtx {
   readonly #kvs: Deno.Kv[] = [];
   readonly #servers: ServerProcess[] = [];
   readonly #cleanups: (() => unknown)[] = [];
+  readonly #dirs: string[] = [];
+
+  /** A temp directory, removed at test end if the test passed (kept for debugging otherwise). */
+  async tempDir(prefix = "denokv-e2e-"): Promise<string> {
+    const dir = await Deno.makeTempDir({ prefix });
+    this.#dirs.push(dir);
+    return dir;
+  }
 
   /** A fresh target: a server on a new temp DB, or a local temp file. */
   async target(opts: ServerOptions = {}): Promise<KvTarget> {
@@ -284,16 +313,13 @@ export class TestCtx {
       const server = await this.server(opts);
       return { kind: "server", url: server.url, token: server.token, dbPath: server.dbPath, server };
     }
-    let dbPath = opts.dbPath;
-    if (!dbPath) {
-      const dir = await Deno.makeTempDir({ prefix: "denokv-e2e-local-" });
-      dbPath = `${dir}/db.sqlite`;
-    }
+    const dbPath = opts.dbPath ?? `${await this.tempDir("denokv-e2e-local-")}/db.sqlite`;
     return { kind: "local", url: dbPath, token: "", dbPath, server: null };
   }
 
   /** A real server (whatever TARGET is), stopped with SIGTERM at test end. */
   async server(opts: ServerOptions = {}): Promise<ServerProcess> {
+    if (!opts.dbPath) opts = { ...opts, dbPath: `${await this.tempDir()}/db.sqlite` };
     const s = await startServer(opts);
     this.#servers.push(s);
     return s;
@@ -358,6 +384,12 @@ export class TestCtx {
       }
     }
     this.#servers.length = 0;
+    if (!testFailed && errors.length === 0) {
+      for (const d of this.#dirs) await Deno.remove(d, { recursive: true }).catch(() => {});
+    } else if (this.#dirs.length) {
+      console.error(`kept temp dirs: ${this.#dirs.join(" ")}`);
+    }
+    this.#dirs.length = 0;
     return errors;
   }
 }

@@ -1,0 +1,335 @@
+//! The process: command line, start-up errors, the epoll fallback, graceful shutdown, and
+//! durability of acknowledged writes across SIGKILL.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use denokv::proto as pb;
+use prost::Message;
+
+const SHORT: &str = "short-token";
+
+fn db_arg(dir: &tempfile::TempDir) -> String {
+    dir.path().join("db.sqlite").display().to_string()
+}
+
+#[test]
+fn start_up_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_arg(&dir);
+
+    let (status, err) = run_binary(
+        &["--sqlite-path", &db, "serve", "--access-token", SHORT],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(
+        err.trim(),
+        "Error: Access token must be at minimum 12 chars long."
+    );
+
+    let (status, err) = run_binary(&["--sqlite-path", &db, "serve"], &[]);
+    assert_eq!(status.code(), Some(2), "a usage error");
+    assert!(err.contains("--access-token"), "{err}");
+
+    let (status, err) = run_binary(&["serve", "--access-token", TOKEN], &[]);
+    assert_eq!(status.code(), Some(2));
+    assert!(err.contains("--sqlite-path"), "{err}");
+
+    let (status, err) = run_binary(
+        &[
+            "--sqlite-path",
+            "/nonexistent/dir/db.sqlite",
+            "serve",
+            "--access-token",
+            TOKEN,
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        err.starts_with("Error: cannot open database /nonexistent/dir/db.sqlite"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let (status, err) = run_binary(
+        &[
+            "--sqlite-path",
+            &db,
+            "serve",
+            "--access-token",
+            TOKEN,
+            "--read-only",
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("does not exist"), "{err}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (status, err) = run_binary(
+        &[
+            "--sqlite-path",
+            &db,
+            "serve",
+            "--access-token",
+            TOKEN,
+            "--addr",
+            &addr,
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("Failed to start server"), "{err}");
+}
+
+#[test]
+fn a_second_server_cannot_take_a_served_port() {
+    let first = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let addr = first.addr.to_string();
+    let (status, err) = run_binary(
+        &[
+            "--sqlite-path",
+            &db_arg(&dir),
+            "serve",
+            "--access-token",
+            TOKEN,
+            "--addr",
+            &addr,
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("Failed to start server"), "{err}");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let (status, out) = {
+        let o = std::process::Command::new(binary())
+            .args(["--sqlite-path", "x", "serve", "--help"])
+            .output()
+            .unwrap();
+        (o.status, String::from_utf8(o.stdout).unwrap())
+    };
+    assert!(status.success());
+    for flag in [
+        "--access-token",
+        "--addr",
+        "--read-only",
+        "--threads",
+        "--sync-mode",
+        "--drain-timeout",
+    ] {
+        assert!(out.contains(flag), "{flag} missing from:\n{out}");
+    }
+    assert!(out.contains("DENO_KV_ACCESS_TOKEN"));
+}
+
+#[tokio::test]
+async fn environment_variables_configure_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_arg(&dir);
+    let mut child = std::process::Command::new(binary())
+        .args(["serve", "--addr", "127.0.0.1:0", "--threads", "1"])
+        .env("DENO_KV_SQLITE_PATH", &db)
+        .env("DENO_KV_ACCESS_TOKEN", TOKEN)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("Listening on http://"))
+        .expect("listening");
+    assert!(line.contains("127.0.0.1:"));
+    assert!(std::path::Path::new(&db).exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "SIGINT exits 0: {status:?}");
+}
+
+async fn set_key(c: &Client, p: Proto, url: &str, k: &str, v: &str) -> Option<Reply> {
+    let mut key = vec![0x02];
+    key.extend_from_slice(k.as_bytes());
+    key.push(0);
+    let w = pb::AtomicWrite {
+        mutations: vec![pb::Mutation {
+            key: Bytes::from(key),
+            value: Some(pb::KvValue {
+                data: Bytes::copy_from_slice(v.as_bytes()),
+                encoding: pb::ValueEncoding::VeBytes as i32,
+            }),
+            mutation_type: pb::MutationType::MSet as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    c.try_data(p, url, "atomic_write", w.encode_to_vec()).await
+}
+
+async fn get_key(c: &Client, p: Proto, url: &str, k: &str) -> Option<Bytes> {
+    let mut key = vec![0x02];
+    key.extend_from_slice(k.as_bytes());
+    key.push(0);
+    let mut end = key.clone();
+    end.push(0);
+    let read = pb::SnapshotRead {
+        ranges: vec![pb::ReadRange {
+            start: Bytes::from(key),
+            end: Bytes::from(end),
+            limit: 1,
+            reverse: false,
+        }],
+    };
+    let out: pb::SnapshotReadOutput = c
+        .try_data(p, url, "snapshot_read", read.encode_to_vec())
+        .await
+        .unwrap()
+        .decode();
+    out.ranges[0].values.first().map(|e| e.value.clone())
+}
+
+#[tokio::test]
+async fn serves_on_epoll_when_io_uring_is_denied() {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        panic!("strace is needed for this test (apt-get install strace)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let wrapper = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=io_uring_setup",
+        "-e",
+        "inject=io_uring_setup:error=ENOSYS",
+    ];
+    let mut s = Server::start_on(&db, &[], &wrapper);
+    assert!(s.log_text().contains("cores on epoll"), "{}", s.log_text());
+    let c = Client::new();
+    let url = s.url("");
+    for p in BOTH {
+        let r = set_key(&c, p, &url, &format!("{p:?}"), "works")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            get_key(&c, p, &url, &format!("{p:?}")).await.unwrap(),
+            "works"
+        );
+    }
+    drop(c);
+    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert!(status.success());
+}
+
+/// Writers that record a key only after its write was acknowledged.
+async fn write_load(
+    url: String,
+    writers: usize,
+    acked: Arc<Mutex<Vec<String>>>,
+    stop_after: Duration,
+) {
+    let c = Arc::new(Client::new());
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (c, url, acked) = (c.clone(), url.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let p = if w % 2 == 0 { Proto::H1 } else { Proto::H2 };
+            for i in 0.. {
+                if start.elapsed() > stop_after {
+                    break;
+                }
+                let k = format!("w{w}-{i}");
+                match set_key(&c, p, &url, &k, &k).await {
+                    Some(r) if r.status == 200 => acked.lock().unwrap().push(k),
+                    _ => break,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn assert_all_present(db: &std::path::Path, acked: &[String]) {
+    let mut s = Server::start_on(db, &[], &[]);
+    let c = Client::new();
+    let url = s.url("");
+    for k in acked {
+        assert_eq!(
+            get_key(&c, Proto::H2, &url, k).await.as_deref(),
+            Some(k.as_bytes()),
+            "acknowledged write {k} lost"
+        );
+    }
+    drop(c);
+    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let mut s = Server::start_on(&db, &[], &[]);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let load = tokio::spawn(write_load(
+        s.url(""),
+        32,
+        acked.clone(),
+        Duration::from_secs(10),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.kill(); // in the middle of the load
+    load.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "the load made too little progress to prove anything: {}",
+        acked.len()
+    );
+    assert_all_present(&db, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let mut s = Server::start_on(&db, &[], &[]);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let load = tokio::spawn(write_load(
+        s.url(""),
+        32,
+        acked.clone(),
+        Duration::from_secs(10),
+    ));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    load.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "{}", acked.len());
+    assert_all_present(&db, &acked).await;
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every test of denokv on a fresh Debian machine with Rust:
+#   formatting and lints, the Rust unit and integration tests (against the real binary),
+#   and the end-to-end suites driven by the Deno CLI and the npm @deno/kv client.
+# Installs what it needs (strace from Debian; Deno and @deno/kv from npm).
+# The build cache lives outside the clone: $CARGO_TARGET_DIR, default ~/.cache/denokv/target.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/denokv/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n=== %s\n' "$*"; }
+
+need_apt=()
+command -v strace >/dev/null || need_apt+=(strace)
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then need_apt+=(nodejs npm); fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  step "installing ${need_apt[*]} from Debian"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "end-to-end: Deno CLI and @deno/kv against the built server"
+DENOKV_BIN="$CARGO_TARGET_DIR/debug/denokv" tests/e2e/run.sh
