@@ -265,7 +265,10 @@ async fn expired_rows_are_invisible_and_swept() {
         reverse: false,
     };
     // Expired rows are hidden at read time, before the sweep runs...
-    let entries = s.reader().read_ranges(std::slice::from_ref(&range), now + 301).unwrap();
+    let entries = s
+        .reader()
+        .read_ranges(std::slice::from_ref(&range), now + 301)
+        .unwrap();
     assert_eq!(entries[0].len(), 1);
     assert_eq!(&entries[0][0].key[..], b"later");
     // ...and a "must be absent" check passes on an expired row.
