@@ -1,6 +1,7 @@
 //! The protocol model: limits, values, versionstamps, and the validated form of requests.
 //! Nothing here touches SQLite or HTTP.
 
+pub mod key;
 pub mod limits;
 pub mod model;
 pub mod v8sum;
