@@ -816,3 +816,70 @@ async fn read_only_mode_answers_write_disabled() {
         .await;
     assert_eq!(r.status, 400);
 }
+
+#[tokio::test]
+async fn sum_min_max_clear_an_expiry_unless_they_set_one() {
+    // SPEC §10 D13: upstream always clears; we keep that unless the mutation carries an expiry.
+    let s = Server::start(&[]);
+    let c = Client::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (cleared, kept) = (key("cleared"), key("kept"));
+    let expiring = |k: &Bytes| pb::Mutation {
+        expire_at_ms: now + 300,
+        ..le64_op(k, pb::MutationType::MSum, 1)
+    };
+    commit(
+        &c,
+        Proto::H2,
+        &s,
+        write(vec![expiring(&cleared), expiring(&kept)]),
+    )
+    .await;
+    let w = write(vec![
+        le64_op(&cleared, pb::MutationType::MSum, 1),
+        expiring(&kept),
+    ]);
+    commit(&c, Proto::H2, &s, w).await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let e = get(&c, Proto::H2, &s, &cleared)
+        .await
+        .expect("a sum without expiry cleared the expiry");
+    assert_eq!(e.value.to_vec(), 2u64.to_le_bytes());
+    assert!(
+        get(&c, Proto::H2, &s, &kept).await.is_none(),
+        "a sum with an expiry set it"
+    );
+}
+
+#[tokio::test]
+async fn versionstamps_carry_the_stored_sequence() {
+    // SPEC §10 D14: bytes 8-9 of a read versionstamp are the row's `seq` (set by replicas).
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let mut rw = Server::start_on(&db, &[], &[]);
+    let c = Client::new();
+    let stamp = commit(
+        &c,
+        Proto::H2,
+        &rw,
+        write(vec![set(&key("a"), b"x", pb::ValueEncoding::VeBytes)]),
+    )
+    .await
+    .versionstamp;
+    drop(c);
+    assert!(tokio::task::spawn_blocking(move || rw.stop())
+        .await
+        .unwrap()
+        .success());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("UPDATE kv SET seq = 7", []).unwrap();
+    drop(conn);
+    let ro = Server::start_on(&db, &["--read-only"], &[]);
+    let c = Client::new();
+    let e = get(&c, Proto::H2, &ro, &key("a")).await.unwrap();
+    assert_eq!(e.versionstamp[..8], stamp[..8]);
+    assert_eq!(e.versionstamp[8..], [0, 7]);
+}

@@ -3,8 +3,10 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::StatusCode;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 
@@ -26,11 +28,24 @@ pub fn empty() -> Body {
 /// client still sending it gets the answer instead of a reset connection.
 const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 
-/// Reads a whole request body of at most 2 MiB; larger bodies are refused with 413.
-pub async fn read_limited(
-    mut body: Incoming,
-    content_length: Option<u64>,
-) -> Result<Bytes, ApiError> {
+/// Longest time a client may take to send a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads a whole request body of at most 2 MiB within 30 s; larger bodies are refused with 413,
+/// slower ones with 408.
+pub async fn read_limited(body: Incoming, content_length: Option<u64>) -> Result<Bytes, ApiError> {
+    let slow = || {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "The request body was not received in time.",
+        )
+    };
+    monoio::time::timeout(BODY_TIMEOUT, read_body(body, content_length))
+        .await
+        .unwrap_or_else(|_| Err(slow()))
+}
+
+async fn read_body(mut body: Incoming, content_length: Option<u64>) -> Result<Bytes, ApiError> {
     let declared_too_large = content_length.is_some_and(|n| n > MAX_BODY_BYTES as u64);
     let mut buf = BytesMut::new();
     let mut seen = 0usize;

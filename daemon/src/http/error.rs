@@ -87,3 +87,24 @@ impl From<StoreError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_clients_see() {
+        // SPEC §10 D11: upstream misspells "temporarily"; clients do not read it, so we spell it.
+        assert_eq!(
+            ApiError::unavailable().message,
+            "The server is temporarily unavailable, try again later."
+        );
+        assert_eq!(ApiError::unavailable().status, 503);
+        assert_eq!(
+            ApiError::internal().message,
+            "An internal server error occurred."
+        );
+        let resp = ApiError::not_found().into_response();
+        assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    }
+}

@@ -27,6 +27,9 @@ const MAX_BATCH: usize = 512;
 pub const QUEUE_CAPACITY: usize = 4096;
 /// Longest time between two expiry sweeps, to catch expiries written by other processes.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// How often, while anything is watched, the committer looks for commits made by other
+/// processes on the same file (the Deno CLI, say), whose changes must reach watchers too.
+const EXTERNAL_POLL: Duration = Duration::from_millis(500);
 /// Rows one sweep transaction deletes at most, so a sweep never holds writers up for long.
 const SWEEP_CHUNK: i64 = 1000;
 /// Queue retry schedule stored when a message gives none (proto3 cannot tell empty from absent).
@@ -95,8 +98,10 @@ pub fn spawn(
         r.get(0)
     })?;
     let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
+    let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
     let mut committer = Committer {
         conn,
+        data_version,
         version: version as u64,
         watches,
         next_expiry: None,
@@ -113,6 +118,8 @@ pub fn spawn(
 
 struct Committer {
     conn: Connection,
+    /// Last `PRAGMA data_version` seen: tells commits by other processes.
+    data_version: i64,
     /// Last committed global version (`data_version.version`).
     version: u64,
     watches: Arc<WatchRegistry>,
@@ -145,11 +152,18 @@ impl Committer {
     fn run(&mut self, rx: flume::Receiver<Message>) {
         let mut stopping = false;
         while !stopping {
-            let first = match rx.recv_timeout(self.time_until_sweep()) {
+            let mut wait = self.time_until_sweep();
+            if self.watches.watched_keys() > 0 {
+                wait = wait.min(EXTERNAL_POLL);
+            }
+            let first = match rx.recv_timeout(wait) {
                 Ok(Message::Write(job)) => job,
                 Ok(Message::Stop) | Err(flume::RecvTimeoutError::Disconnected) => break,
                 Err(flume::RecvTimeoutError::Timeout) => {
-                    self.sweep();
+                    self.notify_external_changes();
+                    if self.time_until_sweep().is_zero() {
+                        self.sweep();
+                    }
                     continue;
                 }
             };
@@ -181,6 +195,22 @@ impl Committer {
             self.commit_batch(rest.by_ref().take(MAX_BATCH).collect());
         }
         tracing::debug!("committer stopped with an empty queue");
+    }
+
+    /// `PRAGMA data_version` changes when another connection commits to the file; watchers
+    /// then re-read their keys (and send a frame only if something they watch changed).
+    fn notify_external_changes(&mut self) {
+        match self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+        {
+            Ok(v) if v != self.data_version => {
+                self.data_version = v;
+                self.watches.notify_all();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot read PRAGMA data_version: {e}"),
+        }
     }
 
     fn time_until_sweep(&self) -> Duration {

@@ -46,6 +46,14 @@ impl WatchRegistry {
         }
     }
 
+    /// Wakes every stream (after changes whose keys are unknown, such as another process's).
+    pub fn notify_all(&self) {
+        let map = self.keys.lock().unwrap();
+        for w in map.values().flatten().filter_map(Weak::upgrade) {
+            w.notify_one();
+        }
+    }
+
     /// Number of watched keys (a key watched by two streams counts once).
     pub fn watched_keys(&self) -> usize {
         self.keys.lock().unwrap().len()
