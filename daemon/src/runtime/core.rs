@@ -64,6 +64,8 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
     let mut builder = auto::Builder::new(LocalExec);
     builder
         .http1()
+        // A client that shuts down its sending side after the request still gets the answer.
+        .half_close(true)
         .timer(MonoioTimer)
         .header_read_timeout(Duration::from_secs(30));
     builder

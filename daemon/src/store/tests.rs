@@ -414,3 +414,37 @@ async fn commits_by_another_process_wake_watchers() {
         .expect("the watcher was woken by another connection's commit");
     s.stop();
 }
+
+#[tokio::test]
+async fn suffix_versionstamped_writes_notify_the_written_key() {
+    // SPEC §10 D8c: upstream notifies the prefix instead of the key it wrote.
+    let s = TestStore::new();
+    let before = committed(s.committer.write(AtomicWrite::default()).await).version();
+    let prefix = Bytes::from_static(b"\x02jobs\x00");
+    // The next commit's version is one of the nine that follow: watch all their keys.
+    let candidates: Vec<Bytes> = (1..=9)
+        .map(|i| {
+            let mut k = prefix.to_vec();
+            k.extend_from_slice(&Versionstamp::new(before + i, 0).key_suffix());
+            Bytes::from(k)
+        })
+        .collect();
+    let written = s.watches.subscribe(&candidates);
+    let at_prefix = s.watches.subscribe(std::slice::from_ref(&prefix));
+    let m = Mutation {
+        key: prefix.clone(),
+        kind: MutationKind::SetSuffixVersionstamped(bytes_value("job")),
+        expire_at_ms: None,
+    };
+    committed(s.committer.write(write(vec![m])).await);
+    tokio::time::timeout(std::time::Duration::from_secs(1), written.changed())
+        .await
+        .expect("the written key's watcher was woken");
+    let quiet =
+        tokio::time::timeout(std::time::Duration::from_millis(100), at_prefix.changed()).await;
+    assert!(
+        quiet.is_err(),
+        "the prefix was not written and must not be notified"
+    );
+    s.stop();
+}

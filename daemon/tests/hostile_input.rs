@@ -1,0 +1,184 @@
+//! Hostile input: every bad request gets a clear 4xx, the connection or the server never dies,
+//! and nothing stored is touched.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+fn raw_exchange(server: &Server, request: &[u8], half_close: bool) -> String {
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    if half_close {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn data_request(route: &str, body: &[u8], extra: &str) -> Vec<u8> {
+    let mut r = format!(
+        "POST /v2/{route} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n\
+         x-denokv-version: 3\r\nx-denokv-database-id: {NIL_ID}\r\ncontent-length: {}\r\n\
+         connection: close\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+#[tokio::test]
+async fn malformed_protobuf_is_a_400_on_every_route() {
+    let s = Server::start(&[]);
+    let c = Client::new();
+    let bodies: [&[u8]; 5] = [
+        b"\x0a",                     // truncated length-delimited field
+        b"\x0a\xff\xff\xff\xff\x0f", // length far past the end
+        b"\x08",                     // truncated varint
+        b"\x0f",                     // invalid wire type 7
+        b"\x12\x05\x0a\x01",         // nested message cut short
+    ];
+    for route in ["snapshot_read", "atomic_write", "watch"] {
+        for body in bodies {
+            for p in BOTH {
+                let r = c.data(p, &s, route, body.to_vec()).await;
+                assert_eq!(r.status, 400, "{route} {body:02x?}: {}", r.text());
+                assert!(
+                    r.text().starts_with("Request protobuf is invalid: "),
+                    "{}",
+                    r.text()
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn random_bodies_never_get_a_5xx_or_a_dropped_connection() {
+    let s = Server::start(&[]);
+    let c = Client::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for i in 0..600 {
+        let len = rng.random_range(0..200);
+        let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        let route = ["snapshot_read", "atomic_write", "watch"][i % 3];
+        let p = BOTH[i % 2];
+        if route == "watch" {
+            // A valid watch is an endless stream: look at the status only.
+            let req = http::Request::post(s.url("/v2/watch"))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .header("x-denokv-version", "3")
+                .header("x-denokv-database-id", NIL_ID)
+                .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+                .unwrap();
+            let resp = c.try_send(p, req).await.expect("the server answered");
+            assert!(
+                matches!(resp.status().as_u16(), 200 | 400),
+                "{body:02x?} -> {}",
+                resp.status()
+            );
+            continue;
+        }
+        let r = c
+            .try_data(p, &s.url(""), route, body.clone())
+            .await
+            .expect("the server answered");
+        assert!(
+            matches!(r.status, 200 | 400),
+            "{route} {body:02x?} -> {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    // Still serving.
+    let r = c.data(Proto::H2, &s, "snapshot_read", Vec::new()).await;
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn not_http_at_all_gets_a_400_and_the_server_lives_on() {
+    let s = Server::start(&[]);
+    let reply = raw_exchange(
+        &s,
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
+        false,
+    );
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 400"),
+        "{reply}"
+    );
+    let reply = raw_exchange(&s, &data_request("snapshot_read", b"", ""), false);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[test]
+fn a_half_closed_connection_still_gets_its_answer() {
+    let s = Server::start(&[]);
+    let reply = raw_exchange(&s, &data_request("snapshot_read", b"", ""), true);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[test]
+fn a_body_shorter_than_declared_is_not_served() {
+    let s = Server::start(&[]);
+    // Declares 100 bytes, sends 3, then half-closes.
+    let mut req = data_request("atomic_write", b"", "").to_vec();
+    let text = String::from_utf8(req.clone())
+        .unwrap()
+        .replace("content-length: 0", "content-length: 100");
+    req = text.into_bytes();
+    req.extend_from_slice(b"\x12\x05\x0a");
+    let reply = raw_exchange(&s, &req, true);
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 400"),
+        "{reply}"
+    );
+    let conn = rusqlite::Connection::open(&s.db).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM kv", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
+}
+
+#[test]
+fn non_ascii_authorization_is_malformed() {
+    let s = Server::start(&[]);
+    let req = b"POST / HTTP/1.1\r\nhost: x\r\nauthorization: Bearer \xff\xfe\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+    let reply = raw_exchange(&s, req, false);
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    assert!(
+        reply.ends_with("Malformed authorization header."),
+        "{reply}"
+    );
+}
+
+#[test]
+fn chunked_bodies_over_the_limit_are_refused() {
+    let s = Server::start(&[]);
+    let mut req = format!(
+        "POST /v2/atomic_write HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n\
+         x-denokv-version: 3\r\nx-denokv-database-id: {NIL_ID}\r\ntransfer-encoding: chunked\r\n\
+         connection: close\r\n\r\n"
+    )
+    .into_bytes();
+    let chunk = vec![0u8; 64 * 1024];
+    for _ in 0..40 {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(&chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let reply = raw_exchange(&s, &req, false);
+    assert!(
+        reply.starts_with("HTTP/1.1 413"),
+        "{}",
+        &reply[..reply.len().min(200)]
+    );
+}
