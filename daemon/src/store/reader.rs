@@ -39,29 +39,30 @@ impl Reader {
         ranges: &[ReadRange],
         now_ms: i64,
     ) -> Result<Vec<Vec<Entry>>, StoreError> {
-        let tx = self.conn.transaction()?;
-        let mut out = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            if r.start >= r.end {
-                out.push(Vec::new());
-                continue;
+        self.snapshot(ranges.len(), |conn| {
+            let mut out = Vec::with_capacity(ranges.len());
+            for r in ranges {
+                if r.start >= r.end {
+                    out.push(Vec::new());
+                    continue;
+                }
+                let sql = if r.reverse {
+                    SCAN_REVERSE
+                } else {
+                    SCAN_FORWARD
+                };
+                let mut stmt = conn.prepare_cached(sql)?;
+                let rows = stmt.query_map(
+                    params![&r.start[..], &r.end[..], now_ms, r.limit as i64],
+                    row_to_entry,
+                )?;
+                out.push(
+                    rows.map(|e| e?.decode())
+                        .collect::<Result<Vec<_>, StoreError>>()?,
+                );
             }
-            let mut stmt = tx.prepare_cached(if r.reverse {
-                SCAN_REVERSE
-            } else {
-                SCAN_FORWARD
-            })?;
-            let rows = stmt.query_map(
-                params![&r.start[..], &r.end[..], now_ms, r.limit as i64],
-                row_to_entry,
-            )?;
-            let entries = rows
-                .map(|e| e?.decode())
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            out.push(entries);
-        }
-        tx.commit()?;
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Reads single keys from one snapshot; `None` for absent (or expired) keys.
@@ -70,19 +71,34 @@ impl Reader {
         keys: &[Bytes],
         now_ms: i64,
     ) -> Result<Vec<Option<Entry>>, StoreError> {
-        let tx = self.conn.transaction()?;
-        let mut out = Vec::with_capacity(keys.len());
-        {
-            let mut stmt = tx.prepare_cached(GET)?;
+        self.snapshot(keys.len(), |conn| {
+            let mut stmt = conn.prepare_cached(GET)?;
+            let mut out = Vec::with_capacity(keys.len());
             for k in keys {
                 let row = stmt
                     .query_row(params![&k[..], now_ms], row_to_entry)
                     .optional()?;
                 out.push(row.map(RawEntry::decode).transpose()?);
             }
+            Ok(out)
+        })
+    }
+
+    /// Runs `statements` queries from one snapshot. One statement is a snapshot by itself, so
+    /// only several need the (cached) BEGIN and COMMIT around them.
+    fn snapshot<T>(
+        &self,
+        statements: usize,
+        read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if statements <= 1 {
+            return read(&self.conn);
         }
-        tx.commit()?;
-        Ok(out)
+        self.conn.prepare_cached("BEGIN")?.execute([])?;
+        let result = read(&self.conn);
+        // A read transaction has nothing to undo: COMMIT just ends it, also after an error.
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        result
     }
 }
 
