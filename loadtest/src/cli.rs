@@ -1,0 +1,217 @@
+//! The command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::client::Proto;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "denokv-loadtest",
+    version,
+    about = "Closed-loop KV Connect load generator for denokv, with durability checks."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// One random `set` per operation over --keys keys.
+    Write(RunArgs),
+    /// One random `get` per operation over --keys keys (use --preload on a fresh database).
+    Read(RunArgs),
+    /// Reads and writes over --keys keys; --read-pct of them are reads.
+    Mixed(RunArgs),
+    /// Read one of --hot-keys counters, then write it +1 with a versionstamp check. Check
+    /// failures are counted as conflicts; the final counters must equal the acknowledged
+    /// increments (exit 1 otherwise).
+    Cas(RunArgs),
+    /// One range read of --list-size entries from a random start in the key space.
+    List(RunArgs),
+    /// One LE64 `sum` of +1..+--sum-max on one of --hot-keys counters per operation; the
+    /// final counters must equal the acknowledged sums (exit 1 otherwise).
+    Sum(RunArgs),
+    /// --watchers watch streams on --hot-keys keys (at most 10) and one writer: measures the
+    /// time from a commit's acknowledgement to the watch frame that carries it.
+    Watch(RunArgs),
+    /// Checks that every write recorded in an --ack-log is in the database with its value
+    /// (e.g. after a crash and restart); exit 1 and list the keys otherwise.
+    Verify(VerifyArgs),
+}
+
+/// How to reach the server.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The database URL, as given to `Deno.openKv` (the metadata exchange is POSTed to it).
+    #[arg(long, env = "DENOKV_URL", default_value = "http://127.0.0.1:4512")]
+    pub url: String,
+
+    /// Access token.
+    #[arg(long, env = "DENO_KV_ACCESS_TOKEN", hide_env_values = true)]
+    pub token: String,
+
+    /// h1: one HTTP/1.1 keep-alive connection per client; h2: cleartext HTTP/2 with prior
+    /// knowledge, clients spread as streams over --connections connections (like Deno).
+    #[arg(long, value_enum, default_value = "h2")]
+    pub proto: Proto,
+
+    /// Concurrent clients, each with one request in flight (closed loop).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+
+    /// HTTP/2 connections the clients share (ignored with --proto h1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub connections: u32,
+
+    /// A request without a complete answer after this long counts as a transport error.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Threads of the load generator's runtime [default: the CPUs this process may use].
+    #[arg(long)]
+    pub client_threads: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Measured time (e.g. 10s, 500ms, 1m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Unmeasured load before the measured time.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Size of the key space of write, read, mixed and list.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keys: u64,
+
+    /// Bytes per written value (write, mixed, preload, watch); the server allows 65536.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=65_536))]
+    pub value_size: u32,
+
+    /// Write every key of the key space before the load starts.
+    #[arg(long)]
+    pub preload: bool,
+
+    /// Percentage of reads in `mixed`.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub read_pct: u8,
+
+    /// Entries per range read in `list` (the server allows 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub list_size: u32,
+
+    /// Contended keys of cas, sum and watch (watch uses at most 10: one watch request's limit).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub hot_keys: u64,
+
+    /// Largest addend of `sum` (each sum adds 1..=this).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub sum_max: u64,
+
+    /// Watch streams in `watch`.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub watchers: u32,
+
+    /// Pause of the `watch` writer between writes (0: write again as soon as acknowledged).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    pub write_interval: Duration,
+
+    /// Seed of the random key and value choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Append every acknowledged write (key, versionstamp, value) of write, mixed and the
+    /// preload to this file, for `verify`.
+    #[arg(long)]
+    pub ack_log: Option<PathBuf>,
+
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// How to print the report on stdout.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// The ack log a `write --ack-log` run wrote.
+    #[arg(long)]
+    pub ack_log: PathBuf,
+
+    /// How many bad keys to print (all of them go to --json).
+    #[arg(long, default_value_t = 50)]
+    pub show: usize,
+
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// How to print the result on stdout.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+/// `1.5s`, `500ms`, `2m`, `100us`, or plain seconds (`10`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?} (try 10s, 500ms, 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "us" | "µs" => n / 1e6,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown time unit {other:?} in {text:?}")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("not a duration: {text:?}"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
