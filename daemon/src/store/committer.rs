@@ -14,6 +14,7 @@ use rand::Rng;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use super::checkpointer::{self, CheckpointPoke};
 use super::watch::WatchRegistry;
 use super::StoreError;
 use crate::kv::model::{AtomicWrite, Enqueue, MutationKind, WriteOutcome};
@@ -99,8 +100,16 @@ pub fn spawn(
     })?;
     let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
     let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+    // Checkpoints run on their own thread (see checkpointer.rs), not inside our commits.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    let path = conn
+        .path()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_default();
+    let (checkpoints, checkpointer) = checkpointer::spawn(&path)?;
     let mut committer = Committer {
         conn,
+        checkpoints: Some(checkpoints),
         data_version,
         version: version as u64,
         watches,
@@ -112,12 +121,20 @@ pub fn spawn(
         .spawn(move || {
             committer.sweep();
             committer.run(rx);
+            committer.checkpoints = None;
+            let _ = checkpointer.join();
+            // Leave a small WAL behind for whoever opens the file next.
+            if let Err(e) = checkpointer::checkpoint(&committer.conn, "TRUNCATE") {
+                tracing::warn!("final WAL checkpoint failed: {e}");
+            }
         })?;
     Ok((CommitterHandle { tx }, thread))
 }
 
 struct Committer {
     conn: Connection,
+    /// Told after commits; `None` once stopping.
+    checkpoints: Option<CheckpointPoke>,
     /// Last `PRAGMA data_version` seen: tells commits by other processes.
     data_version: i64,
     /// Last committed global version (`data_version.version`).
@@ -275,6 +292,9 @@ impl Committer {
         }
         self.version = version;
         self.next_expiry = next_expiry;
+        if let Some(c) = &self.checkpoints {
+            c.poke();
+        }
         for (job, result) in batch.into_iter().zip(results) {
             let _ = job.reply.send(result);
         }
@@ -467,6 +487,9 @@ impl Committer {
         self.conn.prepare_cached("COMMIT")?.execute([])?;
         if !deleted.is_empty() {
             self.version = version;
+            if let Some(c) = &self.checkpoints {
+                c.poke();
+            }
             tracing::debug!("expiry sweep deleted {} rows", deleted.len());
             self.watches.notify(&deleted);
         }

@@ -1,6 +1,7 @@
 //! Storage: the Deno-compatible SQLite schema, the committer (the only writer), per-core
 //! readers, expiry, and watch notification. All SQL lives here.
 
+pub mod checkpointer;
 pub mod committer;
 pub mod reader;
 pub mod schema;
