@@ -5,13 +5,45 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::{Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, Subcommand};
 
+use crate::http::auth::TokenSource;
+pub use crate::http::auth::MIN_TOKEN_LEN;
 use crate::runtime::ServeOptions;
 use crate::store::SyncMode;
 
-/// Shortest access token accepted.
-pub const MIN_TOKEN_LEN: usize = 12;
+/// Name of the systemd credential (`LoadCredential=access-token:...`) read when no token is
+/// given otherwise.
+pub const TOKEN_CREDENTIAL: &str = "access-token";
+/// Name of the systemd credential read as the log level file when none is given otherwise.
+pub const LOG_LEVEL_CREDENTIAL: &str = "log-level";
+
+/// Parses the command line and environment; exits with a usage error (status 2) when they
+/// cannot work.
+pub fn parse() -> Cli {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Serve(args) => {
+            if args.token_source().is_none() {
+                Cli::command()
+                    .error(
+                        ErrorKind::MissingRequiredArgument,
+                        "no access token: give --access-token <TOKEN> (or DENO_KV_ACCESS_TOKEN), \
+                         --access-token-file <PATH>, or a systemd credential named access-token",
+                    )
+                    .exit();
+            }
+        }
+    }
+    cli
+}
+
+/// `$CREDENTIALS_DIRECTORY/name`, when systemd passed that credential.
+fn credential(name: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
+    path.is_file().then_some(path)
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,12 +69,29 @@ pub enum Command {
 
 #[derive(Parser, Debug)]
 pub struct ServeArgs {
-    /// Access token clients must present (at least 12 characters).
+    /// Access token clients must present (at least 12 characters). Required unless
+    /// --access-token-file or the systemd credential `access-token` gives the tokens.
     #[arg(long, env = "DENO_KV_ACCESS_TOKEN", hide_env_values = true)]
-    pub access_token: String,
+    pub access_token: Option<String>,
 
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0:4512")]
+    /// File of access tokens, one per line (at least 12 characters each), re-read on SIGHUP.
+    /// Without this flag or --access-token, `$CREDENTIALS_DIRECTORY/access-token` is used.
+    #[arg(
+        long,
+        env = "DENOKV_ACCESS_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "access_token"
+    )]
+    pub access_token_file: Option<PathBuf>,
+
+    /// File holding the log filter (`info`, `debug`, `denokv=debug,warn`, ...), read at start
+    /// and on SIGHUP; overrides RUST_LOG. Default: `$CREDENTIALS_DIRECTORY/log-level` if that
+    /// exists.
+    #[arg(long, env = "DENOKV_LOG_LEVEL_FILE", value_name = "PATH")]
+    pub log_level_file: Option<PathBuf>,
+
+    /// Address to listen on. Ignored when systemd passes a socket (socket activation).
+    #[arg(long, env = "DENOKV_ADDR", default_value = "0.0.0.0:4512")]
     pub addr: SocketAddr,
 
     /// Open the database read-only: reads are served, writes answer "writes disabled".
@@ -76,11 +125,31 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Where the access tokens come from: the token given, the token file, or the systemd
+    /// credential, in that order.
+    pub fn token_source(&self) -> Option<TokenSource> {
+        if let Some(token) = &self.access_token {
+            return Some(TokenSource::Given(token.clone()));
+        }
+        self.access_token_file
+            .clone()
+            .or_else(|| credential(TOKEN_CREDENTIAL))
+            .map(TokenSource::File)
+    }
+
+    /// The log level file: the one given, or the systemd credential `log-level`.
+    pub fn log_level_file(&self) -> Option<PathBuf> {
+        self.log_level_file
+            .clone()
+            .or_else(|| credential(LOG_LEVEL_CREDENTIAL))
+    }
+
     /// Checks what clap cannot and fills in defaults.
     pub fn into_options(self, db_path: PathBuf) -> anyhow::Result<ServeOptions> {
-        if self.access_token.len() < MIN_TOKEN_LEN {
-            bail!("Access token must be at minimum {MIN_TOKEN_LEN} chars long.");
-        }
+        let Some(token_source) = self.token_source() else {
+            bail!("no access token given");
+        };
+        let tokens = token_source.load()?;
         if self.num_workers == Some(0) {
             bail!("num_workers must be at least 1");
         }
@@ -99,7 +168,8 @@ impl ServeArgs {
         };
         Ok(ServeOptions {
             db_path,
-            tokens: vec![self.access_token],
+            tokens,
+            token_source,
             addr: self.addr,
             read_only: self.read_only,
             threads,

@@ -1,10 +1,12 @@
 //! denokv: a self-hosted Deno KV server speaking the KV Connect protocol.
 
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod kv;
 pub mod runtime;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 
 /// The KV Connect protobuf messages (SPEC §2.2), generated from `proto/datapath.proto`.

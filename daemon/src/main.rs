@@ -1,17 +1,16 @@
-use clap::Parser;
-
-use denokv::config::{Cli, Command};
+use denokv::config::Command;
 
 fn main() {
-    let cli = Cli::parse();
-    denokv::telemetry::init_logging();
+    let cli = denokv::config::parse();
     let result = match cli.command {
-        Command::Serve(args) => args
-            .into_options(cli.sqlite_path)
-            .and_then(denokv::runtime::serve),
+        Command::Serve(args) => {
+            let logging = denokv::telemetry::init_logging(args.log_level_file());
+            args.into_options(cli.sqlite_path)
+                .and_then(|opts| denokv::runtime::serve(opts, Some(&logging)))
+        }
     };
     if let Err(e) = result {
-        eprintln!("Error: {e:#}");
+        eprintln!("{}Error: {e:#}", denokv::telemetry::error_prefix());
         std::process::exit(1);
     }
 }

@@ -127,6 +127,8 @@ fn help_explains_every_flag() {
         "--threads",
         "--sync-mode",
         "--drain-timeout",
+        "--access-token-file",
+        "--log-level-file",
     ] {
         assert!(out.contains(flag), "{flag} missing from:\n{out}");
     }

@@ -19,7 +19,7 @@ use crate::kv::model::{Entry, WriteOutcome};
 use crate::kv::{now_ms, validate};
 use crate::proto as pb;
 use crate::store::{CommitterHandle, Reader, WatchRegistry};
-use auth::Tokens;
+use auth::{CoreTokens, SharedTokens};
 use body::{empty, full, read_limited, Body};
 use error::ApiError;
 
@@ -27,7 +27,8 @@ pub type Request = http::Request<Incoming>;
 
 /// What every core shares.
 pub struct Shared {
-    pub tokens: Tokens,
+    /// Replaced as a whole when SIGHUP re-reads the token file.
+    pub tokens: Arc<SharedTokens>,
     /// `None` when the server is read-only.
     pub committer: Option<CommitterHandle>,
     pub watches: Arc<WatchRegistry>,
@@ -38,6 +39,8 @@ pub struct Shared {
 /// What one core's request handlers use: the shared state and the core's own reader.
 pub struct CoreContext {
     pub shared: Arc<Shared>,
+    /// This core's copy of `shared.tokens`.
+    pub tokens: CoreTokens,
     pub reader: RefCell<Reader>,
     /// Turns true when the server starts shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -71,11 +74,11 @@ async fn route(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Result<Response<
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
     if route == Route::Metadata {
-        let token = ctx.shared.tokens.authenticate(&parts.headers)?;
+        let token = ctx.tokens.authenticate(&parts.headers)?;
         let body = read_limited(incoming, content_length).await?;
         return metadata::exchange(&body, token, &ctx.shared.endpoint_url);
     }
-    check_data_path_headers(&parts.headers, &ctx.shared.tokens)?;
+    check_data_path_headers(&parts.headers, &ctx.tokens)?;
     let body = read_limited(incoming, content_length).await?;
     match route {
         Route::SnapshotRead => snapshot_read(decode(&body)?, ctx),
@@ -94,7 +97,7 @@ enum Route {
 }
 
 /// The checks every data-path request passes first, in upstream's order (SPEC §1.4).
-fn check_data_path_headers(headers: &HeaderMap, tokens: &Tokens) -> Result<(), ApiError> {
+fn check_data_path_headers(headers: &HeaderMap, tokens: &CoreTokens) -> Result<(), ApiError> {
     let version = headers
         .get("x-denokv-version")
         .and_then(|v| v.to_str().ok());

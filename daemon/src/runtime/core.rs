@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::pin::pin;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -14,17 +14,24 @@ use hyper_util::server::conn::auto;
 use monoio::io::IntoPollIo;
 
 use super::hyper_compat::{LocalExec, MonoioTimer};
+use crate::health::Beater;
+use crate::http::auth::CoreTokens;
 use crate::http::{self, CoreContext, Shared};
 use crate::store::Reader;
 
 /// What a core needs to start.
 pub struct CoreSetup {
     pub index: usize,
-    pub listener: std::net::TcpListener,
+    /// This core's own listener, or its copies of the sockets systemd passed.
+    pub listeners: Vec<std::net::TcpListener>,
     pub shared: Arc<Shared>,
     pub reader: Reader,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub drain_timeout: Duration,
+    /// Told this core's index once it accepts connections; dropped unsent if it cannot.
+    pub ready: mpsc::Sender<usize>,
+    /// Beaten every `period()` while the core's runtime runs (when the watchdog is on).
+    pub heartbeat: Option<Beater>,
 }
 
 /// Runs the core until shutdown, then lets open connections finish (bounded by the drain
@@ -33,15 +40,6 @@ pub fn run(setup: CoreSetup) -> anyhow::Result<()> {
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build()?;
-    tracing::debug!(
-        "core {} runs on {}",
-        setup.index,
-        if monoio::utils::is_legacy() {
-            "epoll"
-        } else {
-            "io_uring"
-        }
-    );
     rt.block_on(serve(setup))
 }
 
@@ -55,8 +53,23 @@ pub fn driver_name() -> &'static str {
 }
 
 async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
-    let listener = monoio::net::TcpListener::from_std(setup.listener)?;
+    // Inside the runtime: `is_legacy` reads its thread-local and panics outside of it.
+    tracing::debug!(
+        "core {} runs on {}",
+        setup.index,
+        if monoio::utils::is_legacy() {
+            "epoll"
+        } else {
+            "io_uring"
+        }
+    );
+    let listeners = setup
+        .listeners
+        .into_iter()
+        .map(monoio::net::TcpListener::from_std)
+        .collect::<Result<Vec<_>, _>>()?;
     let ctx = Rc::new(CoreContext {
+        tokens: CoreTokens::new(setup.shared.tokens.clone()),
         shared: setup.shared,
         reader: RefCell::new(setup.reader),
         shutdown: setup.shutdown.clone(),
@@ -75,7 +88,52 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
         .keep_alive_interval(Some(Duration::from_secs(60)));
     let builder = Rc::new(builder);
     let open = Rc::new(Cell::new(0usize));
-    let mut shutdown = setup.shutdown;
+    let heartbeat = setup.heartbeat.map(Rc::new);
+    if let Some(beater) = &heartbeat {
+        monoio::spawn(beat(beater.clone()));
+    }
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            monoio::spawn(accept(
+                listener,
+                ctx.clone(),
+                builder.clone(),
+                open.clone(),
+                setup.shutdown.clone(),
+            ))
+        })
+        .collect();
+    let _ = setup.ready.send(setup.index);
+    drop(setup.ready);
+    for task in accepting {
+        task.await;
+    }
+    let deadline = Instant::now() + setup.drain_timeout;
+    while open.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if open.get() > 0 {
+        tracing::warn!(
+            "core {}: {} connections still open after the drain timeout",
+            setup.index,
+            open.get()
+        );
+    }
+    if let Some(beater) = heartbeat {
+        beater.retire();
+    }
+    Ok(())
+}
+
+/// Accepts connections on one listener until shutdown; the listener closes when this returns.
+async fn accept(
+    listener: monoio::net::TcpListener,
+    ctx: Rc<CoreContext>,
+    builder: Rc<auto::Builder<LocalExec>>,
+    open: Rc<Cell<usize>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         monoio::select! {
             accepted = listener.accept() => match accepted {
@@ -91,19 +149,14 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
             _ = shutdown.wait_for(|stopping| *stopping) => break,
         }
     }
-    drop(listener);
-    let deadline = Instant::now() + setup.drain_timeout;
-    while open.get() > 0 && Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// Proves the core's runtime still runs tasks: a core stuck in a request stops beating.
+async fn beat(beater: Rc<Beater>) {
+    loop {
+        beater.beat();
+        monoio::time::sleep(beater.period()).await;
     }
-    if open.get() > 0 {
-        tracing::warn!(
-            "core {}: {} connections still open after the drain timeout",
-            setup.index,
-            open.get()
-        );
-    }
-    Ok(())
 }
 
 async fn connection(

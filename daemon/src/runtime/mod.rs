@@ -1,5 +1,5 @@
-//! The process: opens the store, starts the committer and one serving thread per core, waits
-//! for a stop signal and shuts down in order.
+//! The process: opens the store, starts the committer and one serving thread per core, tells
+//! systemd when it is ready, reloads on SIGHUP, and on SIGTERM or SIGINT shuts down in order.
 
 mod core;
 mod hyper_compat;
@@ -8,18 +8,27 @@ mod signals;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::Context;
+use nix::sys::signal::Signal;
 
-use crate::http::{auth::Tokens, Shared};
+use crate::health::Monitor;
+use crate::http::auth::{SharedTokens, TokenSource, Tokens};
+use crate::http::Shared;
 use crate::store::{self, Reader, SyncMode, WatchRegistry};
+use crate::systemd::{self, Notifier, Watchdog};
+use crate::telemetry::Logging;
 
 /// Everything `serve` needs, already validated.
 pub struct ServeOptions {
     pub db_path: PathBuf,
-    pub tokens: Vec<String>,
+    /// The tokens accepted at start.
+    pub tokens: Tokens,
+    /// Where they came from; a file is re-read on SIGHUP.
+    pub token_source: TokenSource,
+    /// Where to listen, unless systemd passes the listening socket.
     pub addr: SocketAddr,
     pub read_only: bool,
     pub threads: usize,
@@ -27,17 +36,28 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
 }
 
-/// Serves until SIGTERM or SIGINT, then drains and returns.
-pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+/// Serves until SIGTERM or SIGINT, then drains and returns. `logging`, when given, is re-read
+/// on SIGHUP.
+pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()> {
+    // Before any thread starts: these read and unset environment variables.
+    let activated = systemd::take_listen_fds()?;
+    let notifier = Arc::new(Notifier::from_env());
+    // Pings need somewhere to go.
+    let watchdog = systemd::watchdog_interval().filter(|_| notifier.enabled());
     let signals = signals::block()?;
     let watches = Arc::new(WatchRegistry::default());
+    // Threads beat every quarter interval; the watchdog checks and pings every half.
+    let mut monitor = watchdog.map(|interval| Monitor::new(interval / 4));
 
+    notifier.status(&format!("Opening database {}", opts.db_path.display()));
     let (committer, committer_thread) = if opts.read_only {
         tracing::info!("Opened read only database at {}", opts.db_path.display());
         (None, None)
     } else {
         let conn = store::schema::open_writer(&opts.db_path, opts.sync_mode)?;
-        let (handle, thread) = store::committer::spawn(conn, watches.clone())?;
+        let heartbeat = monitor.as_mut().map(|m| m.heartbeat("committer"));
+        let (handle, thread) =
+            store::committer::spawn_with_heartbeat(conn, watches.clone(), heartbeat)?;
         tracing::info!(
             "Opened database at {}. Sync mode: {:?}. Group commit: always on",
             opts.db_path.display(),
@@ -45,63 +65,237 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         );
         (Some(handle), Some(thread))
     };
+    tracing::info!(
+        "Access tokens: {} from {}{}",
+        opts.tokens.len(),
+        opts.token_source.describe(),
+        if opts.token_source.reloadable() {
+            " (re-read on SIGHUP)"
+        } else {
+            ""
+        }
+    );
     let shared = Arc::new(Shared {
-        tokens: Tokens::new(opts.tokens),
+        tokens: Arc::new(SharedTokens::new(opts.tokens)),
         committer: committer.clone(),
         watches,
         endpoint_url: "/v2".to_string(),
     });
 
-    let listeners = listener::bind_reuseport(opts.addr, opts.threads)?;
-    let local_addr = listeners[0].local_addr()?;
+    let per_core = if activated.is_empty() {
+        listener::bind_reuseport(opts.addr, opts.threads)?
+            .into_iter()
+            .map(|l| vec![l])
+            .collect()
+    } else {
+        tracing::info!(
+            "Serving {} socket(s) passed by systemd (socket activation); --addr is not used",
+            activated.len()
+        );
+        listener::from_activation(activated, opts.threads)?
+    };
+    let addrs = per_core[0]
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<Vec<_>, _>>()?;
+
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (ready_tx, ready_rx) = mpsc::channel();
     let mut cores = Vec::with_capacity(opts.threads);
-    for (index, listener) in listeners.into_iter().enumerate() {
-        let setup = core::CoreSetup {
-            index,
-            listener,
-            shared: shared.clone(),
-            reader: Reader::open(&opts.db_path)?,
-            shutdown: shutdown_rx.clone(),
-            drain_timeout: opts.drain_timeout,
+    let mut started = Ok(());
+    for (index, listeners) in per_core.into_iter().enumerate() {
+        let setup = match Reader::open(&opts.db_path) {
+            Ok(reader) => core::CoreSetup {
+                index,
+                listeners,
+                shared: shared.clone(),
+                reader,
+                shutdown: shutdown_rx.clone(),
+                drain_timeout: opts.drain_timeout,
+                ready: ready_tx.clone(),
+                heartbeat: monitor
+                    .as_mut()
+                    .map(|m| m.heartbeat(&format!("core {index}"))),
+            },
+            Err(e) => {
+                started = Err(e);
+                break;
+            }
         };
-        let thread = std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name(format!("core-{index}"))
             .spawn(move || core::run(setup))
-            .context("cannot start a core thread")?;
-        cores.push(thread);
-    }
-    drop(shared);
-    tracing::info!("{} cores on {}", opts.threads, core::driver_name());
-    tracing::info!("Listening on http://{local_addr}");
-
-    let signal = signals::wait_for_stop(&signals)?;
-    tracing::info!("received {signal}: draining connections and committing queued writes");
-    let _ = shutdown_tx.send(true);
-    let mut failed = false;
-    for (i, thread) in cores.into_iter().enumerate() {
-        match thread.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!("core {i} failed: {e:#}");
-                failed = true;
-            }
-            Err(_) => {
-                tracing::error!("core {i} panicked");
-                failed = true;
+        {
+            Ok(thread) => cores.push(thread),
+            Err(e) => {
+                started = Err(anyhow::Error::new(e).context("cannot start a core thread"));
+                break;
             }
         }
     }
-    if let (Some(handle), Some(thread)) = (committer, committer_thread) {
+    drop(ready_tx);
+    let tokens = shared.tokens.clone();
+    drop(shared);
+    if started.is_ok() {
+        // Every core says when it accepts; a core that fails drops its sender unsent.
+        let ready = ready_rx.iter().take(cores.len()).count();
+        if ready < opts.threads {
+            started = Err(anyhow::anyhow!("a core failed to start"));
+        }
+    }
+    if let Err(e) = started {
+        let _ = shutdown_tx.send(true);
+        let cores_result = join_cores(cores);
+        stop_committer(committer, committer_thread)?;
+        return Err(cores_result.err().unwrap_or(e));
+    }
+
+    let driver = core::driver_name();
+    tracing::info!("{} cores on {driver}", opts.threads);
+    for addr in &addrs {
+        tracing::info!("Listening on http://{addr}");
+    }
+    let serving = format!(
+        "Serving {}{} on {} ({} cores, {driver}, {})",
+        opts.db_path.display(),
+        if opts.read_only { " read-only" } else { "" },
+        addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        opts.threads,
+        if opts.read_only {
+            "no writes".to_string()
+        } else {
+            format!("sync mode {:?}", opts.sync_mode).to_lowercase()
+        },
+    );
+    notifier.ready(&serving);
+    let monitor = monitor.map(Arc::new);
+    let watchdog = match (watchdog, &monitor) {
+        (Some(interval), Some(monitor)) => Some(Watchdog::start(
+            notifier.clone(),
+            interval,
+            monitor.clone(),
+        )?),
+        _ => None,
+    };
+
+    let signal = loop {
+        match signals::wait(&signals)? {
+            Signal::SIGHUP => {
+                reload(&notifier, &opts.token_source, &tokens, logging);
+                notifier.ready(&serving);
+            }
+            #[cfg(debug_assertions)]
+            Signal::SIGUSR1 => match &monitor {
+                Some(m) if m.debug_hang("committer") => tracing::warn!(
+                    "debug build, SIGUSR1: the committer hangs at its next heartbeat, on purpose"
+                ),
+                _ => tracing::warn!(
+                    "debug build, SIGUSR1: no committer heartbeat to hang (needs WATCHDOG_USEC \
+                     and a writable database)"
+                ),
+            },
+            stop => break stop,
+        }
+    };
+    tracing::info!("received {signal}: draining connections and committing queued writes");
+    notifier.stopping(&format!(
+        "Draining: finishing open requests (up to {} s) and committing queued writes",
+        opts.drain_timeout.as_secs()
+    ));
+    let _ = shutdown_tx.send(true);
+    let cores_result = join_cores(cores);
+    stop_committer(committer, committer_thread)?;
+    drop(watchdog);
+    cores_result?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-reads the access tokens (from a file) and the log level (from the log level
+/// file), telling systemd it is reloading meanwhile. What cannot be read stays as it was.
+fn reload(
+    notifier: &Notifier,
+    source: &TokenSource,
+    tokens: &SharedTokens,
+    logging: Option<&Logging>,
+) {
+    notifier.reloading("Reloading access tokens and log level");
+    let mut done = Vec::new();
+    if source.reloadable() {
+        match source.load() {
+            Ok(new) => {
+                done.push(format!(
+                    "{} access token(s) from {}",
+                    new.len(),
+                    source.describe()
+                ));
+                tokens.replace(new);
+            }
+            Err(e) => {
+                tracing::error!("reload: access tokens unchanged: {e:#}");
+                done.push("access tokens unchanged (see the error above)".to_string());
+            }
+        }
+    } else {
+        done.push(format!(
+            "access token unchanged (given on {}; --access-token-file can be re-read)",
+            source.describe()
+        ));
+    }
+    let mut level = None;
+    match logging.map(Logging::read_level) {
+        None => {}
+        Some(Ok(None)) => done.push("log level unchanged (no --log-level-file)".to_string()),
+        Some(Ok(Some(new))) => {
+            done.push(new.description.clone());
+            level = Some(new);
+        }
+        Some(Err(e)) => {
+            tracing::error!("reload: log level unchanged: {e:#}");
+            done.push("log level unchanged (see the error above)".to_string());
+        }
+    }
+    // Said before the new level applies, which may hide info lines.
+    tracing::info!("reloaded on SIGHUP: {}", done.join("; "));
+    if let (Some(logging), Some(level)) = (logging, level) {
+        if let Err(e) = logging.apply(level) {
+            tracing::error!("reload: {e:#}");
+        }
+    }
+}
+
+/// Waits for every core; logs each failure and returns the first.
+fn join_cores(cores: Vec<JoinHandle<anyhow::Result<()>>>) -> anyhow::Result<()> {
+    let mut first = Ok(());
+    for (i, thread) in cores.into_iter().enumerate() {
+        let error = match thread.join() {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.context(format!("core {i} failed")),
+            Err(_) => anyhow::anyhow!("core {i} panicked"),
+        };
+        tracing::error!("{error:#}");
+        if first.is_ok() {
+            first = Err(error);
+        }
+    }
+    first
+}
+
+/// Lets the committer commit what is queued, and waits for it.
+fn stop_committer(
+    handle: Option<store::CommitterHandle>,
+    thread: Option<JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    if let (Some(handle), Some(thread)) = (handle, thread) {
         handle.stop();
         drop(handle);
         if thread.join().is_err() {
             anyhow::bail!("the committer panicked");
         }
     }
-    if failed {
-        anyhow::bail!("a core failed");
-    }
-    tracing::info!("stopped");
     Ok(())
 }

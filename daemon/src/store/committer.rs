@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use super::checkpointer::{self, CheckpointPoke};
 use super::watch::WatchRegistry;
 use super::StoreError;
+use crate::health::Beater;
 use crate::kv::model::{AtomicWrite, Enqueue, MutationKind, WriteOutcome};
 use crate::kv::value::{StoredValue, Value};
 use crate::kv::versionstamp::Versionstamp;
@@ -95,6 +96,16 @@ pub fn spawn(
     conn: Connection,
     watches: Arc<WatchRegistry>,
 ) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
+    spawn_with_heartbeat(conn, watches, None)
+}
+
+/// [`spawn`], and the committer beats `heartbeat` at every turn of its loop, waiting at most
+/// `heartbeat.period()` for work so that an idle committer still beats (the systemd watchdog).
+pub fn spawn_with_heartbeat(
+    conn: Connection,
+    watches: Arc<WatchRegistry>,
+    heartbeat: Option<Beater>,
+) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
     let version: i64 = conn.query_row("SELECT version FROM data_version WHERE k = 0", [], |r| {
         r.get(0)
     })?;
@@ -115,6 +126,7 @@ pub fn spawn(
         watches,
         next_expiry: None,
         last_sweep: Instant::now(),
+        heartbeat,
     };
     let thread = std::thread::Builder::new()
         .name("committer".into())
@@ -143,6 +155,8 @@ struct Committer {
     /// Earliest expiry in the table, if any is known.
     next_expiry: Option<i64>,
     last_sweep: Instant,
+    /// Beaten at every turn of the loop (see `spawn_with_heartbeat`).
+    heartbeat: Option<Beater>,
 }
 
 /// Why one write of a batch did not apply.
@@ -172,6 +186,10 @@ impl Committer {
             let mut wait = self.time_until_sweep();
             if self.watches.watched_keys() > 0 {
                 wait = wait.min(EXTERNAL_POLL);
+            }
+            if let Some(heartbeat) = &self.heartbeat {
+                heartbeat.beat();
+                wait = wait.min(heartbeat.period());
             }
             let first = match rx.recv_timeout(wait) {
                 Ok(Message::Write(job)) => job,

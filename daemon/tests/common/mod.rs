@@ -47,62 +47,12 @@ impl Server {
 
     /// `wrapper` runs before the binary (e.g. `strace ...`).
     pub fn start_on(db: &Path, extra: &[&str], wrapper: &[&str]) -> Server {
-        let mut args: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
-        args.push(binary().to_string());
-        args.extend([
-            "--sqlite-path".into(),
-            db.display().to_string(),
-            "serve".into(),
-        ]);
-        args.extend([
-            "--access-token".into(),
-            TOKEN.into(),
-            "--addr".into(),
-            "127.0.0.1:0".into(),
-        ]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(&args[0])
-            .args(&args[1..])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]));
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(i) = line.find("Listening on http://") {
-                    let addr = line[i + "Listening on http://".len()..].trim().to_string();
-                    let _ = tx.send(addr);
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a.parse().unwrap(),
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "server did not start; log:\n{}",
-                    log.lock().unwrap().join("\n")
-                )
-            }
-        };
-        Server {
-            child: Some(child),
-            addr,
-            db: db.to_path_buf(),
-            wrapped: !wrapper.is_empty(),
-            _dir: None,
-            log,
+        let mut launch = Launch::new(db).args(extra);
+        if !wrapper.is_empty() {
+            launch = launch.wrapper(wrapper, true);
         }
+        launch.start()
     }
-
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -128,6 +78,28 @@ impl Server {
         }
     }
 
+    /// Sends `signal` to the server.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Waits until a log line contains `text`; panics with the log after `limit`.
+    pub fn wait_for_log(&self, text: &str, limit: Duration) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(text)) {
+                return line.clone();
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "no log line with {text:?} within {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM to the server, then wait for the exit (of the wrapper, if any). This blocks the
     /// thread: from async tests call it in `spawn_blocking`, or a client connection on the same
     /// runtime cannot answer the server's HTTP/2 GOAWAY ping and the drain runs out.
@@ -147,6 +119,137 @@ impl Server {
         let mut child = self.child.take().expect("running");
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+}
+
+/// How to start a server: the command line, the environment, and what to do before the server
+/// logs its address.
+pub struct Launch {
+    /// The whole command: the wrapper, if any, then the binary and its arguments.
+    cmd: Vec<String>,
+    env: Vec<(String, String)>,
+    /// The server runs as a child of the wrapper (`strace -f`), not in its place (`exec`).
+    forks: bool,
+    /// Connect here once first: `systemd-socket-activate` starts the server on the first
+    /// connection.
+    kick: Option<SocketAddr>,
+}
+
+impl Launch {
+    /// `--sqlite-path DB serve --access-token TOKEN --addr 127.0.0.1:0`.
+    pub fn new(db: &Path) -> Launch {
+        Launch::bare(db).args(&["--access-token", TOKEN, "--addr", "127.0.0.1:0"])
+    }
+
+    /// `--sqlite-path DB serve` and nothing else.
+    pub fn bare(db: &Path) -> Launch {
+        Launch {
+            cmd: vec![
+                binary().to_string(),
+                "--sqlite-path".into(),
+                db.display().to_string(),
+                "serve".into(),
+            ],
+            env: vec![("RUST_LOG".into(), "info".into())],
+            forks: false,
+            kick: None,
+        }
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Launch {
+        self.cmd.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Launch {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs `wrapper` with the binary and its arguments after it. `forks`: the wrapper runs
+    /// the server as its child rather than exec'ing it.
+    pub fn wrapper(mut self, wrapper: &[&str], forks: bool) -> Launch {
+        let mut cmd: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        cmd.append(&mut self.cmd);
+        self.cmd = cmd;
+        self.forks = forks;
+        self
+    }
+
+    pub fn kick(mut self, addr: SocketAddr) -> Launch {
+        self.kick = Some(addr);
+        self
+    }
+
+    pub fn start(self) -> Server {
+        let mut command = Command::new(&self.cmd[0]);
+        command
+            .args(&self.cmd[1..])
+            .env_remove("DENO_KV_ACCESS_TOKEN")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("LISTEN_FDS")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("JOURNAL_STREAM");
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.cmd[0]));
+        drop(command);
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find("Listening on http://") {
+                    let addr = line[i + "Listening on http://".len()..].trim().to_string();
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        if let Some(addr) = self.kick {
+            let start = std::time::Instant::now();
+            while std::net::TcpStream::connect(addr).is_err() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "nothing listens on {addr}; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                )
+            }
+        };
+        let db = self
+            .cmd
+            .iter()
+            .position(|a| a == "--sqlite-path")
+            .map(|i| PathBuf::from(&self.cmd[i + 1]))
+            .unwrap_or_default();
+        Server {
+            child: Some(child),
+            addr,
+            db,
+            wrapped: self.forks,
+            _dir: None,
+            log,
+        }
     }
 }
 
