@@ -34,15 +34,31 @@ pub fn spawn(path: &Path) -> anyhow::Result<(CheckpointPoke, JoinHandle<()>)> {
     let (tx, rx) = flume::bounded::<()>(1);
     let thread = std::thread::Builder::new()
         .name("checkpointer".into())
-        .spawn(move || {
-            while rx.recv().is_ok() {
-                if let Err(e) = checkpoint(&conn, "PASSIVE") {
-                    tracing::warn!("WAL checkpoint failed: {e}");
-                }
-                std::thread::sleep(MIN_INTERVAL);
-            }
-        })?;
+        .spawn(move || run(&conn, &rx))?;
     Ok((CheckpointPoke(tx), thread))
+}
+
+/// Checkpoints when poked, at most once per `MIN_INTERVAL`; returns as soon as the poker is
+/// dropped, even in the middle of a pause.
+fn run(conn: &Connection, pokes: &flume::Receiver<()>) {
+    let mut poked = pokes.recv().is_ok();
+    while poked {
+        if let Err(e) = checkpoint(conn, "PASSIVE") {
+            tracing::warn!("WAL checkpoint failed: {e}");
+        }
+        let deadline = std::time::Instant::now() + MIN_INTERVAL;
+        poked = false;
+        loop {
+            match pokes.recv_deadline(deadline) {
+                Ok(()) => poked = true,
+                Err(flume::RecvTimeoutError::Timeout) => break,
+                Err(flume::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        if !poked {
+            poked = pokes.recv().is_ok();
+        }
+    }
 }
 
 /// Runs `PRAGMA wal_checkpoint(mode)`; returns (WAL frames, frames checkpointed).

@@ -106,11 +106,7 @@ pub fn spawn_with_heartbeat(
     watches: Arc<WatchRegistry>,
     heartbeat: Option<Beater>,
 ) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
-    let version: i64 = conn.query_row("SELECT version FROM data_version WHERE k = 0", [], |r| {
-        r.get(0)
-    })?;
     let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
-    let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
     // Checkpoints run on their own thread (see checkpointer.rs), not inside our commits.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     let path = conn
@@ -118,16 +114,9 @@ pub fn spawn_with_heartbeat(
         .map(std::path::PathBuf::from)
         .unwrap_or_default();
     let (checkpoints, checkpointer) = checkpointer::spawn(&path)?;
-    let mut committer = Committer {
-        conn,
-        checkpoints: Some(checkpoints),
-        data_version,
-        version: version as u64,
-        watches,
-        next_expiry: None,
-        last_sweep: Instant::now(),
-        heartbeat,
-    };
+    let mut committer = Committer::new(conn, watches)?;
+    committer.checkpoints = Some(checkpoints);
+    committer.heartbeat = heartbeat;
     let thread = std::thread::Builder::new()
         .name("committer".into())
         .spawn(move || {
@@ -180,6 +169,24 @@ impl From<KvError> for ApplyError {
 }
 
 impl Committer {
+    fn new(conn: Connection, watches: Arc<WatchRegistry>) -> rusqlite::Result<Self> {
+        let version: i64 =
+            conn.query_row("SELECT version FROM data_version WHERE k = 0", [], |r| {
+                r.get(0)
+            })?;
+        let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        Ok(Committer {
+            conn,
+            checkpoints: None,
+            data_version,
+            version: version as u64,
+            watches,
+            next_expiry: None,
+            last_sweep: Instant::now(),
+            heartbeat: None,
+        })
+    }
+
     fn run(&mut self, rx: flume::Receiver<Message>) {
         let mut stopping = false;
         while !stopping {
@@ -257,9 +264,23 @@ impl Committer {
     }
 
     fn commit_batch(&mut self, batch: Vec<WriteJob>) {
+        let results = self.commit_writes(batch.iter().map(|job| &job.write));
+        for (job, result) in batch.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+
+    /// Commits `writes` in one transaction and returns each write's own result, in order. If
+    /// the database fails, nothing is committed and every write gets `Unavailable`, which is
+    /// then safe to retry. Watchers are woken only after the commit.
+    fn commit_writes<'a>(
+        &mut self,
+        writes: impl ExactSizeIterator<Item = &'a AtomicWrite>,
+    ) -> Vec<Result<WriteOutcome, StoreError>> {
+        let count = writes.len();
         let now = now_ms();
         let mut version = self.version;
-        let mut results = Vec::with_capacity(batch.len());
+        let mut results = Vec::with_capacity(count);
         let mut changed: Vec<Bytes> = Vec::new();
         let mut next_expiry = self.next_expiry;
 
@@ -269,16 +290,14 @@ impl Committer {
             // commit: versionstamps must never go backwards.
             let start = self.current_version()?;
             version = start;
-            for job in &batch {
+            for write in writes {
                 let keys_before = changed.len();
-                match self.apply_in_savepoint(&job.write, version, now, &mut changed) {
+                match self.apply_in_savepoint(write, version, now, &mut changed) {
                     Ok((outcome, v)) => {
                         version = v;
                         if matches!(outcome, WriteOutcome::Committed(_)) {
-                            for m in job.write.mutations.iter() {
-                                if let Some(t) = m.expire_at_ms {
-                                    next_expiry = Some(next_expiry.map_or(t, |n| n.min(t)));
-                                }
+                            for t in write.mutations.iter().filter_map(|m| m.expire_at_ms) {
+                                next_expiry = Some(next_expiry.map_or(t, |n| n.min(t)));
                             }
                         }
                         results.push(Ok(outcome));
@@ -300,23 +319,17 @@ impl Committer {
         })();
 
         if let Err(e) = applied {
-            // Nothing of this batch is committed, so telling the writers to retry is safe.
-            tracing::error!("commit of {} writes failed, rolled back: {e}", batch.len());
+            tracing::error!("commit of {count} writes failed, rolled back: {e}");
             let _ = self.conn.execute_batch("ROLLBACK");
-            for job in batch {
-                let _ = job.reply.send(Err(StoreError::Unavailable));
-            }
-            return;
+            return (0..count).map(|_| Err(StoreError::Unavailable)).collect();
         }
         self.version = version;
         self.next_expiry = next_expiry;
         if let Some(c) = &self.checkpoints {
             c.poke();
         }
-        for (job, result) in batch.into_iter().zip(results) {
-            let _ = job.reply.send(result);
-        }
         self.watches.notify(&changed);
+        results
     }
 
     /// Applies one write inside its own savepoint. Returns the outcome and the global version
@@ -461,6 +474,10 @@ impl Committer {
     fn sweep(&mut self) {
         self.last_sweep = Instant::now();
         loop {
+            // A long sweep is still progress: keep the watchdog fed between chunks.
+            if let Some(h) = &self.heartbeat {
+                h.beat();
+            }
             match self.sweep_chunk() {
                 Ok(n) if n < SWEEP_CHUNK as usize => break,
                 Ok(_) => continue,
@@ -512,5 +529,23 @@ impl Committer {
             self.watches.notify(&deleted);
         }
         Ok(deleted.len())
+    }
+}
+
+/// Commits batches synchronously on the calling thread, without a queue, a checkpointer or a
+/// sweep: the committer's hot path alone, for benchmarks.
+pub struct DirectCommitter(Committer);
+
+impl DirectCommitter {
+    pub fn new(conn: Connection) -> anyhow::Result<Self> {
+        Ok(DirectCommitter(Committer::new(
+            conn,
+            Arc::new(WatchRegistry::default()),
+        )?))
+    }
+
+    /// Commits `writes` as one batch (one transaction, a savepoint each).
+    pub fn commit(&mut self, writes: &[AtomicWrite]) -> Vec<Result<WriteOutcome, StoreError>> {
+        self.0.commit_writes(writes.iter())
     }
 }
