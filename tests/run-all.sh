@@ -2,7 +2,7 @@
 # Runs every test of denokv on a fresh Debian machine with Rust:
 #   formatting and lints, the Rust unit and integration tests (against the real binary),
 #   and the end-to-end suites driven by the Deno CLI and the npm @deno/kv client.
-# Installs what it needs (strace and systemd from Debian; Deno and @deno/kv from npm).
+# Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm).
 # The build cache lives outside the clone: $CARGO_TARGET_DIR, default ~/.cache/denokv/target.
 set -euo pipefail
 
@@ -17,6 +17,8 @@ need_apt=()
 command -v strace >/dev/null || need_apt+=(strace)
 # systemd-socket-activate (socket activation tests), systemd-analyze (unit checks).
 command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# promtool (package prometheus) checks a /metrics scrape (daemon/tests/metrics.rs).
+command -v promtool >/dev/null || need_apt+=(prometheus)
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then need_apt+=(nodejs npm); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "installing ${need_apt[*]} from Debian"

@@ -94,6 +94,16 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_ADDR", default_value = "0.0.0.0:4512")]
     pub addr: SocketAddr,
 
+    /// Where to serve Prometheus metrics (`GET /metrics`), or `off`.
+    #[arg(
+        long,
+        env = "DENOKV_METRICS_ADDR",
+        default_value = "127.0.0.1:9090",
+        value_name = "ADDR|off",
+        value_parser = parse_metrics_addr
+    )]
+    pub metrics_addr: MetricsAddr,
+
     /// Open the database read-only: reads are served, writes answer "writes disabled".
     #[arg(long)]
     pub read_only: bool,
@@ -122,6 +132,22 @@ pub struct ServeArgs {
     /// Serve a replica synced from S3 (not yet supported by this server).
     #[arg(long, conflicts_with = "read_only")]
     pub sync_from_s3: bool,
+}
+
+/// `--metrics-addr`: an address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Off,
+    On(SocketAddr),
+}
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(MetricsAddr::Off);
+    }
+    s.parse()
+        .map(MetricsAddr::On)
+        .map_err(|e| format!("{e} (give an address like 127.0.0.1:9090, or off)"))
 }
 
 impl ServeArgs {
@@ -171,6 +197,10 @@ impl ServeArgs {
             tokens,
             token_source,
             addr: self.addr,
+            metrics_addr: match self.metrics_addr {
+                MetricsAddr::Off => None,
+                MetricsAddr::On(addr) => Some(addr),
+            },
             read_only: self.read_only,
             threads,
             sync_mode: self.sync_mode,

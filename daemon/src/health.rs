@@ -17,6 +17,7 @@ struct Pulse {
     /// When the owner last beat, in ms since the process's heartbeat epoch, or `RETIRED`.
     last: AtomicU64,
     /// Set (debug builds only) to make the owner hang at its next beat.
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     hang: AtomicBool,
 }
 
@@ -26,6 +27,7 @@ struct Pulse {
 /// thread that died stays stale.
 pub struct Beater {
     pulse: Arc<Pulse>,
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     name: String,
     period: Duration,
 }

@@ -4,6 +4,7 @@ pub mod config;
 pub mod health;
 pub mod http;
 pub mod kv;
+pub mod metrics;
 pub mod runtime;
 pub mod store;
 pub mod systemd;

@@ -9,6 +9,7 @@ mod watch;
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Response, StatusCode};
@@ -17,6 +18,7 @@ use prost::Message;
 
 use crate::kv::model::{Entry, WriteOutcome};
 use crate::kv::{now_ms, validate};
+use crate::metrics::{Metrics, RouteLabel};
 use crate::proto as pb;
 use crate::store::{CommitterHandle, Reader, WatchRegistry};
 use auth::{CoreTokens, SharedTokens};
@@ -34,6 +36,7 @@ pub struct Shared {
     pub watches: Arc<WatchRegistry>,
     /// The data-path endpoint advertised in the metadata (`/v2`).
     pub endpoint_url: String,
+    pub metrics: Arc<Metrics>,
 }
 
 /// What one core's request handlers use: the shared state and the core's own reader.
@@ -46,22 +49,28 @@ pub struct CoreContext {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Answers one request; errors become their plain-text responses.
+/// Answers one request; errors become their plain-text responses. Every answer is counted.
 pub async fn handle(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Response<Body> {
-    match route(req, ctx).await {
+    let start = Instant::now();
+    let route = Route::of(req.uri().path());
+    let resp = match serve(route, req, ctx).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
-    }
+    };
+    ctx.shared
+        .metrics
+        .http_request(route.label(), resp.status().as_u16(), start.elapsed());
+    resp
 }
 
-async fn route(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Result<Response<Body>, ApiError> {
-    let route = match req.uri().path() {
-        "/" => Route::Metadata,
-        "/v2/snapshot_read" => Route::SnapshotRead,
-        "/v2/atomic_write" => Route::AtomicWrite,
-        "/v2/watch" => Route::Watch,
-        _ => return Err(ApiError::not_found()),
-    };
+async fn serve(
+    route: Route,
+    req: Request,
+    ctx: &std::rc::Rc<CoreContext>,
+) -> Result<Response<Body>, ApiError> {
+    if route == Route::Other {
+        return Err(ApiError::not_found());
+    }
     if req.method() != Method::POST {
         return Ok(Response::builder()
             .status(StatusCode::METHOD_NOT_ALLOWED)
@@ -84,7 +93,7 @@ async fn route(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Result<Response<
         Route::SnapshotRead => snapshot_read(decode(&body)?, ctx),
         Route::AtomicWrite => atomic_write(decode(&body)?, ctx).await,
         Route::Watch => watch::start(decode(&body)?, ctx),
-        Route::Metadata => unreachable!("handled above"),
+        Route::Metadata | Route::Other => unreachable!("handled above"),
     }
 }
 
@@ -94,6 +103,29 @@ enum Route {
     SnapshotRead,
     AtomicWrite,
     Watch,
+    Other,
+}
+
+impl Route {
+    fn of(path: &str) -> Route {
+        match path {
+            "/" => Route::Metadata,
+            "/v2/snapshot_read" => Route::SnapshotRead,
+            "/v2/atomic_write" => Route::AtomicWrite,
+            "/v2/watch" => Route::Watch,
+            _ => Route::Other,
+        }
+    }
+
+    fn label(self) -> RouteLabel {
+        match self {
+            Route::Metadata => RouteLabel::Metadata,
+            Route::SnapshotRead => RouteLabel::SnapshotRead,
+            Route::AtomicWrite => RouteLabel::AtomicWrite,
+            Route::Watch => RouteLabel::Watch,
+            Route::Other => RouteLabel::Other,
+        }
+    }
 }
 
 /// The checks every data-path request passes first, in upstream's order (SPEC §1.4).
@@ -154,7 +186,10 @@ fn snapshot_read(req: pb::SnapshotRead, ctx: &CoreContext) -> Result<Response<Bo
 }
 
 async fn atomic_write(req: pb::AtomicWrite, ctx: &CoreContext) -> Result<Response<Body>, ApiError> {
-    let write = validate::atomic_write(req, now_ms())?;
+    let write = validate::atomic_write(req, now_ms()).inspect_err(|_| {
+        // Counted with those the committer finds invalid: one count per rejected write.
+        ctx.shared.metrics.writes_invalid.inc();
+    })?;
     let Some(committer) = &ctx.shared.committer else {
         // Read-only: a 200 that says so, not a 400 (SPEC §10 D6).
         return Ok(protobuf(&pb::AtomicWriteOutput {

@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::{entry_to_pb, CoreContext};
 use crate::kv::versionstamp::Versionstamp;
 use crate::kv::{now_ms, validate};
+use crate::metrics::GaugeGuard;
 use crate::proto as pb;
 
 const PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -25,7 +26,16 @@ pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Bo
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let mut seen = vec![None; keys.len()];
     let first = frame(ctx, &keys, &mut seen, true)?.expect("the first frame is always built");
-    monoio::spawn(stream(ctx.clone(), keys, seen, subscription, tx, first));
+    let open = GaugeGuard::new(&ctx.shared.metrics.watch_streams);
+    monoio::spawn(stream(
+        ctx.clone(),
+        keys,
+        seen,
+        subscription,
+        tx,
+        first,
+        open,
+    ));
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(http_body_util::BodyExt::boxed_unsync(ChannelBody::new(rx)))
@@ -39,6 +49,8 @@ async fn stream(
     subscription: crate::store::watch::Subscription,
     tx: tokio::sync::mpsc::Sender<Bytes>,
     first: Bytes,
+    // Counts this stream in `denokv_watch_streams` until the task ends.
+    _open: GaugeGuard,
 ) {
     let mut shutdown = ctx.shutdown.clone();
     if tx.send(PING).await.is_err() || tx.send(first).await.is_err() {

@@ -17,6 +17,7 @@ use super::hyper_compat::{LocalExec, MonoioTimer};
 use crate::health::Beater;
 use crate::http::auth::CoreTokens;
 use crate::http::{self, CoreContext, Shared};
+use crate::metrics::GaugeGuard;
 use crate::store::Reader;
 
 /// What a core needs to start.
@@ -167,6 +168,7 @@ async fn connection(
 ) {
     open.set(open.get() + 1);
     let _guard = OpenGuard(open);
+    let _counted = GaugeGuard::new(&ctx.shared.metrics.open_connections);
     let _ = stream.set_nodelay(true);
     let io = match stream.into_poll_io() {
         Ok(io) => io,

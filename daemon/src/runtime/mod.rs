@@ -17,6 +17,7 @@ use nix::sys::signal::Signal;
 use crate::health::Monitor;
 use crate::http::auth::{SharedTokens, TokenSource, Tokens};
 use crate::http::Shared;
+use crate::metrics::{Metrics, MetricsServer};
 use crate::store::{self, Reader, SyncMode, WatchRegistry};
 use crate::systemd::{self, Notifier, Watchdog};
 use crate::telemetry::Logging;
@@ -30,6 +31,8 @@ pub struct ServeOptions {
     pub token_source: TokenSource,
     /// Where to listen, unless systemd passes the listening socket.
     pub addr: SocketAddr,
+    /// Where to serve `/metrics`; `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
     pub read_only: bool,
     pub threads: usize,
     pub sync_mode: SyncMode,
@@ -48,6 +51,8 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let watches = Arc::new(WatchRegistry::default());
     // Threads beat every quarter interval; the watchdog checks and pings every half.
     let mut monitor = watchdog.map(|interval| Monitor::new(interval / 4));
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_info(&format!("{:?}", opts.sync_mode).to_lowercase());
 
     notifier.status(&format!("Opening database {}", opts.db_path.display()));
     let (committer, committer_thread) = if opts.read_only {
@@ -56,8 +61,12 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     } else {
         let conn = store::schema::open_writer(&opts.db_path, opts.sync_mode)?;
         let heartbeat = monitor.as_mut().map(|m| m.heartbeat("committer"));
-        let (handle, thread) =
-            store::committer::spawn_with_heartbeat(conn, watches.clone(), heartbeat)?;
+        let (handle, thread) = store::committer::spawn_with_heartbeat(
+            conn,
+            watches.clone(),
+            heartbeat,
+            metrics.clone(),
+        )?;
         tracing::info!(
             "Opened database at {}. Sync mode: {:?}. Group commit: always on",
             opts.db_path.display(),
@@ -80,7 +89,14 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         committer: committer.clone(),
         watches,
         endpoint_url: "/v2".to_string(),
+        metrics: metrics.clone(),
     });
+    let _metrics_server = start_metrics(
+        opts.metrics_addr,
+        &opts.db_path,
+        &metrics,
+        committer.clone(),
+    );
 
     let per_core = if activated.is_empty() {
         listener::bind_reuseport(opts.addr, opts.threads)?
@@ -106,10 +122,10 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     for (index, listeners) in per_core.into_iter().enumerate() {
         let setup = match Reader::open(&opts.db_path) {
             Ok(reader) => core::CoreSetup {
+                reader: reader.with_metrics(&metrics),
                 index,
                 listeners,
                 shared: shared.clone(),
-                reader,
                 shutdown: shutdown_rx.clone(),
                 drain_timeout: opts.drain_timeout,
                 ready: ready_tx.clone(),
@@ -213,6 +229,33 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     cores_result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the `/metrics` listener, if one is asked for. A listener that cannot bind is logged,
+/// not fatal: the database is served without metrics (and the scraper reports the target down).
+fn start_metrics(
+    addr: Option<SocketAddr>,
+    db: &std::path::Path,
+    metrics: &Arc<Metrics>,
+    committer: Option<store::CommitterHandle>,
+) -> Option<MetricsServer> {
+    let addr = addr?;
+    let db = db.to_path_buf();
+    let sampler = Box::new(move |m: &Metrics| {
+        let depth = committer.as_ref().map_or(0, |c| c.queue_depth());
+        m.committer_queue_depth.set(depth as i64);
+        m.sample_files(&db);
+    });
+    match MetricsServer::start(addr, metrics.clone(), sampler) {
+        Ok(server) => {
+            tracing::info!("Metrics on http://{}/metrics", server.local_addr());
+            Some(server)
+        }
+        Err(e) => {
+            tracing::error!("cannot serve metrics on {addr}: {e}; serving without metrics");
+            None
+        }
+    }
 }
 
 /// SIGHUP: re-reads the access tokens (from a file) and the log level (from the log level

@@ -19,9 +19,10 @@ use super::watch::WatchRegistry;
 use super::StoreError;
 use crate::health::Beater;
 use crate::kv::model::{AtomicWrite, Enqueue, MutationKind, WriteOutcome};
-use crate::kv::value::{StoredValue, Value};
+use crate::kv::value::{Le64Op, StoredValue, Value};
 use crate::kv::versionstamp::Versionstamp;
 use crate::kv::{now_ms, KvError};
+use crate::metrics::{Metrics, MutationLabel};
 
 /// Most writes one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -96,15 +97,17 @@ pub fn spawn(
     conn: Connection,
     watches: Arc<WatchRegistry>,
 ) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
-    spawn_with_heartbeat(conn, watches, None)
+    spawn_with_heartbeat(conn, watches, None, Arc::new(Metrics::new()))
 }
 
 /// [`spawn`], and the committer beats `heartbeat` at every turn of its loop, waiting at most
 /// `heartbeat.period()` for work so that an idle committer still beats (the systemd watchdog).
+/// Commits and sweeps are recorded in `metrics`.
 pub fn spawn_with_heartbeat(
     conn: Connection,
     watches: Arc<WatchRegistry>,
     heartbeat: Option<Beater>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
     let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
     // Checkpoints run on their own thread (see checkpointer.rs), not inside our commits.
@@ -114,7 +117,7 @@ pub fn spawn_with_heartbeat(
         .map(std::path::PathBuf::from)
         .unwrap_or_default();
     let (checkpoints, checkpointer) = checkpointer::spawn(&path)?;
-    let mut committer = Committer::new(conn, watches)?;
+    let mut committer = Committer::new(conn, watches, metrics)?;
     committer.checkpoints = Some(checkpoints);
     committer.heartbeat = heartbeat;
     let thread = std::thread::Builder::new()
@@ -146,6 +149,54 @@ struct Committer {
     last_sweep: Instant,
     /// Beaten at every turn of the loop (see `spawn_with_heartbeat`).
     heartbeat: Option<Beater>,
+    metrics: Arc<Metrics>,
+}
+
+/// What one committed batch did, recorded in the metrics once the COMMIT succeeded.
+#[derive(Default)]
+struct BatchTally {
+    committed: u64,
+    checks_failed: u64,
+    invalid: u64,
+    enqueues: u64,
+    mutations: [u64; MutationLabel::COUNT],
+}
+
+impl BatchTally {
+    fn add_committed(&mut self, write: &AtomicWrite) {
+        self.committed += 1;
+        self.enqueues += write.enqueues.len() as u64;
+        for m in &write.mutations {
+            let label = match &m.kind {
+                MutationKind::Set(_) => MutationLabel::Set,
+                MutationKind::Delete => MutationLabel::Delete,
+                MutationKind::Le64(Le64Op::Sum, _) | MutationKind::V8Sum(_) => MutationLabel::Sum,
+                MutationKind::Le64(Le64Op::Min, _) => MutationLabel::Min,
+                MutationKind::Le64(Le64Op::Max, _) => MutationLabel::Max,
+                MutationKind::SetSuffixVersionstamped(_) => {
+                    MutationLabel::SetSuffixVersionstampedKey
+                }
+            };
+            self.mutations[label as usize] += 1;
+        }
+    }
+
+    fn record(&self, metrics: &Metrics, batch: usize, duration: Duration) {
+        metrics.commit_batch_size.observe(batch as f64);
+        metrics.commit_duration.observe(duration.as_secs_f64());
+        let add = |c: &prometheus::IntCounter, n: u64| {
+            if n > 0 {
+                c.inc_by(n);
+            }
+        };
+        add(&metrics.writes_committed, self.committed);
+        add(&metrics.write_checks_failed, self.checks_failed);
+        add(&metrics.writes_invalid, self.invalid);
+        add(&metrics.enqueues, self.enqueues);
+        for (i, n) in self.mutations.iter().enumerate() {
+            add(metrics.mutations(MutationLabel::ALL[i]), *n);
+        }
+    }
 }
 
 /// Why one write of a batch did not apply.
@@ -169,7 +220,11 @@ impl From<KvError> for ApplyError {
 }
 
 impl Committer {
-    fn new(conn: Connection, watches: Arc<WatchRegistry>) -> rusqlite::Result<Self> {
+    fn new(
+        conn: Connection,
+        watches: Arc<WatchRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> rusqlite::Result<Self> {
         let version: i64 =
             conn.query_row("SELECT version FROM data_version WHERE k = 0", [], |r| {
                 r.get(0)
@@ -184,6 +239,7 @@ impl Committer {
             next_expiry: None,
             last_sweep: Instant::now(),
             heartbeat: None,
+            metrics,
         })
     }
 
@@ -283,6 +339,8 @@ impl Committer {
         let mut results = Vec::with_capacity(count);
         let mut changed: Vec<Bytes> = Vec::new();
         let mut next_expiry = self.next_expiry;
+        let mut tally = BatchTally::default();
+        let started = Instant::now();
 
         let applied = (|| -> rusqlite::Result<()> {
             self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
@@ -295,7 +353,10 @@ impl Committer {
                 match self.apply_in_savepoint(write, version, now, &mut changed) {
                     Ok((outcome, v)) => {
                         version = v;
-                        if matches!(outcome, WriteOutcome::Committed(_)) {
+                        if let WriteOutcome::ChecksFailed(_) = outcome {
+                            tally.checks_failed += 1;
+                        } else {
+                            tally.add_committed(write);
                             for t in write.mutations.iter().filter_map(|m| m.expire_at_ms) {
                                 next_expiry = Some(next_expiry.map_or(t, |n| n.min(t)));
                             }
@@ -303,6 +364,7 @@ impl Committer {
                         results.push(Ok(outcome));
                     }
                     Err(ApplyError::Invalid(e)) => {
+                        tally.invalid += 1;
                         changed.truncate(keys_before);
                         results.push(Err(StoreError::Invalid(e)));
                     }
@@ -323,6 +385,7 @@ impl Committer {
             let _ = self.conn.execute_batch("ROLLBACK");
             return (0..count).map(|_| Err(StoreError::Unavailable)).collect();
         }
+        tally.record(&self.metrics, count, started.elapsed());
         self.version = version;
         self.next_expiry = next_expiry;
         if let Some(c) = &self.checkpoints {
@@ -526,6 +589,7 @@ impl Committer {
                 c.poke();
             }
             tracing::debug!("expiry sweep deleted {} rows", deleted.len());
+            self.metrics.expired_rows_swept.inc_by(deleted.len() as u64);
             self.watches.notify(&deleted);
         }
         Ok(deleted.len())
@@ -541,6 +605,7 @@ impl DirectCommitter {
         Ok(DirectCommitter(Committer::new(
             conn,
             Arc::new(WatchRegistry::default()),
+            Arc::new(Metrics::new()),
         )?))
     }
 

@@ -3,12 +3,14 @@
 use std::path::Path;
 
 use bytes::Bytes;
+use prometheus::IntCounter;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::StoreError;
 use crate::kv::model::{Entry, ReadRange};
 use crate::kv::value::StoredValue;
 use crate::kv::versionstamp::Versionstamp;
+use crate::metrics::Metrics;
 
 // A row is visible unless it has an expiry that has passed (SPEC §10 D4): expired rows are absent
 // even before the sweep deletes them.
@@ -24,13 +26,22 @@ const GET: &str = "SELECT k, v, v_encoding, version, seq FROM kv
 /// One read-only SQLite connection; each core owns one.
 pub struct Reader {
     conn: Connection,
+    /// `denokv_read_rows_total` (or a counter nobody reads).
+    read_rows: IntCounter,
 }
 
 impl Reader {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         Ok(Reader {
             conn: super::schema::open_reader(path)?,
+            read_rows: IntCounter::new("read_rows", "unregistered").expect("valid metric"),
         })
+    }
+
+    /// Counts the rows this reader returns in `metrics`.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.read_rows = metrics.read_rows.clone();
+        self
     }
 
     /// Reads every range from one snapshot.
@@ -39,7 +50,7 @@ impl Reader {
         ranges: &[ReadRange],
         now_ms: i64,
     ) -> Result<Vec<Vec<Entry>>, StoreError> {
-        self.snapshot(ranges.len(), |conn| {
+        let out = self.snapshot(ranges.len(), |conn| {
             let mut out = Vec::with_capacity(ranges.len());
             for r in ranges {
                 if r.start >= r.end {
@@ -62,7 +73,10 @@ impl Reader {
                 );
             }
             Ok(out)
-        })
+        })?;
+        let rows: usize = out.iter().map(Vec::len).sum();
+        self.read_rows.inc_by(rows as u64);
+        Ok(out)
     }
 
     /// Reads single keys from one snapshot; `None` for absent (or expired) keys.
@@ -71,7 +85,7 @@ impl Reader {
         keys: &[Bytes],
         now_ms: i64,
     ) -> Result<Vec<Option<Entry>>, StoreError> {
-        self.snapshot(keys.len(), |conn| {
+        let out = self.snapshot(keys.len(), |conn| {
             let mut stmt = conn.prepare_cached(GET)?;
             let mut out = Vec::with_capacity(keys.len());
             for k in keys {
@@ -81,7 +95,10 @@ impl Reader {
                 out.push(row.map(RawEntry::decode).transpose()?);
             }
             Ok(out)
-        })
+        })?;
+        let rows = out.iter().filter(|e| e.is_some()).count();
+        self.read_rows.inc_by(rows as u64);
+        Ok(out)
     }
 
     /// Runs `statements` queries from one snapshot. One statement is a snapshot by itself, so

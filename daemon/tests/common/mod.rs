@@ -29,6 +29,8 @@ pub fn binary() -> &'static str {
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, from the log line `Metrics on http://ADDR/metrics`.
+    pub metrics_addr: Option<SocketAddr>,
     pub db: PathBuf,
     wrapped: bool,
     _dir: Option<tempfile::TempDir>,
@@ -55,6 +57,12 @@ impl Server {
     }
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// `GET /metrics`: the status, the `Content-Type` and the body.
+    pub fn scrape(&self) -> (u16, String, String) {
+        let addr = self.metrics_addr.expect("the server serves metrics");
+        http_get(addr, "/metrics")
     }
 
     pub fn log_text(&self) -> String {
@@ -141,7 +149,8 @@ impl Launch {
         Launch::bare(db).args(&["--access-token", TOKEN, "--addr", "127.0.0.1:0"])
     }
 
-    /// `--sqlite-path DB serve` and nothing else.
+    /// `--sqlite-path DB serve` and nothing else (and `DENOKV_METRICS_ADDR=127.0.0.1:0`, so
+    /// that servers of parallel tests do not compete for the default metrics port).
     pub fn bare(db: &Path) -> Launch {
         Launch {
             cmd: vec![
@@ -150,7 +159,10 @@ impl Launch {
                 db.display().to_string(),
                 "serve".into(),
             ],
-            env: vec![("RUST_LOG".into(), "info".into())],
+            env: vec![
+                ("RUST_LOG".into(), "info".into()),
+                ("DENOKV_METRICS_ADDR".into(), "127.0.0.1:0".into()),
+            ],
             forks: false,
             kick: None,
         }
@@ -204,10 +216,17 @@ impl Launch {
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
+        let metrics_addr = Arc::new(Mutex::new(None));
+        let metrics_sink = metrics_addr.clone();
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                if let Some(i) = line.find("Metrics on http://") {
+                    let rest = &line[i + "Metrics on http://".len()..];
+                    let addr = rest.trim().trim_end_matches("/metrics").parse().ok();
+                    *metrics_sink.lock().unwrap() = addr;
+                }
                 if let Some(i) = line.find("Listening on http://") {
                     let addr = line[i + "Listening on http://".len()..].trim().to_string();
                     let _ = tx.send(addr);
@@ -242,9 +261,12 @@ impl Launch {
             .position(|a| a == "--sqlite-path")
             .map(|i| PathBuf::from(&self.cmd[i + 1]))
             .unwrap_or_default();
+        // Logged before the serving address.
+        let metrics_addr = *metrics_addr.lock().unwrap();
         Server {
             child: Some(child),
             addr,
+            metrics_addr,
             db,
             wrapped: self.forks,
             _dir: None,
@@ -281,7 +303,8 @@ pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
     let mut cmd = Command::new(binary());
     cmd.args(args)
         .env_remove("DENO_KV_ACCESS_TOKEN")
-        .env_remove("DENO_KV_SQLITE_PATH");
+        .env_remove("DENO_KV_SQLITE_PATH")
+        .env("DENOKV_METRICS_ADDR", "127.0.0.1:0");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -449,6 +472,35 @@ impl Client {
         )
         .await
     }
+}
+
+/// A blocking HTTP/1.1 GET (for the metrics listener): the status, the `Content-Type` and the
+/// body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_string())
 }
 
 pub fn hex(s: &str) -> Vec<u8> {

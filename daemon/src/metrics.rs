@@ -1,0 +1,518 @@
+//! Prometheus metrics: the registry every part of the server records into, and the small
+//! listener that serves it at `GET /metrics` (text format 0.0.4).
+//!
+//! One [`Metrics`] is made at start and handed down (`Arc`) to the cores, the readers and the
+//! committer. Recording is an atomic add on a metric looked up once: labelled children are
+//! resolved at start (or once, on first use) and kept in arrays indexed by enums, so the data
+//! path never looks a label up by string. Gauges that describe state (queue depth, file sizes,
+//! process figures) are sampled when scraped. The listener is a plain blocking HTTP/1.1 loop on
+//! its own thread: a scrape never runs on a serving core.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use prometheus::{
+    exponential_buckets, Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The `Content-Type` of the text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// Seconds: 100 µs to 10 s, for request and commit durations.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// The `route` label of the HTTP metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteLabel {
+    Metadata,
+    SnapshotRead,
+    AtomicWrite,
+    Watch,
+    Other,
+}
+
+impl RouteLabel {
+    const ALL: [RouteLabel; 5] = [
+        RouteLabel::Metadata,
+        RouteLabel::SnapshotRead,
+        RouteLabel::AtomicWrite,
+        RouteLabel::Watch,
+        RouteLabel::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteLabel::Metadata => "metadata",
+            RouteLabel::SnapshotRead => "snapshot_read",
+            RouteLabel::AtomicWrite => "atomic_write",
+            RouteLabel::Watch => "watch",
+            RouteLabel::Other => "other",
+        }
+    }
+}
+
+/// The `type` label of `denokv_mutations_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MutationLabel {
+    Set,
+    Delete,
+    Sum,
+    Min,
+    Max,
+    SetSuffixVersionstampedKey,
+}
+
+impl MutationLabel {
+    pub const COUNT: usize = 6;
+    pub const ALL: [MutationLabel; Self::COUNT] = [
+        MutationLabel::Set,
+        MutationLabel::Delete,
+        MutationLabel::Sum,
+        MutationLabel::Min,
+        MutationLabel::Max,
+        MutationLabel::SetSuffixVersionstampedKey,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MutationLabel::Set => "set",
+            MutationLabel::Delete => "delete",
+            MutationLabel::Sum => "sum",
+            MutationLabel::Min => "min",
+            MutationLabel::Max => "max",
+            MutationLabel::SetSuffixVersionstampedKey => "set_suffix_versionstamped_key",
+        }
+    }
+}
+
+/// Status codes the server answers with; each gets a slot resolved once. Others (none today)
+/// fall back to a label lookup.
+const STATUSES: [u16; 9] = [200, 400, 401, 404, 405, 408, 413, 500, 503];
+
+fn status_slot(status: u16) -> Option<usize> {
+    STATUSES.iter().position(|&s| s == status)
+}
+
+/// Every metric of the server.
+pub struct Metrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    /// `http_requests` children by route and status slot, created on first use so that only
+    /// pairs that happened are exposed.
+    http_request_slots: [[OnceLock<IntCounter>; STATUSES.len()]; RouteLabel::ALL.len()],
+    http_durations: [Histogram; RouteLabel::ALL.len()],
+    /// Writes per committed transaction.
+    pub commit_batch_size: Histogram,
+    /// BEGIN to COMMIT of a committed transaction.
+    pub commit_duration: Histogram,
+    pub writes_committed: IntCounter,
+    pub write_checks_failed: IntCounter,
+    pub writes_invalid: IntCounter,
+    mutations: [IntCounter; MutationLabel::COUNT],
+    pub enqueues: IntCounter,
+    pub read_rows: IntCounter,
+    pub open_connections: IntGauge,
+    pub watch_streams: IntGauge,
+    pub committer_queue_depth: IntGauge,
+    database_size: IntGauge,
+    wal_size: IntGauge,
+    pub expired_rows_swept: IntCounter,
+    build_info: IntGaugeVec,
+    sync_mode: IntGaugeVec,
+    process_cpu: Counter,
+    process_resident_memory: IntGauge,
+    process_open_fds: IntGauge,
+    process_max_fds: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered (at zero).
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry
+                .register(c)
+                .expect("metric names and labels are valid and unique")
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            reg(Box::new(c.clone()));
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            reg(Box::new(g.clone()));
+            g
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            reg(Box::new(h.clone()));
+            h
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            reg(Box::new(g.clone()));
+            g
+        };
+
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "denokv_http_requests_total",
+                "HTTP requests answered, by route and status code.",
+            ),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        reg(Box::new(http_requests.clone()));
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "denokv_http_request_duration_seconds",
+                "Time from receiving a request to its response head (for watch: until the \
+                 stream starts).",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        reg(Box::new(http_duration.clone()));
+        let mutations_vec = IntCounterVec::new(
+            Opts::new("denokv_mutations_total", "Mutations committed, by type."),
+            &["type"],
+        )
+        .expect("valid metric");
+        reg(Box::new(mutations_vec.clone()));
+
+        let process_cpu = Counter::new(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+        )
+        .expect("valid metric");
+        reg(Box::new(process_cpu.clone()));
+
+        Metrics {
+            http_request_slots: Default::default(),
+            http_durations: RouteLabel::ALL.map(|r| http_duration.with_label_values(&[r.name()])),
+            http_requests,
+            commit_batch_size: histogram(
+                "denokv_commit_batch_size",
+                "Atomic writes per committed transaction (group commit).",
+                exponential_buckets(1.0, 2.0, 10).expect("valid buckets"),
+            ),
+            commit_duration: histogram(
+                "denokv_commit_duration_seconds",
+                "Time from BEGIN to the end of COMMIT of a committed transaction.",
+                DURATION_BUCKETS.to_vec(),
+            ),
+            writes_committed: counter("denokv_writes_committed_total", "Atomic writes committed."),
+            write_checks_failed: counter(
+                "denokv_write_checks_failed_total",
+                "Atomic writes not applied because a versionstamp check failed.",
+            ),
+            writes_invalid: counter(
+                "denokv_writes_invalid_total",
+                "Atomic writes rejected as invalid (400): by validation, or by the committer \
+                 (rolled back to their savepoint).",
+            ),
+            mutations: MutationLabel::ALL.map(|m| mutations_vec.with_label_values(&[m.name()])),
+            enqueues: counter(
+                "denokv_enqueues_total",
+                "Queue messages enqueued by committed writes.",
+            ),
+            read_rows: counter(
+                "denokv_read_rows_total",
+                "Rows returned by reads (snapshot reads and watch reads).",
+            ),
+            open_connections: gauge(
+                "denokv_open_connections",
+                "Client connections open on the serving port.",
+            ),
+            watch_streams: gauge("denokv_watch_streams", "Watch streams open."),
+            committer_queue_depth: gauge(
+                "denokv_committer_queue_depth",
+                "Atomic writes waiting for the committer.",
+            ),
+            database_size: gauge(
+                "denokv_database_size_bytes",
+                "Size of the SQLite database file.",
+            ),
+            wal_size: gauge(
+                "denokv_wal_size_bytes",
+                "Size of the SQLite write-ahead log file.",
+            ),
+            expired_rows_swept: counter(
+                "denokv_expired_rows_swept_total",
+                "Expired rows deleted by the expiry sweep.",
+            ),
+            build_info: gauge_vec(
+                "denokv_build_info",
+                "Always 1; the version label says which denokv runs.",
+                "version",
+            ),
+            sync_mode: gauge_vec(
+                "denokv_sync_mode",
+                "Always 1; the mode label is the durability setting (full or normal).",
+                "mode",
+            ),
+            process_cpu,
+            process_resident_memory: gauge(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+            ),
+            process_open_fds: gauge("process_open_fds", "Number of open file descriptors."),
+            process_max_fds: gauge(
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+            ),
+            registry,
+        }
+    }
+
+    /// Sets `denokv_build_info` and `denokv_sync_mode`.
+    pub fn set_info(&self, sync_mode: &str) {
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        self.sync_mode.with_label_values(&[sync_mode]).set(1);
+    }
+
+    /// Records one answered request.
+    pub fn http_request(&self, route: RouteLabel, status: u16, elapsed: Duration) {
+        let r = route as usize;
+        self.http_durations[r].observe(elapsed.as_secs_f64());
+        match status_slot(status) {
+            Some(s) => self.http_request_slots[r][s]
+                .get_or_init(|| {
+                    self.http_requests
+                        .with_label_values(&[route.name(), &status.to_string()])
+                })
+                .inc(),
+            None => self
+                .http_requests
+                .with_label_values(&[route.name(), &status.to_string()])
+                .inc(),
+        }
+    }
+
+    /// The counter of committed mutations of one type.
+    pub fn mutations(&self, kind: MutationLabel) -> &IntCounter {
+        &self.mutations[kind as usize]
+    }
+
+    /// Samples the sizes of the database file and its WAL (0 when missing).
+    pub fn sample_files(&self, db: &Path) {
+        let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len() as i64);
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        self.database_size.set(len(db));
+        self.wal_size.set(len(Path::new(&wal)));
+    }
+
+    /// Samples the process figures from `/proc/self` and `getrusage`.
+    pub fn sample_process(&self) {
+        use nix::sys::resource::{getrlimit, getrusage, Resource, UsageWho};
+        if let Ok(usage) = getrusage(UsageWho::RUSAGE_SELF) {
+            let secs =
+                |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1_000_000.0;
+            let cpu = secs(usage.user_time()) + secs(usage.system_time());
+            let delta = cpu - self.process_cpu.get();
+            if delta > 0.0 {
+                self.process_cpu.inc_by(delta);
+            }
+        }
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let rss_kb = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
+            if let Some(kb) = rss_kb {
+                self.process_resident_memory.set(kb * 1024);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            // Less the descriptor read_dir itself holds open.
+            self.process_open_fds.set(fds.count() as i64 - 1);
+        }
+        if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            self.process_max_fds.set(soft.min(i64::MAX as u64) as i64);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}
+
+/// Increments a gauge now and decrements it when dropped (open connections, watch streams).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What runs before each scrape to sample state into gauges.
+pub type Sampler = Box<dyn Fn(&Metrics) + Send>;
+
+/// The `/metrics` listener: one thread, one connection at a time. Stops when dropped.
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long a scraper may take to send its request or read the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read.
+const MAX_HEAD: usize = 8192;
+
+impl MetricsServer {
+    /// Binds `addr` and serves `GET /metrics` on a thread of its own.
+    pub fn start(
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        sampler: Sampler,
+    ) -> io::Result<MetricsServer> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stopping.load(Ordering::Acquire) {
+                        break;
+                    }
+                    match stream {
+                        Ok(stream) => {
+                            if let Err(e) = serve_one(stream, &metrics, &sampler) {
+                                tracing::debug!("metrics request failed: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!("metrics accept failed: {e}");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+            })?;
+        Ok(MetricsServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept; if that fails, leave the thread to end with the process.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Answers one request and closes the connection.
+fn serve_one(mut stream: TcpStream, metrics: &Metrics, sampler: &Sampler) -> io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > MAX_HEAD {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                b"",
+            );
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    if path != "/metrics" {
+        return respond(&mut stream, "404 Not Found", "text/plain", b"not found\n");
+    }
+    if method != "GET" {
+        return respond(
+            &mut stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            b"use GET\n",
+        );
+    }
+    sampler(metrics);
+    metrics.sample_process();
+    let body = metrics.encode();
+    respond(&mut stream, "200 OK", CONTENT_TYPE, &body)
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &[u8],
+) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()?;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    Ok(())
+}
