@@ -112,6 +112,7 @@ pub fn spawn_with_heartbeat(
     let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
     // Checkpoints run on their own thread (see checkpointer.rs), not inside our commits.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    checkpointer::limit_wal_file(&conn)?;
     let path = conn
         .path()
         .map(std::path::PathBuf::from)
