@@ -132,8 +132,6 @@ mod tests {
         }
         drop(poke);
         thread.join().unwrap();
-        let (frames, _) = checkpoint(&writer, "PASSIVE").unwrap();
-        assert!(frames < 2000, "the WAL was never rewound: {frames} frames");
         // Without the restart the WAL ends near 11,000 frames (44 MB) here; with it the file only
         // holds what arrives between two checkpoints.
         assert!(
