@@ -72,12 +72,7 @@ async fn random_bodies_never_get_a_5xx_or_a_dropped_connection() {
         let p = BOTH[i % 2];
         if route == "watch" {
             // A valid watch is an endless stream: look at the status only.
-            let req = http::Request::post(s.url("/v2/watch"))
-                .header("authorization", format!("Bearer {TOKEN}"))
-                .header("x-denokv-version", "3")
-                .header("x-denokv-database-id", NIL_ID)
-                .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
-                .unwrap();
+            let req = common::data_request(&s.url("/v2/watch"), body.clone());
             let resp = c.try_send(p, req).await.expect("the server answered");
             assert!(
                 matches!(resp.status().as_u16(), 200 | 400),

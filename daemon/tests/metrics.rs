@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use common::*;
 use denokv::proto as pb;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use prost::Message;
 
 fn key(s: &str) -> Bytes {
@@ -356,12 +356,7 @@ async fn watch_streams_and_connections_are_gauges() {
         keys: vec![pb::WatchKey { key: key("w") }],
     }
     .encode_to_vec();
-    let req = http::Request::post(s.url("/v2/watch"))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("x-denokv-version", "3")
-        .header("x-denokv-database-id", NIL_ID)
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
+    let req = data_request(&s.url("/v2/watch"), body);
     let resp = c.send(Proto::H1, req).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();

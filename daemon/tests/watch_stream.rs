@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use common::*;
 use denokv::proto as pb;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prost::Message;
 
@@ -74,12 +74,7 @@ async fn open_watch(c: &Client, p: Proto, s: &Server, keys: &[Bytes]) -> Frames 
             .collect(),
     }
     .encode_to_vec();
-    let req = http::Request::post(s.url("/v2/watch"))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("x-denokv-version", "3")
-        .header("x-denokv-database-id", NIL_ID)
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
+    let req = data_request(&s.url("/v2/watch"), body);
     let resp = c.send(p, req).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/octet-stream");

@@ -407,12 +407,7 @@ impl Client {
         route: &str,
         body: Vec<u8>,
     ) -> Option<Reply> {
-        let req = http::Request::post(format!("{server_url}/v2/{route}"))
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("x-denokv-version", "3")
-            .header("x-denokv-database-id", NIL_ID)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
+        let req = data_request(&format!("{server_url}/v2/{route}"), body);
         let resp = self.try_send(proto, req).await.ok()?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -501,6 +496,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
         })
         .unwrap_or_default();
     (status, content_type, body.to_string())
+}
+
+/// A POST to a data-path URL with the headers a version 3 client sends.
+pub fn data_request(url: &str, body: Vec<u8>) -> http::Request<Full<Bytes>> {
+    http::Request::post(url)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("x-denokv-version", "3")
+        .header("x-denokv-database-id", NIL_ID)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
 }
 
 pub fn hex(s: &str) -> Vec<u8> {
