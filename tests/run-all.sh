@@ -36,6 +36,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "systemd units: verify, security exposure, sysusers and tmpfiles"
 tests/systemd/check-units.sh
 
+step "monitoring: alert rules (promtool) and the Grafana dashboard"
+tests/packaging/check-monitoring.sh
+
 step "cargo test"
 cargo test --workspace --locked
 
