@@ -15,13 +15,6 @@ fn auth() -> String {
     format!("Bearer {TOKEN}")
 }
 
-fn key(s: &str) -> Bytes {
-    let mut k = vec![0x02];
-    k.extend_from_slice(s.as_bytes());
-    k.push(0);
-    Bytes::from(k)
-}
-
 fn get_range(k: &Bytes) -> pb::ReadRange {
     let mut end = k.to_vec();
     end.push(0);
@@ -689,10 +682,7 @@ async fn le64_sum_min_max_and_v8_sum() {
 async fn expiry_and_versionstamped_keys() {
     let s = Server::start(&[]);
     let c = Client::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = denokv::kv::now_ms();
     let (gone, stays) = (key("gone"), key("stays"));
     let w = write(vec![
         pb::Mutation {
@@ -733,10 +723,7 @@ async fn expiry_and_versionstamped_keys() {
 async fn enqueue_validation_and_storage() {
     let s = Server::start(&[]);
     let c = Client::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = denokv::kv::now_ms();
     let e = |deadline_ms| pb::Enqueue {
         payload: Bytes::from(hex("ff0f4902")),
         deadline_ms,
@@ -822,10 +809,7 @@ async fn sum_min_max_clear_an_expiry_unless_they_set_one() {
     // SPEC §10 D13: upstream always clears; we keep that unless the mutation carries an expiry.
     let s = Server::start(&[]);
     let c = Client::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = denokv::kv::now_ms();
     let (cleared, kept) = (key("cleared"), key("kept"));
     let expiring = |k: &Bytes| pb::Mutation {
         expire_at_ms: now + 300,

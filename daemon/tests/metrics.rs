@@ -12,13 +12,6 @@ use denokv::proto as pb;
 use http_body_util::BodyExt;
 use prost::Message;
 
-fn key(s: &str) -> Bytes {
-    let mut k = vec![0x02];
-    k.extend_from_slice(s.as_bytes());
-    k.push(0);
-    Bytes::from(k)
-}
-
 fn mutation(k: &Bytes, ty: pb::MutationType, value: Option<pb::KvValue>) -> pb::Mutation {
     pb::Mutation {
         key: k.clone(),
@@ -462,10 +455,7 @@ fn expired_rows_swept_are_counted() {
         .unwrap();
     let s = Server::start(&[]);
     let c = Client::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = denokv::kv::now_ms();
     let w = pb::AtomicWrite {
         mutations: (0..3)
             .map(|i| pb::Mutation {

@@ -163,12 +163,9 @@ async fn environment_variables_configure_the_server() {
 }
 
 async fn set_key(c: &Client, p: Proto, url: &str, k: &str, v: &str) -> Option<Reply> {
-    let mut key = vec![0x02];
-    key.extend_from_slice(k.as_bytes());
-    key.push(0);
     let w = pb::AtomicWrite {
         mutations: vec![pb::Mutation {
-            key: Bytes::from(key),
+            key: common::key(k),
             value: Some(pb::KvValue {
                 data: Bytes::copy_from_slice(v.as_bytes()),
                 encoding: pb::ValueEncoding::VeBytes as i32,
@@ -182,14 +179,12 @@ async fn set_key(c: &Client, p: Proto, url: &str, k: &str, v: &str) -> Option<Re
 }
 
 async fn get_key(c: &Client, p: Proto, url: &str, k: &str) -> Option<Bytes> {
-    let mut key = vec![0x02];
-    key.extend_from_slice(k.as_bytes());
-    key.push(0);
-    let mut end = key.clone();
+    let key = common::key(k);
+    let mut end = key.to_vec();
     end.push(0);
     let read = pb::SnapshotRead {
         ranges: vec![pb::ReadRange {
-            start: Bytes::from(key),
+            start: key,
             end: Bytes::from(end),
             limit: 1,
             reverse: false,

@@ -11,13 +11,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prost::Message;
 
-fn key(s: &str) -> Bytes {
-    let mut k = vec![0x02];
-    k.extend_from_slice(s.as_bytes());
-    k.push(0);
-    Bytes::from(k)
-}
-
 /// Reads length-prefixed frames from a watch body.
 struct Frames {
     body: Incoming,

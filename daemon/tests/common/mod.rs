@@ -508,6 +508,13 @@ pub fn data_request(url: &str, body: Vec<u8>) -> http::Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// The key `[s]`, encoded as Deno encodes a one-string key.
+pub fn key(s: &str) -> Bytes {
+    Bytes::from(denokv::kv::key::encode(&[
+        denokv::kv::key::KeyPart::String(s.into()),
+    ]))
+}
+
 pub fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)
