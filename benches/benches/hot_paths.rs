@@ -7,7 +7,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use denokv::kv::{now_ms, validate};
 use denokv::proto as pb;
 use denokv::store::committer::DirectCommitter;
-use denokv::store::{schema, Reader, SyncMode};
+use denokv::store::{schema, Reader, SyncMode, WalWrites};
 use denokv_benches::*;
 use prost::Message;
 
@@ -56,12 +56,17 @@ fn protobuf(c: &mut Criterion) {
 }
 
 fn commit_batch(c: &mut Criterion) {
-    for sync in [SyncMode::Full, SyncMode::Normal] {
-        let mut g = c.benchmark_group(format!("commit_batch_{sync:?}").to_lowercase());
+    for (sync, wal) in [
+        (SyncMode::Full, WalWrites::Pwrite),
+        (SyncMode::Full, WalWrites::IoUring),
+        (SyncMode::Normal, WalWrites::Pwrite),
+    ] {
+        let name = format!("commit_batch_{sync:?}_{wal:?}").to_lowercase();
+        let mut g = c.benchmark_group(name);
         g.sample_size(20);
         let (_dir, path) = database(10_000, 100, sync);
         let mut committer =
-            DirectCommitter::new(schema::open_writer(&path, sync).unwrap()).unwrap();
+            DirectCommitter::new(schema::open_writer(&path, sync, wal).unwrap()).unwrap();
         for n in [1usize, 8, 64, 512] {
             g.throughput(Throughput::Elements(n as u64));
             let mut seed = 0;

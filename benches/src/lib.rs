@@ -5,7 +5,7 @@ use denokv::kv::key::{encode, KeyPart};
 use denokv::kv::model::{AtomicWrite, Mutation, MutationKind};
 use denokv::kv::value::{Encoding, Value};
 use denokv::proto as pb;
-use denokv::store::{schema, SyncMode};
+use denokv::store::{schema, SyncMode, WalWrites};
 use rand::{Rng, SeedableRng};
 
 /// `["bench", i]`, as Deno encodes a string and a number key part.
@@ -73,7 +73,7 @@ pub fn database(
 ) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bench.sqlite");
-    let conn = schema::open_writer(&path, sync).expect("open");
+    let conn = schema::open_writer(&path, sync, WalWrites::Pwrite).expect("open");
     let mut committer = denokv::store::committer::DirectCommitter::new(conn).expect("committer");
     let writes: Vec<AtomicWrite> = (0..keys)
         .collect::<Vec<_>>()

@@ -11,7 +11,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use crate::http::auth::TokenSource;
 pub use crate::http::auth::MIN_TOKEN_LEN;
 use crate::runtime::ServeOptions;
-use crate::store::SyncMode;
+use crate::store::{SyncMode, WalWrites};
 
 /// Name of the systemd credential (`LoadCredential=access-token:...`) read when no token is
 /// given otherwise.
@@ -117,6 +117,17 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_SYNC_MODE", value_enum, default_value = "full")]
     pub sync_mode: SyncMode,
 
+    /// io-uring: a commit's WAL writes and its fdatasync go to the disk as one io_uring
+    /// submission (with --sync-mode full where io_uring is available; otherwise pwrite);
+    /// pwrite: SQLite's own write per page and fsync per commit.
+    #[arg(
+        long,
+        env = "DENOKV_WAL_WRITES",
+        value_enum,
+        default_value = "io-uring"
+    )]
+    pub wal_writes: WalWrites,
+
     /// Seconds to let open requests finish after SIGTERM or SIGINT.
     #[arg(long, env = "DENOKV_DRAIN_TIMEOUT", default_value = "10")]
     pub drain_timeout: u64,
@@ -204,6 +215,7 @@ impl ServeArgs {
             read_only: self.read_only,
             threads,
             sync_mode: self.sync_mode,
+            wal_writes: self.wal_writes,
             drain_timeout: Duration::from_secs(self.drain_timeout),
         })
     }

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub commit_batch_size: Histogram,
     /// BEGIN to COMMIT of a committed transaction.
     pub commit_duration: Histogram,
+    /// Fed by the writer's VFS (`store::wal_vfs`), which times every WAL sync.
+    pub wal_sync_duration: Histogram,
     pub writes_committed: IntCounter,
     pub write_checks_failed: IntCounter,
     pub writes_invalid: IntCounter,
@@ -217,6 +219,12 @@ impl Metrics {
             commit_duration: histogram(
                 "denokv_commit_duration_seconds",
                 "Time from BEGIN to the end of COMMIT of a committed transaction.",
+                DURATION_BUCKETS.to_vec(),
+            ),
+            wal_sync_duration: histogram(
+                "denokv_wal_sync_duration_seconds",
+                "Time of one sync of the write-ahead log (with io_uring WAL writes: the \
+                 commit's WAL writes and the fdatasync, submitted together).",
                 DURATION_BUCKETS.to_vec(),
             ),
             writes_committed: counter("denokv_writes_committed_total", "Atomic writes committed."),

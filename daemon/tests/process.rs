@@ -239,6 +239,71 @@ async fn serves_on_epoll_when_io_uring_is_denied() {
     assert!(status.success());
 }
 
+/// The WAL system calls of a server that commits `writes` writes one at a time, by name
+/// (`pwrite64`, `fsync`, `fdatasync`, `io_uring_enter`), counting only calls on the `-wal` file
+/// (io_uring_enter: all, the cores' too).
+async fn wal_syscalls(extra: &[&str], writes: usize) -> std::collections::HashMap<String, usize> {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let trace = dir.path().join("trace");
+    let trace_arg = trace.display().to_string();
+    let wrapper = [
+        "strace",
+        "-f",
+        "-qq",
+        "-y",
+        "-o",
+        &trace_arg,
+        "-e",
+        "trace=pwrite64,fsync,fdatasync,io_uring_enter",
+    ];
+    let mut s = Server::start_on(&db, extra, &wrapper);
+    let c = Client::new();
+    let url = s.url("");
+    for i in 0..writes {
+        let r = set_key(&c, Proto::H2, &url, &format!("k{i}"), "v")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    drop(c);
+    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert!(status.success());
+    let mut counts = std::collections::HashMap::new();
+    for line in std::fs::read_to_string(&trace).unwrap().lines() {
+        let Some(call) = line.split_whitespace().nth(1) else {
+            continue;
+        };
+        let name = call.split('(').next().unwrap_or_default().to_string();
+        if name == "io_uring_enter" || call.contains("-wal>") {
+            *counts.entry(name).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test]
+async fn io_uring_wal_writes_replace_the_pwrites_and_fsyncs_of_each_commit() {
+    const WRITES: usize = 30;
+    let plain = wal_syscalls(&["--wal-writes", "pwrite"], WRITES).await;
+    let get =
+        |m: &std::collections::HashMap<String, usize>, k: &str| m.get(k).copied().unwrap_or(0);
+    // SQLite itself: a frame header and a page per written page, and an fsync per commit.
+    assert!(get(&plain, "pwrite64") >= 2 * WRITES, "{plain:?}");
+    assert!(get(&plain, "fsync") >= WRITES, "{plain:?}");
+
+    let uring = wal_syscalls(&[], WRITES).await;
+    eprintln!("pwrite: {plain:?}\nio_uring: {uring:?}");
+    // Ours: the first sync of the WAL goes through SQLite (it also syncs the directory
+    // then); every later commit is one io_uring submission.
+    assert!(get(&uring, "pwrite64") <= 2, "{uring:?}");
+    assert!(
+        get(&uring, "fsync") + get(&uring, "fdatasync") <= 3,
+        "{uring:?}"
+    );
+    assert!(get(&uring, "io_uring_enter") >= WRITES, "{uring:?}");
+}
+
 /// Writers that record a key only after its write was acknowledged.
 async fn write_load(
     url: String,

@@ -18,7 +18,7 @@ use crate::health::Monitor;
 use crate::http::auth::{SharedTokens, TokenSource, Tokens};
 use crate::http::Shared;
 use crate::metrics::{Metrics, MetricsServer};
-use crate::store::{self, Reader, SyncMode, WatchRegistry};
+use crate::store::{self, Reader, SyncMode, WalWrites, WatchRegistry};
 use crate::systemd::{self, Notifier, Watchdog};
 use crate::telemetry::Logging;
 
@@ -36,6 +36,7 @@ pub struct ServeOptions {
     pub read_only: bool,
     pub threads: usize,
     pub sync_mode: SyncMode,
+    pub wal_writes: WalWrites,
     pub drain_timeout: Duration,
 }
 
@@ -59,7 +60,8 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         tracing::info!("Opened read only database at {}", opts.db_path.display());
         (None, None)
     } else {
-        let conn = store::schema::open_writer(&opts.db_path, opts.sync_mode)?;
+        store::wal_vfs::observe_syncs(metrics.wal_sync_duration.clone());
+        let conn = store::schema::open_writer(&opts.db_path, opts.sync_mode, opts.wal_writes)?;
         let heartbeat = monitor.as_mut().map(|m| m.heartbeat("committer"));
         let (handle, thread) = store::committer::spawn_with_heartbeat(
             conn,
@@ -68,9 +70,10 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             metrics.clone(),
         )?;
         tracing::info!(
-            "Opened database at {}. Sync mode: {:?}. Group commit: always on",
+            "Opened database at {}. Sync mode: {:?}. WAL writes: {}. Group commit: always on",
             opts.db_path.display(),
-            opts.sync_mode
+            opts.sync_mode,
+            store::wal_vfs::describe(opts.wal_writes, opts.sync_mode)
         );
         (Some(handle), Some(thread))
     };

@@ -103,13 +103,13 @@ pub fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64)>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{schema, SyncMode};
+    use crate::store::{schema, SyncMode, WalWrites};
 
     #[test]
     fn sustained_writes_cannot_grow_the_wal_without_bound() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let writer = schema::open_writer(&path, SyncMode::Normal).unwrap();
+        let writer = schema::open_writer(&path, SyncMode::Normal, WalWrites::IoUring).unwrap();
         writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
         limit_wal_file(&writer).unwrap();
         let (poke, thread) = spawn_with(&path, 64).unwrap();

@@ -5,6 +5,7 @@ pub mod checkpointer;
 pub mod committer;
 pub mod reader;
 pub mod schema;
+pub mod wal_vfs;
 pub mod watch;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use crate::kv::KvError;
 pub use committer::CommitterHandle;
 pub use reader::Reader;
 pub use schema::SyncMode;
+pub use wal_vfs::WalWrites;
 pub use watch::WatchRegistry;
 
 /// Why the store could not serve a request.

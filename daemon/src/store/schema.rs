@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use rusqlite::{Connection, OpenFlags};
 
+use super::wal_vfs::{self, WalWrites};
+
 /// The `migration_state.version` this server writes and understands.
 pub const SCHEMA_VERSION: i64 = 3;
 
@@ -59,14 +61,19 @@ impl SyncMode {
 }
 
 /// Opens the one read-write connection, switches the file to WAL and brings the schema up to
-/// date. Creates the file if it does not exist.
-pub fn open_writer(path: &Path, sync: SyncMode) -> anyhow::Result<Connection> {
+/// date. Creates the file if it does not exist. `wal` says how its WAL reaches the disk
+/// (see `wal_vfs`).
+pub fn open_writer(path: &Path, sync: SyncMode, wal: WalWrites) -> anyhow::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn = Connection::open_with_flags(path, flags)
+    let vfs = wal_vfs::vfs_name(wal, sync);
+    let mut conn = Connection::open_with_flags_and_vfs(path, flags, vfs)
         .with_context(|| format!("cannot open database {}", path.display()))?;
     configure(&conn).with_context(|| format!("cannot use database {}", path.display()))?;
+    // Room for the largest batch's pages, so a transaction never spills pages into the WAL
+    // before its commit (the default is 2 MiB).
+    conn.pragma_update(None, "cache_size", -65536)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         bail!(
@@ -154,12 +161,13 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::WalWrites;
 
     #[test]
     fn fresh_database_gets_the_deno_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let conn = open_writer(&path, SyncMode::Full).unwrap();
+        let conn = open_writer(&path, SyncMode::Full, WalWrites::IoUring).unwrap();
         let cols: Vec<(String, String, i64, Option<String>, i64)> = conn
             .prepare("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info('kv')")
             .unwrap()
@@ -192,7 +200,7 @@ mod tests {
         assert_eq!(dv, 0);
         drop(conn);
         // Reopening runs no migration twice.
-        open_writer(&path, SyncMode::Normal).unwrap();
+        open_writer(&path, SyncMode::Normal, WalWrites::IoUring).unwrap();
         open_reader(&path).unwrap();
     }
 
@@ -200,11 +208,11 @@ mod tests {
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let conn = open_writer(&path, SyncMode::Full).unwrap();
+        let conn = open_writer(&path, SyncMode::Full, WalWrites::IoUring).unwrap();
         conn.execute("UPDATE migration_state SET version = 4", [])
             .unwrap();
         drop(conn);
-        let err = open_writer(&path, SyncMode::Full).unwrap_err();
+        let err = open_writer(&path, SyncMode::Full, WalWrites::IoUring).unwrap_err();
         assert!(
             format!("{err:#}").contains("schema version 4 is newer"),
             "{err:#}"

@@ -21,7 +21,7 @@ impl TestStore {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let conn = schema::open_writer(&path, SyncMode::Normal).unwrap();
+        let conn = schema::open_writer(&path, SyncMode::Normal, WalWrites::IoUring).unwrap();
         let watches = Arc::new(WatchRegistry::default());
         let (committer, thread) = committer::spawn(conn, watches.clone()).unwrap();
         TestStore {
