@@ -41,6 +41,55 @@ pub enum Command {
     /// Checks that every write recorded in an --ack-log is in the database with its value
     /// (e.g. after a crash and restart); exit 1 and list the keys otherwise.
     Verify(VerifyArgs),
+    /// Opens --concurrency connections (one TCP connection each), reads once on each, holds
+    /// them idle for --duration, reads again, and reports the server's memory (--server-pid);
+    /// exit 1 unless every connection stayed usable.
+    Idle(IdleArgs),
+    /// Writes keys 0..--keys of the load generator's key space (the bytes --preload writes)
+    /// straight into a database file, with the server's storage code; the server must not be
+    /// running on it.
+    GenDb(GenDbArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// How long to hold the connections idle.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// The server process whose memory is reported.
+    #[arg(long)]
+    pub server_pid: Option<i32>,
+
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// How to print the report on stdout.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenDbArgs {
+    /// The database file (created if missing).
+    #[arg(long)]
+    pub path: PathBuf,
+
+    /// Keys to write.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keys: u64,
+
+    /// Bytes per value.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=65_536))]
+    pub value_size: u32,
+
+    /// The seed a later `--preload` would use (the value bytes depend on it).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 /// How to reach the server.
@@ -133,6 +182,11 @@ pub struct RunArgs {
     /// preload to this file, for `verify`.
     #[arg(long)]
     pub ack_log: Option<PathBuf>,
+
+    /// A server process on this machine whose CPU time and memory over the measured window
+    /// go into the report.
+    #[arg(long)]
+    pub server_pid: Option<i32>,
 
     /// Also write the report as JSON to this file.
     #[arg(long)]

@@ -43,6 +43,12 @@ pub fn exact_end(key: &[u8]) -> Bytes {
     Bytes::from(end)
 }
 
+/// The tag of key `i`'s value in a preload (and `gen-db`): it depends on the key and the seed
+/// only, so the same preload writes the same bytes.
+pub fn preload_tag(seed: u64, i: u64) -> u64 {
+    seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 /// The value written for `tag`: `size` bytes expanded from the tag by splitmix64. The ack log
 /// stores only the tag and the size; `verify` recomputes the bytes and compares all of them.
 pub fn value_for(tag: u64, size: usize) -> Bytes {

@@ -6,6 +6,8 @@
 //! denokv-loadtest read  --url ... --proto h2 --connections 1 --preload --keys 10000
 //! denokv-loadtest sum   --url ... --hot-keys 10          # exit 1 if a counter is off
 //! denokv-loadtest watch --url ... --watchers 100 --hot-keys 3
+//! denokv-loadtest idle  --url ... --proto h1 --concurrency 10000 --server-pid $PID
+//! denokv-loadtest gen-db --path big.sqlite --keys 10000000   # then serve it and `read`
 //! denokv-loadtest write --url ... --ack-log acks.log     # kill -9 the server meanwhile,
 //! denokv-loadtest verify --url ... --ack-log acks.log    # restart it, then check
 //! ```
@@ -20,8 +22,11 @@ mod acklog;
 mod cli;
 mod client;
 mod data;
+mod gendb;
+mod idle;
 mod report;
 mod run;
+mod server;
 mod stats;
 mod verify;
 mod watch;
@@ -34,7 +39,25 @@ use workload::Workload;
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::GenDb(a) = &cli.command {
+        match gendb::generate(&a.path, a.keys, a.value_size as usize, a.seed) {
+            Ok(seconds) => {
+                println!(
+                    "wrote {} keys to {} in {seconds:.1} s",
+                    a.keys,
+                    a.path.display()
+                );
+                return;
+            }
+            Err(e) => {
+                eprintln!("denokv-loadtest: {e:#}");
+                std::process::exit(2);
+            }
+        }
+    }
     let client_args = match &cli.command {
+        Command::GenDb(_) => unreachable!("handled above"),
+        Command::Idle(a) => &a.client,
         Command::Verify(a) => &a.client,
         Command::Write(a)
         | Command::Read(a)
@@ -65,6 +88,12 @@ fn main() {
 /// Runs the command and prints its report; true if it passed.
 async fn dispatch(command: Command) -> anyhow::Result<bool> {
     let (workload, args) = match command {
+        Command::GenDb(_) => unreachable!("gen-db needs no runtime"),
+        Command::Idle(args) => {
+            let result = idle::run(&args).await?;
+            report::emit(&result, &result.table(), args.format, args.json.as_deref())?;
+            return Ok(result.passed);
+        }
         Command::Verify(args) => {
             let result = verify::verify(&args).await?;
             report::emit(

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::cli::{Format, RunArgs};
 use crate::client::Proto;
 use crate::run::PreloadInfo;
+use crate::server::ServerUsage;
 use crate::stats::{self, Stats};
 use crate::workload::CheckResult;
 
@@ -70,6 +71,10 @@ pub struct Report {
     pub checks: Vec<CheckResult>,
     /// Every check passed and at least one operation succeeded.
     pub passed: bool,
+    /// The server's CPU and memory over the measured window (`--server-pid`).
+    pub server: Option<ServerUsage>,
+    /// Server CPU milliseconds per 1,000 operations (= microseconds per operation).
+    pub server_cpu_ms_per_1k_ops: Option<f64>,
 }
 
 impl Report {
@@ -135,7 +140,17 @@ impl Report {
                 .collect(),
             checks: Vec::new(),
             passed: !all.is_empty(),
+            server: None,
+            server_cpu_ms_per_1k_ops: None,
         }
+    }
+
+    pub fn set_server_usage(&mut self, usage: Option<ServerUsage>) {
+        self.server_cpu_ms_per_1k_ops = usage
+            .as_ref()
+            .filter(|_| self.ops > 0)
+            .map(|u| u.cpu_seconds * 1e6 / self.ops as f64);
+        self.server = usage;
     }
 
     pub fn add_check(&mut self, check: CheckResult) {
@@ -188,6 +203,17 @@ impl Report {
         );
         for (label, n) in &self.errors {
             let _ = writeln!(t, "  {n:>8}  {label}");
+        }
+        if let Some(u) = &self.server {
+            let _ = writeln!(
+                t,
+                "server (pid {}): {:.2} CPU s, {:.1} ms per 1000 ops, RSS {:.1} -> {:.1} MiB",
+                u.pid,
+                u.cpu_seconds,
+                self.server_cpu_ms_per_1k_ops.unwrap_or(0.0),
+                u.rss_mib_start,
+                u.rss_mib_end
+            );
         }
         if !self.counters.is_empty() {
             let _ = writeln!(t, "counters:");

@@ -18,6 +18,7 @@ use crate::cli::RunArgs;
 use crate::client::{self, CallError, Conn, Endpoint, Proto, SharedH2, Written};
 use crate::data;
 use crate::report::Report;
+use crate::server::{self, ServerUsage};
 use crate::stats::Stats;
 use crate::watch;
 use crate::workload::{self, Client, Plan, Tally, Workload};
@@ -106,7 +107,7 @@ pub async fn run(workload: Workload, args: &RunArgs) -> anyhow::Result<Report> {
     let mut report = if workload == Workload::Watch {
         watch::run(&plan, args, conns).await?
     } else {
-        let (stats, tallies) = closed_loop(&plan, args, conns).await;
+        let (stats, tallies, usage) = closed_loop(&plan, args, conns).await;
         let mut report = Report::new(
             workload.name(),
             args,
@@ -114,6 +115,7 @@ pub async fn run(workload: Workload, args: &RunArgs) -> anyhow::Result<Report> {
             stats,
             &[],
         );
+        report.set_server_usage(usage);
         if let Some(check) = workload::check_counters(&plan, &tallies).await {
             report.add_check(check?);
         }
@@ -170,8 +172,9 @@ async fn closed_loop(
     plan: &Arc<Plan>,
     args: &RunArgs,
     conns: Vec<Conn>,
-) -> (Stats, HashMap<u64, Tally>) {
+) -> (Stats, HashMap<u64, Tally>, Option<ServerUsage>) {
     let window = Window::starting_now(args.warmup, args.duration);
+    let usage = args.server_pid.map(|pid| server::sample(pid, window));
     let mut tasks = JoinSet::new();
     for (id, conn) in conns.into_iter().enumerate() {
         let plan = plan.clone();
@@ -223,7 +226,11 @@ async fn closed_loop(
             sum.uncertain += tally.uncertain;
         }
     }
-    (stats, tallies)
+    let usage = match usage {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
+    (stats, tallies, usage)
 }
 
 #[derive(Debug, Serialize)]
@@ -274,9 +281,7 @@ async fn preload_batch(
     keys: std::ops::Range<u64>,
     seed: u64,
 ) -> anyhow::Result<()> {
-    // The tag depends on the key and the seed only, so the same preload writes the same bytes.
-    let tag =
-        |i: u64| seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let tag = |i: u64| data::preload_tag(seed, i);
     let write = AtomicWrite {
         mutations: keys
             .clone()

@@ -306,3 +306,90 @@ fn acknowledged_writes_survive_a_crash() {
     assert!(n(&run.json["keys"]) > 0, "{}", run.explain());
     server.stop();
 }
+
+/// The (key, value, encoding) rows of a database file, in key order.
+fn kv_rows(db: &std::path::Path) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT k, v, v_encoding FROM kv ORDER BY k")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+#[test]
+fn gen_db_writes_what_a_preload_writes_and_the_server_reports_its_costs() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("generated.sqlite");
+    let out = std::process::Command::new(common::loadtest_binary())
+        .args(["gen-db", "--keys", "1200", "--path"])
+        .arg(&generated)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut server = Server::start(&generated);
+    let pid = server.pid().to_string();
+    let run = loadtest(
+        &server,
+        dir.path(),
+        &args(&["read", "--keys", "1200", "--server-pid", &pid]),
+    );
+    assert_eq!(run.code, 0, "{}", run.explain());
+    assert!(
+        run.json["counters"]["read misses"].is_null(),
+        "{}",
+        run.explain()
+    );
+    assert!(run.json["server"]["cpu_seconds"].as_f64().unwrap() > 0.0);
+    assert!(run.json["server_cpu_ms_per_1k_ops"].as_f64().unwrap() > 0.0);
+    assert!(run.json["server"]["rss_mib_end"].as_f64().unwrap() > 1.0);
+
+    for proto in ["h1", "h2"] {
+        let run = loadtest(
+            &server,
+            dir.path(),
+            &[
+                "idle",
+                "--proto",
+                proto,
+                "--concurrency",
+                "40",
+                "--duration",
+                "200ms",
+                "--server-pid",
+                &pid,
+            ],
+        );
+        assert_eq!(run.code, 0, "{}", run.explain());
+        assert_eq!(n(&run.json["opened"]), 40, "{}", run.explain());
+        assert_eq!(n(&run.json["alive_after_hold"]), 40, "{}", run.explain());
+        assert!(
+            run.json["server_rss_mib_with_connections"]
+                .as_f64()
+                .unwrap()
+                > 1.0
+        );
+    }
+    server.stop();
+
+    let preloaded = dir.path().join("preloaded.sqlite");
+    let mut server = Server::start(&preloaded);
+    let run = loadtest(
+        &server,
+        dir.path(),
+        &args(&["read", "--preload", "--keys", "1200"]),
+    );
+    assert_eq!(run.code, 0, "{}", run.explain());
+    server.stop();
+    let (a, b) = (kv_rows(&generated), kv_rows(&preloaded));
+    assert_eq!(a.len(), 1200);
+    assert!(a == b, "gen-db and --preload wrote different rows");
+}
