@@ -397,3 +397,17 @@ async fn sigkill_loses_no_acknowledged_write() {
 async fn sigterm_drains_and_exits_zero() {
     acknowledged_writes_survive(Stop::Term).await;
 }
+
+#[test]
+fn lifts_its_open_files_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    // Soft 256 would refuse the 250th client; the server lifts it to the hard limit.
+    let mut s = Launch::new(&db)
+        .wrapper(&["prlimit", "--nofile=256:4096"], false)
+        .start();
+    let (status, _, body) = s.scrape();
+    assert_eq!(status, 200);
+    assert!(body.contains("\nprocess_max_fds 4096\n"), "{body}");
+    assert!(s.stop().success());
+}

@@ -49,6 +49,28 @@ pub enum Command {
     /// straight into a database file, with the server's storage code; the server must not be
     /// running on it.
     GenDb(GenDbArgs),
+    /// Measures this machine's storage ceilings in --dir: fdatasync/s, and SQLite commits/s
+    /// at synchronous=FULL and NORMAL.
+    Disk(DiskArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DiskArgs {
+    /// Where to measure (the filesystem of the database).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+
+    /// Time for each measurement.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// How to print the report on stdout.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -7,6 +7,7 @@
 //! denokv-loadtest sum   --url ... --hot-keys 10          # exit 1 if a counter is off
 //! denokv-loadtest watch --url ... --watchers 100 --hot-keys 3
 //! denokv-loadtest idle  --url ... --proto h1 --concurrency 10000 --server-pid $PID
+//! denokv-loadtest disk --dir /var/lib/denokv             # fdatasync/s, SQLite commits/s
 //! denokv-loadtest gen-db --path big.sqlite --keys 10000000   # then serve it and `read`
 //! denokv-loadtest write --url ... --ack-log acks.log     # kill -9 the server meanwhile,
 //! denokv-loadtest verify --url ... --ack-log acks.log    # restart it, then check
@@ -22,6 +23,7 @@ mod acklog;
 mod cli;
 mod client;
 mod data;
+mod disk;
 mod gendb;
 mod idle;
 mod report;
@@ -55,8 +57,19 @@ fn main() {
             }
         }
     }
+    if let Command::Disk(a) = &cli.command {
+        let result = disk::run(a).and_then(|r| {
+            report::emit(&r, &r.table(), a.format, a.json.as_deref())?;
+            Ok(r)
+        });
+        if let Err(e) = result {
+            eprintln!("denokv-loadtest: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
     let client_args = match &cli.command {
-        Command::GenDb(_) => unreachable!("handled above"),
+        Command::GenDb(_) | Command::Disk(_) => unreachable!("handled above"),
         Command::Idle(a) => &a.client,
         Command::Verify(a) => &a.client,
         Command::Write(a)
@@ -88,7 +101,7 @@ fn main() {
 /// Runs the command and prints its report; true if it passed.
 async fn dispatch(command: Command) -> anyhow::Result<bool> {
     let (workload, args) = match command {
-        Command::GenDb(_) => unreachable!("gen-db needs no runtime"),
+        Command::GenDb(_) | Command::Disk(_) => unreachable!("these need no runtime"),
         Command::Idle(args) => {
             let result = idle::run(&args).await?;
             report::emit(&result, &result.table(), args.format, args.json.as_deref())?;
