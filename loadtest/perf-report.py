@@ -1,0 +1,581 @@
+#!/usr/bin/env python3
+"""Re-runs every performance measurement of denokv and writes docs/PERFORMANCE.md.
+
+    loadtest/perf-report.py                 # the full run (about half an hour on 2 cores)
+    loadtest/perf-report.py --quick         # a short smoke run of the same steps
+    loadtest/perf-report.py --out /tmp/p.md # somewhere else
+
+It builds the release binaries, then measures in one sitting on this machine: the ceilings
+(a trivial HTTP server, fdatasync/s, SQLite commits/s), this server and the upstream `denokv`
+side by side (write, read, mixed, cas, list, sum at 1/16/64/256 clients over HTTP/1.1 and h2),
+cost as the database grows (10 thousand to 10 million keys), memory with idle connections and
+watch streams, our variants (--threads, --sync-mode, --wal-writes), the committer batch
+benchmark, and a CPU profile of the write load. Every number in the document comes from this
+run; raw JSON reports stay in $CARGO_TARGET_DIR/perf-report/.
+
+The upstream server is taken from $UPSTREAM_DENOKV, else ~/.cache/denokv/upstream/bin/denokv,
+else installed there with `cargo install denokv --locked` (about 20 minutes); --no-upstream
+skips it. Servers and load generator share the machine's cores; every server started is
+stopped, and everything listens on loopback only.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "perf-report-token-0123456789"
+TRIVIAL_TOKEN = "trivial-server-token"
+WORKLOADS = ["write", "read", "mixed", "cas", "list", "sum"]
+PRELOADED = {"read", "mixed", "list"}
+KEYS = 10_000
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lift_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Server:
+    """A server process on a loopback port, stopped on exit from the `with` block."""
+
+    def __init__(self, name, argv, port, logfile):
+        self.name, self.argv, self.port, self.logfile = name, argv, port, logfile
+        self.proc = None
+
+    def __enter__(self):
+        self.log = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+            preexec_fn=lift_nofile,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start; see {self.logfile}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not listen on {self.port}; see {self.logfile}")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Report:
+    def __init__(self, args):
+        self.args = args
+        target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/denokv/target"))
+        self.target = target
+        self.bin = target / "release"
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.work = target / "perf-report" / stamp
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.dbs = target / "perf-report" / "dbs"
+        self.dbs.mkdir(parents=True, exist_ok=True)
+        self.runs = 0
+        self.errors = []
+        q = args.quick
+        self.duration = "0.5s" if q else args.duration
+        self.warmup = "0.2s" if q else "1s"
+        self.clients = [1, 64] if q else [1, 16, 64, 256]
+        self.scale_keys = [10_000, 100_000] if q else [10_000, 1_000_000, 10_000_000]
+        self.idle_conns = 1000 if q else 10_000
+        self.watchers = 100 if q else 1000
+
+    # ---- processes -------------------------------------------------------------------------
+
+    def ours(self, db, extra=()):
+        port = free_port()
+        argv = [str(self.bin / "denokv"), "--sqlite-path", str(db), "serve",
+                "--access-token", TOKEN, "--addr", f"127.0.0.1:{port}", "--metrics-addr", "off"]
+        argv += list(extra)
+        if "--threads" not in extra:
+            argv += ["--threads", "2"]
+        return Server("ours", argv, port, self.work / "ours.log")
+
+    def upstream(self, db):
+        port = free_port()
+        argv = [str(self.upstream_bin), "--sqlite-path", str(db), "serve",
+                "--access-token", TOKEN, "--addr", f"127.0.0.1:{port}"]
+        return Server("upstream", argv, port, self.work / "upstream.log")
+
+    def fresh_db(self, label):
+        d = self.work / "db" / f"{label}-{self.runs}"
+        d.mkdir(parents=True, exist_ok=True)
+        self.runs += 1
+        return d / "db.sqlite"
+
+    def loadtest(self, command, server, *extra, token=TOKEN, pid=True):
+        """Runs the load generator; returns its JSON report (with `exit` added). `pid`: a
+        measured run (warm-up, duration, the server's CPU and memory)."""
+        self.runs += 1
+        out = self.work / f"run-{self.runs:04d}-{command}.json"
+        argv = [str(self.bin / "denokv-loadtest"), command, "--url", server.url,
+                "--token", token, "--json", str(out), "--format", "json"]
+        if pid and command != "idle":
+            argv += ["--duration", self.duration, "--warmup", self.warmup]
+        if pid:
+            argv += ["--server-pid", str(server.pid)]
+        argv += [str(a) for a in extra]
+        p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lift_nofile, timeout=900)
+        try:
+            report = json.loads(out.read_text())
+        except (OSError, ValueError):
+            report = {"ops_per_sec": 0, "error_total": 1, "errors": {p.stderr.strip(): 1}}
+        report["exit"] = p.returncode
+        if p.returncode != 0:
+            self.errors.append(f"`{' '.join(argv[1:2] + argv[6:])}` against {server.name} "
+                               f"exited {p.returncode}: {p.stderr.strip()[-300:]}")
+        return report
+
+    def preload(self, server):
+        self.loadtest("read", server, "--preload", "--keys", KEYS, "--concurrency", 16,
+                      "--duration", "0.1s", "--warmup", "0s", pid=False)
+
+    # ---- steps -----------------------------------------------------------------------------
+
+    def build(self):
+        log("building release binaries")
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "denokv",
+                        "-p", "denokv-loadtest"], cwd=ROOT, check=True)
+
+    def find_upstream(self):
+        if self.args.no_upstream:
+            self.upstream_bin = None
+            return
+        candidates = [os.environ.get("UPSTREAM_DENOKV"),
+                      str(Path.home() / ".cache/denokv/upstream/bin/denokv")]
+        for c in candidates:
+            if c and Path(c).is_file():
+                self.upstream_bin = Path(c)
+                return
+        log("installing upstream denokv (cargo install denokv --locked), ~20 min")
+        root = Path.home() / ".cache/denokv/upstream"
+        subprocess.run(["cargo", "install", "denokv", "--locked", "--root", str(root)],
+                       check=True, env={**os.environ,
+                                        "CARGO_TARGET_DIR": str(Path.home() / ".cache/denokv/upstream-target")})
+        self.upstream_bin = root / "bin/denokv"
+
+    def ceilings(self):
+        log("ceilings: trivial HTTP server, disk")
+        res = {}
+        port = free_port()
+        trivial = Server("trivial", [str(self.bin / "denokv-trivial-server"), "--addr",
+                                     f"127.0.0.1:{port}", "--threads", "2"], port,
+                         self.work / "trivial.log")
+        with trivial:
+            for proto in ["h1", "h2"]:
+                r = self.loadtest("read", trivial, "--proto", proto, "--concurrency", 64,
+                                  token=TRIVIAL_TOKEN)
+                res[f"trivial_{proto}"] = r
+        disk = self.work / "disk.json"
+        subprocess.run([str(self.bin / "denokv-loadtest"), "disk", "--dir", str(self.work),
+                        "--duration", "1s" if self.args.quick else "3s", "--json", str(disk)],
+                       check=True, stdout=subprocess.DEVNULL)
+        res["disk"] = json.loads(disk.read_text())
+        return res
+
+    def matrix(self, which):
+        log(f"side by side: {which}")
+        out = {}
+        for w in WORKLOADS:
+            db = self.fresh_db(f"{which}-{w}")
+            srv = self.ours(db) if which == "ours" else self.upstream(db)
+            with srv:
+                if w in PRELOADED:
+                    self.preload(srv)
+                for proto in ["h1", "h2"]:
+                    for c in self.clients:
+                        log(f"  {which} {w} {proto} {c}")
+                        out[(w, proto, c)] = self.loadtest(w, srv, "--proto", proto,
+                                                           "--concurrency", c, "--keys", KEYS)
+        return out
+
+    def scaling(self):
+        log("scaling with the number of keys")
+        out = {}
+        for n in self.scale_keys:
+            db = self.dbs / f"keys-{n}.sqlite"
+            if not db.exists():
+                log(f"  generating {n} keys")
+                tmp = self.dbs / f"keys-{n}.tmp.sqlite"
+                for f in self.dbs.glob(f"keys-{n}.tmp.sqlite*"):
+                    f.unlink()
+                t0 = time.time()
+                subprocess.run([str(self.bin / "denokv-loadtest"), "gen-db", "--path", str(tmp),
+                                "--keys", str(n)], check=True, stdout=subprocess.DEVNULL)
+                tmp.rename(db)
+                out[("gen", n)] = time.time() - t0
+            size = db.stat().st_size
+            with self.ours(db) as srv:
+                for w in ["read", "write"]:
+                    log(f"  {n} keys {w}")
+                    out[(w, n)] = self.loadtest(w, srv, "--proto", "h2", "--concurrency", 64,
+                                                "--keys", n)
+            out[("size", n)] = size
+        return out
+
+    def memory(self, which):
+        log(f"memory: {which}")
+        out = {}
+        mk = self.ours if which == "ours" else self.upstream
+        for proto in ["h1", "h2"]:
+            with mk(self.fresh_db(f"mem-{which}")) as srv:
+                time.sleep(0.5)
+                out[("idle", proto)] = self.loadtest(
+                    "idle", srv, "--proto", proto, "--concurrency", self.idle_conns,
+                    "--duration", "2s" if self.args.quick else "5s", "--timeout", "30s")
+        with mk(self.fresh_db(f"watch-{which}")) as srv:
+            out["watch"] = self.loadtest("watch", srv, "--proto", "h2", "--connections", 10,
+                                         "--watchers", self.watchers, "--hot-keys", 10,
+                                         "--write-interval", "2ms", "--timeout", "30s")
+        return out
+
+    def variants(self):
+        log("our variants")
+        out = {}
+        variants = [
+            ("--threads 1", ["--threads", "1"]),
+            ("--threads 2 (default here)", ["--threads", "2"]),
+            ("--sync-mode normal", ["--sync-mode", "normal"]),
+            ("--wal-writes pwrite", ["--wal-writes", "pwrite"]),
+            ("--wal-writes io-uring (default)", ["--wal-writes", "io-uring"]),
+        ]
+        for label, extra in variants:
+            with self.ours(self.fresh_db("variant"), extra) as srv:
+                self.preload(srv)
+                for w, c in [("write", 1), ("write", 64), ("read", 64)]:
+                    log(f"  {label} {w} {c}")
+                    out[(label, w, c)] = self.loadtest(w, srv, "--proto", "h2",
+                                                       "--concurrency", c, "--keys", KEYS)
+        return out
+
+    def batch_bench(self):
+        log("criterion: committer batches")
+        argv = ["cargo", "bench", "--locked", "-p", "denokv-benches", "--bench", "hot_paths",
+                "--", "--warm-up-time", "1", "--measurement-time", "1" if self.args.quick else "3",
+                "commit_batch"]
+        started = time.time()
+        subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        out = {}
+        base = self.target / "criterion"
+        for group in sorted(base.glob("commit_batch_*")):
+            for n in [1, 8, 64, 512]:
+                est = group / f"{n}_writes" / "new" / "estimates.json"
+                # Only this run's results (criterion keeps old groups around).
+                if est.exists() and est.stat().st_mtime >= started:
+                    ns = json.loads(est.read_text())["mean"]["point_estimate"]
+                    out[(group.name, n)] = n / (ns * 1e-9)
+        return out
+
+    def profile(self):
+        if not shutil.which("perf"):
+            return None
+        log("profile of the write load (perf, cpu-clock)")
+        data = self.work / "perf.data"
+        with self.ours(self.fresh_db("profile")) as srv:
+            rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g",
+                                    "-o", str(data), "-p", str(srv.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            r = self.loadtest("write", srv, "--proto", "h1", "--concurrency", 64, "--keys", KEYS)
+            rec.send_signal(signal.SIGINT)
+            rec.wait(timeout=60)
+        def report(*a):
+            p = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
+                                "-g", "none", "--percent-limit", "1.5", *a],
+                               capture_output=True, text=True)
+            return "\n".join(l for l in p.stdout.splitlines() if l and not l.startswith("#"))
+        return {
+            "run": r,
+            "threads": report("--sort", "comm"),
+            "committer": report("--comm", "committer", "--sort", "dso,sym"),
+            "cores": report("--comm", "core-0,core-1", "--sort", "dso,sym"),
+        }
+
+
+# ---- the document ---------------------------------------------------------------------------
+
+def lat(r, kind=None):
+    lm = r.get("latency_ms", {})
+    k = kind or ("all" if "all" in lm else next(iter(lm), None))
+    return lm.get(k, {}) if k else {}
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def ratio(a, b):
+    return f"{a / b:.1f}×" if a and b else "–"
+
+
+def cpu(r):
+    return fmt(r.get("server_cpu_ms_per_1k_ops"), 1)
+
+
+def machine():
+    cpu_model = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPUs ({cpu_model}), {mem:.0f} GiB, Linux {platform.release()}"
+
+
+def git_rev():
+    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                       text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return p.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof):
+    L = []
+    w = L.append
+    elapsed = (time.time() - started) / 60
+    w("# Performance\n")
+    w(f"Produced by `loadtest/perf-report.py{' --quick' if rep.args.quick else ''}` on "
+      f"{datetime.date.today().isoformat()} at commit {git_rev()}, in one sitting of "
+      f"{elapsed:.0f} minutes. Re-run it to check any number here; raw JSON reports are kept in "
+      f"`$CARGO_TARGET_DIR/perf-report/`.\n")
+    w(f"- Machine: {machine()}. Servers and the load generator share these cores, so every "
+      "number includes the client's own CPU use.")
+    w(f"- Each load: {rep.warmup} warm-up, then {rep.duration} measured; closed loop (each "
+      "client has one request in flight). HTTP/1.1: a connection per client; h2: all clients "
+      "as streams on one connection, as the Deno CLI does. Keys: 10,000 (read, mixed and list "
+      "on a preloaded database), 100-byte values.")
+    w("- Ours: `denokv --threads 2` (sync mode full, io_uring WAL writes). Upstream: "
+      "`denokv` from `cargo install denokv --locked`, its defaults." if rep.upstream_bin else
+      "- Upstream: not measured (--no-upstream).")
+    w("- CPU ms/1k ops: the server's user+system CPU time over the measured window per 1,000 "
+      "operations (= µs per operation).\n")
+
+    w("## Ceilings of this machine\n")
+    d = ceil["disk"]
+    w("| what | value |\n|---|---|")
+    for proto in ["h1", "h2"]:
+        r = ceil[f"trivial_{proto}"]
+        w(f"| trivial HTTP server, {proto}, 64 clients | {fmt(r.get('ops_per_sec'))} req/s |")
+    w(f"| fdatasync of 4 KiB | {fmt(d['fdatasync_per_sec'])}/s |")
+    w(f"| SQLite one-row commits, WAL, synchronous=FULL | {fmt(d['sqlite_full_commits_per_sec'])}/s |")
+    w(f"| SQLite one-row commits, WAL, synchronous=NORMAL | {fmt(d['sqlite_normal_commits_per_sec'])}/s |\n")
+
+    w("## Targets\n")
+    tgt = []
+    for proto in ["h1", "h2"]:
+        o, u = ours.get(("write", proto, 64), {}), up.get(("write", proto, 64), {})
+        tgt.append((f"writes/s at 64 clients, {proto}: ours ÷ upstream ≥ 10×",
+                    f"{fmt(o.get('ops_per_sec'))} ÷ {fmt(u.get('ops_per_sec'))} = "
+                    f"{ratio(o.get('ops_per_sec'), u.get('ops_per_sec'))}",
+                    bool(u) and o.get("ops_per_sec", 0) >= 10 * u.get("ops_per_sec", 1)))
+    for proto in ["h1", "h2"]:
+        o, u = ours.get(("read", proto, 64), {}), up.get(("read", proto, 64), {})
+        t = ceil[f"trivial_{proto}"].get("ops_per_sec", 0)
+        tgt.append((f"point reads/s at 64 clients, {proto}: ≥ 3× upstream and ≥ 50% of the trivial server",
+                    f"{ratio(o.get('ops_per_sec'), u.get('ops_per_sec'))} upstream, "
+                    f"{100 * o.get('ops_per_sec', 0) / t:.0f}% of trivial" if t else "–",
+                    bool(u) and o.get("ops_per_sec", 0) >= 3 * u.get("ops_per_sec", 1)
+                    and o.get("ops_per_sec", 0) >= 0.5 * t))
+    for proto in ["h1", "h2"]:
+        p64 = lat(ours.get(("write", proto, 64), {})).get("p99")
+        p1 = lat(ours.get(("write", proto, 1), {})).get("p99")
+        tgt.append((f"write p99 at 64 clients ≤ 2× at 1 client, {proto}",
+                    f"{fmt(p64, 2)} ms vs {fmt(p1, 2)} ms = {ratio(p64, p1)}",
+                    bool(p64 and p1) and p64 <= 2 * p1))
+    errs = sum(r.get("error_total", 0) for r in ours.values())
+    tgt.append(("no errors under any load (ours, all runs above)", f"{errs} errors", errs == 0))
+    wr = mem_ours.get("watch", {})
+    wp99 = lat(wr, "notify").get("p99")
+    tgt.append((f"watch delivery p99 < 5 ms at {rep.watchers} watchers", f"{fmt(wp99, 2)} ms",
+                wp99 is not None and wp99 < 5))
+    small, big = rep.scale_keys[0], rep.scale_keys[-1]
+    for wl in ["read", "write"]:
+        a, b = scale.get((wl, small), {}).get("ops_per_sec"), scale.get((wl, big), {}).get("ops_per_sec")
+        tgt.append((f"{wl}s/s at {big:,} keys ≥ 70% of {small:,} keys",
+                    f"{fmt(b)} vs {fmt(a)} = {100 * b / a:.0f}%" if a and b else "–",
+                    bool(a and b) and b >= 0.7 * a))
+    w("| target | measured | met |\n|---|---|---|")
+    for name, val, ok in tgt:
+        w(f"| {name} | {val} | {'yes' if ok else '**no**'} |")
+    w("")
+
+    w("## Ours and upstream, side by side\n")
+    for wl in WORKLOADS:
+        w(f"### {wl}\n")
+        w("| proto | clients | ours ops/s | p50 ms | p99 ms | errors | CPU ms/1k ops | "
+          "upstream ops/s | p50 ms | p99 ms | errors | CPU ms/1k ops | ours ÷ upstream |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for proto in ["h1", "h2"]:
+            for c in rep.clients:
+                o, u = ours.get((wl, proto, c), {}), up.get((wl, proto, c), {})
+                lo, lu = lat(o), lat(u)
+                extra = ""
+                if wl == "cas":
+                    extra = f" (+{o.get('conflicts', 0)} conflicts)"
+                w(f"| {proto} | {c} | {fmt(o.get('ops_per_sec'))}{extra} | {fmt(lo.get('p50'), 2)} | "
+                  f"{fmt(lo.get('p99'), 2)} | {o.get('error_total', '–')} | {cpu(o)} | "
+                  f"{fmt(u.get('ops_per_sec'))} | {fmt(lu.get('p50'), 2)} | {fmt(lu.get('p99'), 2)} | "
+                  f"{u.get('error_total', '–')} | {cpu(u)} | "
+                  f"{ratio(o.get('ops_per_sec'), u.get('ops_per_sec'))} |")
+        w("")
+    w("cas: ops/s counts committed increments; conflicts (check failures, expected on 10 hot "
+      "keys) are counted apart. sum and cas verify afterwards that the counters equal the "
+      "acknowledged operations; a failed check would show as an error below.\n")
+
+    w("## Cost as the database grows (ours, h2, 64 clients)\n")
+    w("| keys | file size | reads/s | read p99 ms | writes/s | write p99 ms |")
+    w("|---:|---:|---:|---:|---:|---:|")
+    for n in rep.scale_keys:
+        r, wr_ = scale.get(("read", n), {}), scale.get(("write", n), {})
+        size = scale.get(("size", n), 0) / 2**20
+        w(f"| {n:,} | {size:,.0f} MiB | {fmt(r.get('ops_per_sec'))} | {fmt(lat(r).get('p99'), 2)} | "
+          f"{fmt(wr_.get('ops_per_sec'))} | {fmt(lat(wr_).get('p99'), 2)} |")
+    w("\nThe databases are written by `denokv-loadtest gen-db` (the same keys and bytes as a "
+      "preload over HTTP) and sit in the page cache after the first run.\n")
+
+    w("## Memory\n")
+    w("| | ours | upstream |\n|---|---:|---:|")
+    for proto in ["h1", "h2"]:
+        o, u = mem_ours.get(("idle", proto), {}), mem_up.get(("idle", proto), {})
+        for key, label in [("server_rss_mib_before", "RSS before"),
+                           ("server_rss_mib_with_connections", f"RSS with {rep.idle_conns:,} idle {proto} connections"),
+                           ("server_kib_per_connection", "KiB per connection")]:
+            w(f"| {label} | {fmt(o.get(key), 1)} | {fmt(u.get(key), 1)} |")
+        w(f"| {proto} connections still usable after the hold | {o.get('alive_after_hold', '–')} | "
+          f"{u.get('alive_after_hold', '–')} |")
+    wo, wu = mem_ours.get("watch", {}), mem_up.get("watch", {})
+    so, su = wo.get("server") or {}, wu.get("server") or {}
+    w(f"| RSS with {rep.watchers:,} watch streams (h2, 10 connections) | {fmt(so.get('rss_mib_end'), 1)} | "
+      f"{fmt(su.get('rss_mib_end'), 1)} |")
+    w(f"| watch delivery p50 / p99 ms (one writer) | {fmt(lat(wo, 'notify').get('p50'), 2)} / "
+      f"{fmt(lat(wo, 'notify').get('p99'), 2)} | {fmt(lat(wu, 'notify').get('p50'), 2)} / "
+      f"{fmt(lat(wu, 'notify').get('p99'), 2)} |")
+    w(f"| watch: writes/s, errors | {fmt(wo.get('ops_per_sec'))}, {wo.get('error_total', '–')} | "
+      f"{fmt(wu.get('ops_per_sec'))}, {wu.get('error_total', '–')} |\n")
+
+    w("## Our variants (h2)\n")
+    w("| variant | writes/s, 1 client | p50 / p99 ms | writes/s, 64 clients | p50 / p99 ms | reads/s, 64 clients |")
+    w("|---|---:|---:|---:|---:|---:|")
+    for label in dict.fromkeys(k[0] for k in variants):
+        a, b, c = (variants.get((label, "write", 1), {}), variants.get((label, "write", 64), {}),
+                   variants.get((label, "read", 64), {}))
+        w(f"| {label} | {fmt(a.get('ops_per_sec'))} | {fmt(lat(a).get('p50'), 2)} / {fmt(lat(a).get('p99'), 2)} | "
+          f"{fmt(b.get('ops_per_sec'))} | {fmt(lat(b).get('p50'), 2)} / {fmt(lat(b).get('p99'), 2)} | "
+          f"{fmt(c.get('ops_per_sec'))} |")
+    w("")
+
+    w("## The committer alone (criterion, `benches/`)\n")
+    w("Writes/s of one batch of N single-key sets committed straight into SQLite (no HTTP), "
+      "10,000 keys, 100-byte values; `cargo bench -p denokv-benches --bench hot_paths -- commit_batch`.\n")
+    groups = sorted({g for g, _ in bench})
+    w("| batch | " + " | ".join(groups) + " |")
+    w("|---:|" + "---:|" * len(groups))
+    for n in [1, 8, 64, 512]:
+        w(f"| {n} | " + " | ".join(fmt(bench.get((g, n))) for g in groups) + " |")
+    w("")
+
+    if prof:
+        r = prof["run"]
+        w("## Where the write time goes (perf, 64 clients, h1)\n")
+        w(f"`perf record -e cpu-clock -g` on our server during a write load of "
+          f"{fmt(r.get('ops_per_sec'))} writes/s. On-CPU samples by thread:\n")
+        w("```\n" + prof["threads"] + "\n```\n")
+        w("(A thread shown by number is the kernel's io_uring worker (`iou-wrk`) doing our WAL "
+          "writes and fdatasyncs; perf cannot name it.)\n")
+        w("The committer thread, by function (≥ 1.5% of all samples):\n")
+        w("```\n" + prof["committer"] + "\n```\n")
+        w("The serving cores, by function:\n")
+        w("```\n" + prof["cores"] + "\n```\n")
+
+    if rep.errors:
+        w("## Runs that did not pass\n")
+        for e in rep.errors:
+            w(f"- {e}")
+        w("")
+    notes = ROOT / "loadtest" / "perf-notes.md"
+    if notes.exists():
+        w(notes.read_text())
+    return "\n".join(L) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short loads, fewer sizes: a smoke run")
+    ap.add_argument("--no-upstream", action="store_true", help="do not measure upstream denokv")
+    ap.add_argument("--duration", default="3s", help="measured time of each load (default 3s)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
+    args = ap.parse_args()
+    started = time.time()
+    rep = Report(args)
+    rep.build()
+    rep.find_upstream()
+    ceil = rep.ceilings()
+    ours = rep.matrix("ours")
+    up = rep.matrix("upstream") if rep.upstream_bin else {}
+    scale = rep.scaling()
+    mem_ours = rep.memory("ours")
+    mem_up = rep.memory("upstream") if rep.upstream_bin else {}
+    variants = rep.variants()
+    bench = rep.batch_bench()
+    prof = rep.profile()
+    text = render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    shutil.rmtree(rep.work / "db", ignore_errors=True)
+    log(f"wrote {args.out} ({len(rep.errors)} runs did not pass)")
+
+
+if __name__ == "__main__":
+    main()
