@@ -360,6 +360,10 @@ def cpu(r):
     return fmt(r.get("server_cpu_ms_per_1k_ops"), 1)
 
 
+def client_cpu(r):
+    return fmt(r.get("client_cpu_ms_per_1k_ops"), 1)
+
+
 def machine():
     cpu_model = "?"
     try:
@@ -400,7 +404,8 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
       "`denokv` from `cargo install denokv --locked`, its defaults." if rep.upstream_bin else
       "- Upstream: not measured (--no-upstream).")
     w("- CPU ms/1k ops: the server's user+system CPU time over the measured window per 1,000 "
-      "operations (= µs per operation).\n")
+      "operations (= µs per operation); \"client\": the load generator's own, which competes "
+      "with the server for the same cores.\n")
 
     w("## Ceilings of this machine\n")
     d = ceil["disk"]
@@ -454,8 +459,8 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
     w("## Ours and upstream, side by side\n")
     for wl in WORKLOADS:
         w(f"### {wl}\n")
-        w("| proto | clients | ours ops/s | p50 ms | p99 ms | errors | CPU ms/1k ops | "
-          "upstream ops/s | p50 ms | p99 ms | errors | CPU ms/1k ops | ours ÷ upstream |")
+        w("| proto | clients | ours ops/s | p50 ms | p99 ms | errors | CPU ms/1k ops (client) | "
+          "upstream ops/s | p50 ms | p99 ms | errors | CPU ms/1k ops (client) | ours ÷ upstream |")
         w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for proto in ["h1", "h2"]:
             for c in rep.clients:
@@ -465,9 +470,9 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
                 if wl == "cas":
                     extra = f" (+{o.get('conflicts', 0)} conflicts)"
                 w(f"| {proto} | {c} | {fmt(o.get('ops_per_sec'))}{extra} | {fmt(lo.get('p50'), 2)} | "
-                  f"{fmt(lo.get('p99'), 2)} | {o.get('error_total', '–')} | {cpu(o)} | "
+                  f"{fmt(lo.get('p99'), 2)} | {o.get('error_total', '–')} | {cpu(o)} ({client_cpu(o)}) | "
                   f"{fmt(u.get('ops_per_sec'))} | {fmt(lu.get('p50'), 2)} | {fmt(lu.get('p99'), 2)} | "
-                  f"{u.get('error_total', '–')} | {cpu(u)} | "
+                  f"{u.get('error_total', '–')} | {cpu(u)} ({client_cpu(u)}) | "
                   f"{ratio(o.get('ops_per_sec'), u.get('ops_per_sec'))} |")
         w("")
     w("cas: ops/s counts committed increments; conflicts (check failures, expected on 10 hot "

@@ -75,6 +75,9 @@ pub struct Report {
     pub server: Option<ServerUsage>,
     /// Server CPU milliseconds per 1,000 operations (= microseconds per operation).
     pub server_cpu_ms_per_1k_ops: Option<f64>,
+    /// The load generator's own CPU milliseconds per 1,000 operations (with --server-pid):
+    /// on a shared machine, what the client takes from the server.
+    pub client_cpu_ms_per_1k_ops: Option<f64>,
 }
 
 impl Report {
@@ -142,15 +145,19 @@ impl Report {
             passed: !all.is_empty(),
             server: None,
             server_cpu_ms_per_1k_ops: None,
+            client_cpu_ms_per_1k_ops: None,
         }
     }
 
-    pub fn set_server_usage(&mut self, usage: Option<ServerUsage>) {
-        self.server_cpu_ms_per_1k_ops = usage
-            .as_ref()
-            .filter(|_| self.ops > 0)
-            .map(|u| u.cpu_seconds * 1e6 / self.ops as f64);
-        self.server = usage;
+    pub fn set_usage(&mut self, server: Option<ServerUsage>, client: Option<ServerUsage>) {
+        let per_1k = |u: &Option<ServerUsage>| {
+            u.as_ref()
+                .filter(|_| self.ops > 0)
+                .map(|u| u.cpu_seconds * 1e6 / self.ops as f64)
+        };
+        self.server_cpu_ms_per_1k_ops = per_1k(&server);
+        self.client_cpu_ms_per_1k_ops = per_1k(&client);
+        self.server = server;
     }
 
     pub fn add_check(&mut self, check: CheckResult) {
@@ -207,12 +214,14 @@ impl Report {
         if let Some(u) = &self.server {
             let _ = writeln!(
                 t,
-                "server (pid {}): {:.2} CPU s, {:.1} ms per 1000 ops, RSS {:.1} -> {:.1} MiB",
+                "server (pid {}): {:.2} CPU s, {:.1} ms per 1000 ops, RSS {:.1} -> {:.1} MiB; \
+                 load generator: {:.1} CPU ms per 1000 ops",
                 u.pid,
                 u.cpu_seconds,
                 self.server_cpu_ms_per_1k_ops.unwrap_or(0.0),
                 u.rss_mib_start,
-                u.rss_mib_end
+                u.rss_mib_end,
+                self.client_cpu_ms_per_1k_ops.unwrap_or(0.0)
             );
         }
         if !self.counters.is_empty() {

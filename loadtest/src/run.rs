@@ -115,7 +115,7 @@ pub async fn run(workload: Workload, args: &RunArgs) -> anyhow::Result<Report> {
             stats,
             &[],
         );
-        report.set_server_usage(usage);
+        report.set_usage(usage.0, usage.1);
         if let Some(check) = workload::check_counters(&plan, &tallies).await {
             report.add_check(check?);
         }
@@ -172,9 +172,13 @@ async fn closed_loop(
     plan: &Arc<Plan>,
     args: &RunArgs,
     conns: Vec<Conn>,
-) -> (Stats, HashMap<u64, Tally>, Option<ServerUsage>) {
+) -> (
+    Stats,
+    HashMap<u64, Tally>,
+    (Option<ServerUsage>, Option<ServerUsage>),
+) {
     let window = Window::starting_now(args.warmup, args.duration);
-    let usage = args.server_pid.map(|pid| server::sample(pid, window));
+    let usage = args.server_pid.map(|pid| server::sample_both(pid, window));
     let mut tasks = JoinSet::new();
     for (id, conn) in conns.into_iter().enumerate() {
         let plan = plan.clone();
@@ -226,11 +230,7 @@ async fn closed_loop(
             sum.uncertain += tally.uncertain;
         }
     }
-    let usage = match usage {
-        Some(task) => task.await.ok().flatten(),
-        None => None,
-    };
-    (stats, tallies, usage)
+    (stats, tallies, server::finish(usage).await)
 }
 
 #[derive(Debug, Serialize)]

@@ -18,6 +18,27 @@ pub struct ServerUsage {
     pub rss_mib_end: f64,
 }
 
+/// Samples the server `pid` and this process at the start and the end of `window`.
+pub type Sampling = (
+    tokio::task::JoinHandle<Option<ServerUsage>>,
+    tokio::task::JoinHandle<Option<ServerUsage>>,
+);
+
+pub fn sample_both(server: i32, window: Window) -> Sampling {
+    (
+        sample(server, window),
+        sample(std::process::id() as i32, window),
+    )
+}
+
+/// Waits for both samples.
+pub async fn finish(sampling: Option<Sampling>) -> (Option<ServerUsage>, Option<ServerUsage>) {
+    match sampling {
+        Some((server, client)) => (server.await.ok().flatten(), client.await.ok().flatten()),
+        None => (None, None),
+    }
+}
+
 /// Samples `pid` at the start and the end of `window`.
 pub fn sample(pid: i32, window: Window) -> tokio::task::JoinHandle<Option<ServerUsage>> {
     tokio::spawn(async move {

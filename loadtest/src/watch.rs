@@ -103,7 +103,7 @@ pub async fn run(plan: &Arc<Plan>, args: &RunArgs, mut conns: Vec<Conn>) -> anyh
     let window = Window::starting_now(args.warmup, args.duration);
     let usage = args
         .server_pid
-        .map(|pid| crate::server::sample(pid, window));
+        .map(|pid| crate::server::sample_both(pid, window));
     let (mut stats, acks) = writer(plan, writer_conn, &keys, window, args).await;
 
     // Let the watchers catch up with the last acknowledged write, then close the streams.
@@ -147,9 +147,8 @@ pub async fn run(plan: &Arc<Plan>, args: &RunArgs, mut conns: Vec<Conn>) -> anyh
         &["notify"],
     );
     report.concurrency = clients;
-    if let Some(task) = usage {
-        report.set_server_usage(task.await.ok().flatten());
-    }
+    let (server, client) = crate::server::finish(usage).await;
+    report.set_usage(server, client);
     let delivered = report.latency_ms.get("notify").map_or(0, |l| l.count);
     report.add_check(CheckResult {
         name: "every watcher saw every acknowledged write".into(),
