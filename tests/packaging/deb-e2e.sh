@@ -227,6 +227,21 @@ expect "denokv.service enabled" "$(ct systemctl is-enabled denokv.service)" enab
 expect "denokv.socket enabled" "$(ct systemctl is-enabled denokv.socket || true)" disabled
 ok "denokv.service active (Type=notify, NRestarts=0, status: $(prop denokv.service StatusText)), enabled; socket disabled"
 
+# The hardening in denokv.service is in force (not skipped by this systemd or container):
+# seccomp filter, no new privileges, no capabilities, a private user namespace; and io_uring
+# still works under the syscall filter (the status line names the I/O driver).
+pid="$(prop denokv.service MainPID)"
+status="$(ct cat "/proc/$pid/status")"
+expect "Seccomp" "$(awk '$1 == "Seccomp:" { print $2 }' <<<"$status")" 2
+expect "NoNewPrivs" "$(awk '$1 == "NoNewPrivs:" { print $2 }' <<<"$status")" 1
+expect "CapEff" "$(awk '$1 == "CapEff:" { print $2 }' <<<"$status")" 0000000000000000
+expect "the service's user" "$(ct stat -c %U "/proc/$pid")" denokv
+if ct grep -q '^ *0 *0 *4294967295$' "/proc/$pid/uid_map"; then die "PrivateUsers=yes is not in force"; fi
+if [ "$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo 0)" = 0 ]; then
+  prop denokv.service StatusText | grep -q 'io_uring' || die "io_uring is not used under the unit's syscall filter"
+fi
+ok "hardening in force: seccomp, NoNewPrivs, no capabilities, user denokv in a private user namespace; io_uring works"
+
 expect "the token's mode" "$(ct stat -c '%a %U %G' /etc/denokv/access-token)" "600 root root"
 token="$(ct cat /etc/denokv/access-token)"
 [[ "$token" =~ ^[0-9a-f]{64}$ ]] || die "the token is not 64 hex digits"
