@@ -19,13 +19,14 @@
 #   DENOKV_DEB         use this .deb instead of building one
 #   DEB_E2E_MIRROR     Debian mirror for debootstrap (default: the one in the host's apt sources)
 #   DEB_E2E_CACHE      rootfs cache (default ~/.cache/denokv/nspawn)
+#   DEB_E2E_TOOLS      where cargo-deb is installed (default ~/.cache/denokv/tools)
 #   E2E_CACHE          where tests/e2e/run.sh keeps the Deno CLI (default ~/.cache/denokv/e2e)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/denokv/target}"
-TOOLS="$HOME/.cache/denokv/tools"
+TOOLS="${DEB_E2E_TOOLS:-$HOME/.cache/denokv/tools}"
 CARGO_DEB_VERSION=3.8.0
 CACHE="${DEB_E2E_CACHE:-$HOME/.cache/denokv/nspawn}"
 E2E_CACHE="${E2E_CACHE:-$HOME/.cache/denokv/e2e}"
@@ -156,7 +157,25 @@ mkdir -p "$work/root/opt/deb-e2e"
 cp "$deb" "$work/upgrade/"*.deb "$HERE/deb-client.ts" "$work/root/opt/deb-e2e/"
 chmod -R a+rX "$work/root/opt/deb-e2e"
 
-# --- 3. boot -----------------------------------------------------------------------------
+# --- 3. without a running systemd (as in an image build): install and purge succeed ------
+# systemd-nspawn without --boot runs the command as the container's PID 1: no systemd runs.
+noboot() {
+  timeout -k 5 300 systemd-nspawn --quiet -D "$work/root" -M "$machine-noboot" --register=no --keep-unit \
+    --private-network --pipe env DEBIAN_FRONTEND=noninteractive "$@" </dev/null
+}
+debname="$(basename "$deb")"
+noboot sh -c "cd /opt/deb-e2e && apt install -y ./$debname" >"$work/noboot.log" 2>&1 \
+  || { cat "$work/noboot.log" >&2; die "apt install without a running systemd failed"; }
+grep -q 'generated an access token' "$work/noboot.log" || { cat "$work/noboot.log" >&2; die "no token generated without systemd"; }
+[ -L "$work/root/etc/systemd/system/multi-user.target.wants/denokv.service" ] || die "denokv.service not enabled without systemd"
+noboot apt purge -y denokv >>"$work/noboot.log" 2>&1 || { cat "$work/noboot.log" >&2; die "apt purge without a running systemd failed"; }
+for path in /etc/denokv /var/lib/denokv /etc/systemd/system/multi-user.target.wants/denokv.service; do
+  [ ! -e "$work/root$path" ] || die "purge without systemd kept $path"
+done
+if grep -q '^denokv:' "$work/root/etc/passwd"; then die "purge without systemd kept the user"; fi
+ok "without a running systemd: apt install (user, token, service enabled) and apt purge succeed"
+
+# --- 4. boot -----------------------------------------------------------------------------
 log "booting the container ($machine)"
 # --register=no --keep-unit: no systemd (machined, scopes) on the host is needed.
 systemd-nspawn --quiet -D "$work/root" -M "$machine" --boot --register=no --keep-unit \
@@ -213,8 +232,7 @@ service_active() { # service_active WHAT: denokv.service is active, started thro
   [ -n "$(prop denokv.service StatusText)" ] || die "$1: no STATUS= from the service"
 }
 
-# --- 4. install ---------------------------------------------------------------------------
-debname="$(basename "$deb")"
+# --- 5. install ---------------------------------------------------------------------------
 log "apt install ./$debname"
 ct sh -c "cd /opt/deb-e2e && apt install -y ./$debname" >"$work/install.log" 2>&1 \
   || { cat "$work/install.log" >&2; die "apt install failed"; }
@@ -251,7 +269,7 @@ ct dpkg-query -W -f='${Conffiles}\n' denokv | grep -q '/etc/default/denokv' || d
 if ct grep -Ev '^[[:space:]]*(#|$)' /etc/default/denokv; then die "/etc/default/denokv sets something"; fi
 ok "token 600 root:root (64 hex digits), /var/lib/denokv 700 denokv, user denokv, /etc/default/denokv all comments"
 
-# --- 5. a real client ---------------------------------------------------------------------
+# --- 6. a real client ---------------------------------------------------------------------
 client "$token" write http://127.0.0.1:4512 k1 v1 >&2 || { journal_dump; die "the Deno CLI could not write with the generated token"; }
 client "$token" read http://127.0.0.1:4512 k1 v1 >&2 || die "the Deno CLI could not read k1"
 ok "the Deno CLI writes and reads with the generated token"
@@ -261,7 +279,7 @@ ok "a wrong token is refused (401)"
 client "" metrics http://127.0.0.1:9090/metrics 2 >&2 || die "/metrics on 127.0.0.1:9090"
 ok "/metrics answers on 127.0.0.1:9090"
 
-# --- 6. settings, restart ----------------------------------------------------------------
+# --- 7. settings, restart ----------------------------------------------------------------
 ct sh -c 'printf "DENOKV_ADDR=127.0.0.1:4600\nDENOKV_METRICS_ADDR=127.0.0.1:9600\n" >>/etc/default/denokv'
 pid_before="$(prop denokv.service MainPID)"
 ct systemctl restart denokv.service || { journal_dump; die "systemctl restart denokv"; }
@@ -271,7 +289,7 @@ client "$token" read http://127.0.0.1:4600 k1 v1 >&2 || { journal_dump; die "k1 
 client "" metrics http://127.0.0.1:9600/metrics 0 >&2 || die "/metrics on DENOKV_METRICS_ADDR=127.0.0.1:9600"
 ok "restart: data kept; DENOKV_ADDR and DENOKV_METRICS_ADDR from /etc/default/denokv in effect"
 
-# --- 7. a clean stop ----------------------------------------------------------------------
+# --- 8. a clean stop ----------------------------------------------------------------------
 ct systemctl stop denokv.service || die "systemctl stop denokv"
 expect "ActiveState after stop" "$(prop denokv.service ActiveState)" inactive
 expect "Result after stop" "$(prop denokv.service Result)" success
@@ -282,7 +300,7 @@ if ct journalctl -u denokv.service --no-pager -o cat | grep -E 'SIGKILL|Killing 
 fi
 ok "systemctl stop: exit status 0, Result=success, no SIGKILL in the journal"
 
-# --- 8. socket activation -----------------------------------------------------------------
+# --- 9. socket activation -----------------------------------------------------------------
 ct systemctl enable --now denokv.socket >/dev/null 2>&1 || die "systemctl enable --now denokv.socket"
 expect "denokv.socket" "$(ct systemctl is-active denokv.socket)" active
 expect "denokv.service before the first connection" "$(ct systemctl is-active denokv.service || true)" inactive
@@ -298,7 +316,7 @@ ct systemctl stop denokv.service
 expect "Result after stop (socket-activated)" "$(prop denokv.service Result)" success
 ok "denokv.socket: started on the first connection, port kept across a restart, clean stop"
 
-# --- 9. upgrade ---------------------------------------------------------------------------
+# --- 10. upgrade ---------------------------------------------------------------------------
 ct systemctl start denokv.service || die "systemctl start denokv"
 pid_before="$(prop denokv.service MainPID)"
 token_sum="$(ct sha256sum /etc/denokv/access-token)"
@@ -316,7 +334,7 @@ ok "upgrade: token, settings and data kept, service restarted on the new package
 # What the service logged at warning or above (shown, not judged).
 ct journalctl -u denokv.service -p warning --no-pager -o cat | sed 's/^/  journal: /' >&2 || true
 
-# --- 10. remove, reinstall, purge ---------------------------------------------------------
+# --- 11. remove, reinstall, purge ---------------------------------------------------------
 ct apt remove -y denokv >"$work/remove.log" 2>&1 || { cat "$work/remove.log" >&2; die "apt remove"; }
 expect "denokv.service after remove" "$(ct systemctl is-active denokv.service || true)" inactive
 ct test -s /var/lib/denokv/denokv.sqlite || die "apt remove deleted the database"
