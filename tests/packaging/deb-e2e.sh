@@ -105,6 +105,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- 1. the package ----------------------------------------------------------------------
+# /etc/default/denokv names every DENOKV_* setting of the command line (daemon/src/config.rs),
+# except DENOKV_LOG_LEVEL_FILE, which the unit's --log-level-file overrides.
+for var in $(grep -o 'env = "DENOKV_[A-Z0-9_]*"' "$ROOT/daemon/src/config.rs" | cut -d'"' -f2); do
+  [ "$var" = DENOKV_LOG_LEVEL_FILE ] && continue
+  grep -q "^#$var=" "$ROOT/packaging/denokv.default" \
+    || die "packaging/denokv.default does not list $var (add it, commented out, with its default)"
+done
+ok "packaging/denokv.default lists every DENOKV_* setting"
+
 if [ -n "${DENOKV_DEB:-}" ]; then
   deb="$(cd "$(dirname "$DENOKV_DEB")" && pwd)/$(basename "$DENOKV_DEB")"
 else
