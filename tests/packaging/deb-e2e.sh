@@ -31,7 +31,9 @@ CARGO_DEB_VERSION=3.8.0
 CACHE="${DEB_E2E_CACHE:-$HOME/.cache/denokv/nspawn}"
 E2E_CACHE="${E2E_CACHE:-$HOME/.cache/denokv/e2e}"
 SUITE=bookworm
-INCLUDE=systemd,systemd-sysv,dbus
+# procps: a dependency of the package (/bin/kill for ExecReload=); the container has no network
+# to fetch it at install time.
+INCLUDE=systemd,systemd-sysv,dbus,procps
 # The cached root's name changes with what debootstrap is asked for.
 ROOTFS="$CACHE/$SUITE-minbase-${INCLUDE//,/-}"
 
@@ -299,6 +301,16 @@ service_active "after restart"
 client "$token" read http://127.0.0.1:4600 k1 v1 >&2 || { journal_dump; die "k1 after restart on DENOKV_ADDR=127.0.0.1:4600"; }
 client "" metrics http://127.0.0.1:9600/metrics 0 >&2 || die "/metrics on DENOKV_METRICS_ADDR=127.0.0.1:9600"
 ok "restart: data kept; DENOKV_ADDR and DENOKV_METRICS_ADDR from /etc/default/denokv in effect"
+
+# The log level file and `systemctl reload` (SIGHUP; the process stays).
+ct sh -c 'echo debug >/etc/denokv/log-level && chmod 0644 /etc/denokv/log-level'
+pid_before="$(prop denokv.service MainPID)"
+ct systemctl reload denokv.service || { journal_dump; die "systemctl reload denokv"; }
+service_active "after reload"
+expect "MainPID after reload" "$(prop denokv.service MainPID)" "$pid_before"
+ct journalctl -u denokv.service --no-pager -o cat | grep 'reloaded on SIGHUP: .*log level "debug"' >/dev/null \
+  || { journal_dump; die "reload did not apply /etc/denokv/log-level"; }
+ok "systemctl reload: /etc/denokv/log-level applied, same process"
 
 # --- 8. a clean stop ----------------------------------------------------------------------
 ct systemctl stop denokv.service || die "systemctl stop denokv"
