@@ -2,18 +2,25 @@
 # The Debian package end to end, under a real systemd:
 #   1. builds the .deb with cargo-deb (installed into ~/.cache/denokv/tools when missing) and
 #      checks it with lintian (no errors, no warnings that are not overridden with a reason);
-#   2. boots Debian bookworm (debootstrap minbase + systemd, cached in ~/.cache/denokv/nspawn;
-#      each run boots a throw-away overlay on top of it) with systemd-nspawn --boot, on a private
-#      network (only loopback), so the default ports 4512 and 9090 clash with nothing;
+#   2. in Debian bookworm (debootstrap minbase + systemd, cached in ~/.cache/denokv/nspawn; each
+#      run uses a throw-away overlay on top of it): installs and purges the package once without
+#      a running systemd (systemd-nspawn without --boot), then boots it (systemd-nspawn --boot)
+#      on a private network (only loopback), so the default ports 4512 and 9090 clash with nothing;
 #   3. inside it: `apt install ./denokv_*.deb`, then checks the service (Type=notify, active, no
-#      restarts), the generated token, the Deno CLI reading and writing with it (and refused with
-#      a wrong one), /metrics, /etc/default/denokv settings, restart keeping the data, a clean
-#      stop (exit 0, no SIGKILL), socket activation, an upgrade (token, settings and data kept,
-#      service restarted), `apt remove` (data kept) and `apt purge` (user, data, token gone).
+#      restarts, hardening in force, io_uring), the generated token, the Deno CLI reading and
+#      writing with it (and refused with a wrong one), /metrics, /etc/default/denokv settings,
+#      restart keeping the data, reload, a clean stop (exit 0, no SIGKILL), socket activation, an
+#      upgrade (token, settings and data kept, service restarted), `apt remove` (data kept), a
+#      reinstall and `apt purge` (user, data, token gone).
 #
 # Needs root (debootstrap, overlayfs, systemd-nspawn). Installs debootstrap, systemd-container
-# and lintian from Debian when missing. Takes ~2 minutes with a warm build and rootfs cache;
-# a cold run adds the release build (fat LTO) and debootstrap: see the README.
+# and lintian from Debian when missing. Under a minute with a warm build and rootfs cache; a cold
+# run adds cargo-deb, the release build (fat LTO) and debootstrap: see the README.
+#
+# The host needs no systemd of its own: --register=no --keep-unit keep nspawn from asking the
+# host's systemd (over D-Bus) for a scope, which fails here with "Failed to open system bus: No
+# such file or directory". It boots on cgroup v1 (hybrid) hosts too. Commands run in the booted
+# container through nsenter into its PID 1's namespaces (there is no machinectl without machined).
 #
 # Environment:
 #   DENOKV_DEB         use this .deb instead of building one
@@ -139,7 +146,8 @@ version="$(dpkg-deb -f "$deb" Version)"
 mkdir -p "$work/upgrade"
 dpkg-deb -R "$deb" "$work/upgrade/tree"
 sed -i "s/^Version: .*/Version: $version+upgrade1/" "$work/upgrade/tree/DEBIAN/control"
-dpkg-deb --build --root-owner-group "$work/upgrade/tree" "$work/upgrade/denokv_${version}+upgrade1_amd64.deb" >/dev/null
+dpkg-deb --build --root-owner-group "$work/upgrade/tree" \
+  "$work/upgrade/denokv_${version}+upgrade1_$(dpkg-deb -f "$deb" Architecture).deb" >/dev/null
 
 # --- 2. the container root (cached) and its overlay --------------------------------------
 mirror="${DEB_E2E_MIRROR:-}"
