@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of denokv on a fresh Debian machine with Rust:
 #   formatting and lints, the Rust unit and integration tests (against the real binary),
-#   and the end-to-end suites driven by the Deno CLI and the npm @deno/kv client.
-# Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm).
+#   the end-to-end suites driven by the Deno CLI and the npm @deno/kv client, and the Debian
+#   package installed in a booted Debian container (tests/packaging/deb-e2e.sh; needs root).
+# Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm;
+# deb-e2e.sh installs debootstrap, systemd-container, lintian and cargo-deb).
 # The build cache lives outside the clone: $CARGO_TARGET_DIR, default ~/.cache/denokv/target.
+# DENOKV_SKIP_DEB_E2E=1 skips the package test (it needs root and adds a release build).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +44,16 @@ tests/packaging/check-monitoring.sh
 
 step "cargo test"
 cargo test --workspace --locked
+
+# It adds a release build (fat LTO) and, on an empty cache, cargo-deb and a debootstrap; about a
+# minute when ~/.cache/denokv is warm (see the README, "The package test"). Before the e2e suites,
+# whose summary line stays the last one printed.
+if [ "${DENOKV_SKIP_DEB_E2E:-0}" = 1 ]; then
+  step "Debian package in a booted container: skipped (DENOKV_SKIP_DEB_E2E=1)"
+else
+  step "Debian package: cargo deb, lintian, install/upgrade/purge under systemd in a container"
+  tests/packaging/deb-e2e.sh
+fi
 
 step "end-to-end: Deno CLI and @deno/kv against the built server"
 DENOKV_BIN="$CARGO_TARGET_DIR/debug/denokv" tests/e2e/run.sh
