@@ -488,8 +488,7 @@ fn promtool_accepts_the_exposition() {
         .output()
         .is_err()
     {
-        eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
-        return;
+        panic!("promtool is needed for this test (apt-get install prometheus)");
     }
     let s = Server::start(&[]);
     let (_, _, body) = s.scrape();
@@ -513,5 +512,115 @@ fn promtool_accepts_the_exposition() {
         "promtool check metrics failed:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A Prometheus server from the Debian package, killed when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Prometheus {
+    /// Scrapes `target` every second.
+    fn start(dir: &std::path::Path, target: std::net::SocketAddr) -> Prometheus {
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: denokv\n    \
+                 static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus is needed for this test (apt-get install prometheus)");
+        Prometheus { child, addr }
+    }
+
+    /// The value of the one series `query` selects, once Prometheus has it.
+    fn value(&self, query: &str) -> Option<f64> {
+        let encoded: String = query
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        // http_get panics when nothing listens yet; Prometheus takes a moment to start.
+        std::net::TcpStream::connect(self.addr).ok()?;
+        let (status, _, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}"));
+        if status != 200 {
+            return None;
+        }
+        // The JSON object, whatever transfer framing surrounds it.
+        let json = &body[body.find('{')?..=body.rfind('}')?];
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_the_server_and_answers_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&["--metrics-addr", "127.0.0.1:0"]);
+    let c = Client::new();
+    for i in 0..7 {
+        let w = pb::AtomicWrite {
+            mutations: vec![mutation(
+                &key(&format!("p{i}")),
+                pb::MutationType::MSet,
+                bytes_value(b"1"),
+            )],
+            ..Default::default()
+        };
+        assert_eq!(write(&c, &s, w).await.status, 200);
+    }
+    let target = s.metrics_addr.unwrap();
+    let prometheus = tokio::task::spawn_blocking(move || {
+        let p = Prometheus::start(dir.path(), target);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut seen = (None, None);
+        while std::time::Instant::now() < deadline {
+            seen = (
+                p.value("up{job=\"denokv\"}"),
+                p.value("denokv_writes_committed_total{job=\"denokv\"}"),
+            );
+            if seen.0 == Some(1.0) && seen.1.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        drop(p);
+        drop(dir);
+        seen
+    })
+    .await
+    .unwrap();
+    assert_eq!(prometheus.0, Some(1.0), "the target is up");
+    assert_eq!(
+        prometheus.1,
+        Some(7.0),
+        "7 writes, read back through the query API"
     );
 }
