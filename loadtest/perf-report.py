@@ -116,6 +116,7 @@ class Report:
         self.dbs.mkdir(parents=True, exist_ok=True)
         self.runs = 0
         self.errors = []
+        self.loadavg_start = open("/proc/loadavg").read().split(" ", 3)[:3]
         q = args.quick
         self.duration = "0.5s" if q else args.duration
         self.warmup = "0.2s" if q else "1s"
@@ -395,7 +396,8 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
       f"{elapsed:.0f} minutes. Re-run it to check any number here; raw JSON reports are kept in "
       f"`$CARGO_TARGET_DIR/perf-report/`.\n")
     w(f"- Machine: {machine()}. Servers and the load generator share these cores, so every "
-      "number includes the client's own CPU use.")
+      "number includes the client's own CPU use. Load average (1/5/15 min) at the start: "
+      f"{rep.loadavg_start}; at the end: {open('/proc/loadavg').read().split(' ', 3)[:3]}.")
     w(f"- Each load: {rep.warmup} warm-up, then {rep.duration} measured; closed loop (each "
       "client has one request in flight). HTTP/1.1: a connection per client; h2: all clients "
       "as streams on one connection, as the Deno CLI does. Keys: 10,000 (read, mixed and list "
@@ -454,6 +456,26 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
     w("| target | measured | met |\n|---|---|---|")
     for name, val, ok in tgt:
         w(f"| {name} | {val} | {'yes' if ok else '**no**'} |")
+    w("")
+
+    w("### Where the write throughput goes\n")
+    w("Closed-loop clients on a machine whose cores the server shares with the load generator: "
+      "throughput is bounded by the CPU both spend per operation, and the mean latency of C "
+      "clients is C ÷ throughput (Little's law), so the p99 at 64 clients cannot approach the "
+      "1-client p99 unless throughput reaches about 64 ÷ (2 × p99 at 1 client).\n")
+    w("| load | ops/s | server CPU µs/op | client CPU µs/op | cores busy (of "
+      f"{os.cpu_count()}) | mean latency ms | 64 ÷ ops/s ms |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    for who, table in [("ours", ours), ("upstream", up)]:
+        for proto in ["h1", "h2"]:
+            r = table.get(("write", proto, 64))
+            if not r:
+                continue
+            ops, sc, cc = (r.get("ops_per_sec") or 0, r.get("server_cpu_ms_per_1k_ops"),
+                           r.get("client_cpu_ms_per_1k_ops"))
+            busy = (sc + cc) * ops / 1e6 if sc is not None and cc is not None else None
+            w(f"| {who} write, {proto}, 64 clients | {fmt(ops)} | {fmt(sc, 1)} | {fmt(cc, 1)} | "
+              f"{fmt(busy, 2)} | {fmt(lat(r).get('mean'), 2)} | {fmt(64e3 / ops if ops else None, 2)} |")
     w("")
 
     w("## Ours and upstream, side by side\n")
