@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -51,7 +51,14 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let read_reply = read_reply.clone();
-                async move { Ok::<_, Infallible>(answer(req.uri().path(), read_reply)) }
+                async move {
+                    // Read the request to its end, as a real server does: answering before
+                    // the body has arrived makes hyper reset the h2 stream, and many resets
+                    // make it close the connection ("too_many_internal_resets").
+                    let path = req.uri().path().to_string();
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, Infallible>(answer(&path, read_reply))
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
