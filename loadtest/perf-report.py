@@ -272,7 +272,7 @@ class Report:
         with mk(self.fresh_db(f"watch-{which}")) as srv:
             out["watch"] = self.loadtest("watch", srv, "--proto", "h2", "--connections", 10,
                                          "--watchers", self.watchers, "--hot-keys", 10,
-                                         "--write-interval", "2ms", "--timeout", "30s")
+                                         "--write-interval", "10ms", "--timeout", "30s")
         return out
 
     def variants(self):
@@ -282,8 +282,8 @@ class Report:
             ("--threads 1", ["--threads", "1"]),
             ("--threads 2 (default here)", ["--threads", "2"]),
             ("--sync-mode normal", ["--sync-mode", "normal"]),
-            ("--wal-writes pwrite", ["--wal-writes", "pwrite"]),
-            ("--wal-writes io-uring (default)", ["--wal-writes", "io-uring"]),
+            ("--wal-writes pwrite (default)", ["--wal-writes", "pwrite"]),
+            ("--wal-writes io-uring", ["--wal-writes", "io-uring"]),
         ]
         for label, extra in variants:
             with self.ours(self.fresh_db("variant"), extra) as srv:
@@ -402,7 +402,7 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
       "client has one request in flight). HTTP/1.1: a connection per client; h2: all clients "
       "as streams on one connection, as the Deno CLI does. Keys: 10,000 (read, mixed and list "
       "on a preloaded database), 100-byte values.")
-    w("- Ours: `denokv --threads 2` (sync mode full, io_uring WAL writes). Upstream: "
+    w("- Ours: `denokv --threads 2` (its defaults otherwise: sync mode full, pwrite WAL writes). Upstream: "
       "`denokv` from `cargo install denokv --locked`, its defaults." if rep.upstream_bin else
       "- Upstream: not measured (--no-upstream).")
     w("- CPU ms/1k ops: the server's user+system CPU time over the measured window per 1,000 "
@@ -502,13 +502,13 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
       "acknowledged operations; a failed check would show as an error below.\n")
 
     w("## Cost as the database grows (ours, h2, 64 clients)\n")
-    w("| keys | file size | reads/s | read p99 ms | writes/s | write p99 ms |")
-    w("|---:|---:|---:|---:|---:|---:|")
+    w("| keys | file size | reads/s | read p99 ms | server CPU µs/read | writes/s | write p99 ms | server CPU µs/write |")
+    w("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in rep.scale_keys:
         r, wr_ = scale.get(("read", n), {}), scale.get(("write", n), {})
         size = scale.get(("size", n), 0) / 2**20
-        w(f"| {n:,} | {size:,.0f} MiB | {fmt(r.get('ops_per_sec'))} | {fmt(lat(r).get('p99'), 2)} | "
-          f"{fmt(wr_.get('ops_per_sec'))} | {fmt(lat(wr_).get('p99'), 2)} |")
+        w(f"| {n:,} | {size:,.0f} MiB | {fmt(r.get('ops_per_sec'))} | {fmt(lat(r).get('p99'), 2)} | {cpu(r)} | "
+          f"{fmt(wr_.get('ops_per_sec'))} | {fmt(lat(wr_).get('p99'), 2)} | {cpu(wr_)} |")
     w("\nThe databases are written by `denokv-loadtest gen-db` (the same keys and bytes as a "
       "preload over HTTP) and sit in the page cache after the first run.\n")
 
@@ -526,7 +526,7 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
     so, su = wo.get("server") or {}, wu.get("server") or {}
     w(f"| RSS with {rep.watchers:,} watch streams (h2, 10 connections) | {fmt(so.get('rss_mib_end'), 1)} | "
       f"{fmt(su.get('rss_mib_end'), 1)} |")
-    w(f"| watch delivery p50 / p99 ms (one writer) | {fmt(lat(wo, 'notify').get('p50'), 2)} / "
+    w(f"| watch delivery p50 / p99 ms (one writer, 10 ms between writes) | {fmt(lat(wo, 'notify').get('p50'), 2)} / "
       f"{fmt(lat(wo, 'notify').get('p99'), 2)} | {fmt(lat(wu, 'notify').get('p50'), 2)} / "
       f"{fmt(lat(wu, 'notify').get('p99'), 2)} |")
     w(f"| watch: writes/s, errors | {fmt(wo.get('ops_per_sec'))}, {wo.get('error_total', '–')} | "

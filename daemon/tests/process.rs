@@ -306,7 +306,7 @@ async fn io_uring_wal_writes_replace_the_pwrites_and_fsyncs_of_each_commit() {
     assert!(get(&plain, "pwrite64") >= 2 * WRITES, "{plain:?}");
     assert!(get(&plain, "fsync") >= WRITES, "{plain:?}");
 
-    let uring = committer_wal_syscalls(&[], WRITES).await;
+    let uring = committer_wal_syscalls(&["--wal-writes", "io-uring"], WRITES).await;
     eprintln!("pwrite: {plain:?}\nio_uring: {uring:?}");
     // Ours: the first sync of the WAL goes through SQLite (it also syncs the directory
     // then); every later commit is one io_uring submission.
@@ -374,10 +374,10 @@ enum Stop {
     Term,
 }
 
-async fn acknowledged_writes_survive(stop: Stop) {
+async fn acknowledged_writes_survive(stop: Stop, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
-    let mut s = Server::start_on(&db, &[], &[]);
+    let mut s = Server::start_on(&db, extra, &[]);
     let acked = Arc::new(Mutex::new(Vec::new()));
     let load = tokio::spawn(write_load(
         s.url(""),
@@ -405,12 +405,17 @@ async fn acknowledged_writes_survive(stop: Stop) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_loses_no_acknowledged_write() {
-    acknowledged_writes_survive(Stop::Kill).await;
+    acknowledged_writes_survive(Stop::Kill, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_loses_no_acknowledged_write_with_io_uring_wal_writes() {
+    acknowledged_writes_survive(Stop::Kill, &["--wal-writes", "io-uring"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_and_exits_zero() {
-    acknowledged_writes_survive(Stop::Term).await;
+    acknowledged_writes_survive(Stop::Term, &[]).await;
 }
 
 #[test]

@@ -45,6 +45,8 @@ pub struct CoreContext {
     /// This core's copy of `shared.tokens`.
     pub tokens: CoreTokens,
     pub reader: RefCell<Reader>,
+    /// Watch reads shared by the streams one commit wakes on this core.
+    pub watch_reads: RefCell<watch::WatchReads>,
     /// Turns true when the server starts shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }

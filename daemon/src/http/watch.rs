@@ -1,5 +1,6 @@
 //! Watch streams (SPEC §2.7): length-prefixed `WatchOutput` frames and keep-alive pings.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -82,39 +83,90 @@ async fn stream(
     }
 }
 
-/// Reads the keys and builds a frame; `None` when no key's versionstamp changed since the
-/// last frame (and this is not the first).
+/// One core's watch reads of the current notification generation, by key set: when a commit
+/// wakes many streams watching the same keys (a thousand browsers on one document, say), the
+/// first one reads and encodes the frame, and the others reuse both.
+#[derive(Default)]
+pub struct WatchReads {
+    generation: u64,
+    by_keys: HashMap<Vec<Bytes>, Snapshot>,
+}
+
+/// The keys' versionstamps at one read, and the frame that carries their entries.
+#[derive(Clone)]
+struct Snapshot {
+    stamps: Vec<Option<Versionstamp>>,
+    frame: Bytes,
+}
+
+impl WatchReads {
+    /// Most key sets kept for one generation (a bound on memory, not a limit on streams).
+    const MAX_KEY_SETS: usize = 4096;
+
+    fn read(&mut self, ctx: &CoreContext, keys: &[Bytes]) -> Result<Snapshot, ApiError> {
+        // Read the generation before the database: the read then holds every commit notified
+        // up to it, so any stream woken by those commits may use it.
+        let generation = ctx.shared.watches.generation();
+        if generation != self.generation {
+            self.generation = generation;
+            self.by_keys.clear();
+        }
+        if let Some(snapshot) = self.by_keys.get(keys) {
+            return Ok(snapshot.clone());
+        }
+        let snapshot = read(ctx, keys)?;
+        if self.by_keys.len() < Self::MAX_KEY_SETS {
+            self.by_keys.insert(keys.to_vec(), snapshot.clone());
+        }
+        Ok(snapshot)
+    }
+}
+
+/// Reads the keys and encodes their frame.
 ///
 /// Every key is sent with `changed=true` and its current entry, as upstream does: Deno 2.x
 /// turns a `changed=false` key into `null`, as if it had been deleted, so the protocol's
 /// "unchanged" marker cannot be used with real Deno clients.
+fn read(ctx: &CoreContext, keys: &[Bytes]) -> Result<Snapshot, ApiError> {
+    let entries = ctx.reader.borrow_mut().read_keys(keys, now_ms())?;
+    let stamps = entries
+        .iter()
+        .map(|e| e.as_ref().map(|e| e.versionstamp))
+        .collect();
+    let msg = pb::WatchOutput {
+        status: pb::SnapshotReadStatus::SrSuccess as i32,
+        keys: entries
+            .into_iter()
+            .map(|entry| pb::WatchKeyOutput {
+                changed: true,
+                entry_if_changed: entry.map(entry_to_pb),
+            })
+            .collect(),
+    };
+    let mut buf = BytesMut::with_capacity(4 + msg.encoded_len());
+    buf.put_u32_le(msg.encoded_len() as u32);
+    msg.encode(&mut buf).expect("buffer has room");
+    Ok(Snapshot {
+        stamps,
+        frame: buf.freeze(),
+    })
+}
+
+/// The frame to send, if any: `None` when no key's versionstamp changed since the last frame
+/// (and this is not the first).
 fn frame(
     ctx: &CoreContext,
     keys: &[Bytes],
     seen: &mut [Option<Versionstamp>],
     first: bool,
 ) -> Result<Option<Bytes>, ApiError> {
-    let entries = ctx.reader.borrow_mut().read_keys(keys, now_ms())?;
-    let mut any_changed = first;
-    let mut outputs = Vec::with_capacity(keys.len());
-    for (entry, seen) in entries.into_iter().zip(seen.iter_mut()) {
-        let stamp = entry.as_ref().map(|e| e.versionstamp);
-        any_changed |= stamp != *seen;
-        *seen = stamp;
-        outputs.push(pb::WatchKeyOutput {
-            changed: true,
-            entry_if_changed: entry.map(entry_to_pb),
-        });
-    }
-    if !any_changed {
-        return Ok(None);
-    }
-    let msg = pb::WatchOutput {
-        status: pb::SnapshotReadStatus::SrSuccess as i32,
-        keys: outputs,
+    let snapshot = if first {
+        // A new stream reads for itself: its subscription is newer than any shared read.
+        read(ctx, keys)?
+    } else {
+        ctx.watch_reads.borrow_mut().read(ctx, keys)?
     };
-    let mut buf = BytesMut::with_capacity(4 + msg.encoded_len());
-    buf.put_u32_le(msg.encoded_len() as u32);
-    msg.encode(&mut buf).expect("buffer has room");
-    Ok(Some(buf.freeze()))
+    let changed = first || snapshot.stamps.as_slice() != &*seen;
+    seen.copy_from_slice(&snapshot.stamps);
+    Ok(changed.then_some(snapshot.frame))
 }

@@ -73,6 +73,7 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
         tokens: CoreTokens::new(setup.shared.tokens.clone()),
         shared: setup.shared,
         reader: RefCell::new(setup.reader),
+        watch_reads: Default::default(),
         shutdown: setup.shutdown.clone(),
     });
     let mut builder = auto::Builder::new(LocalExec);

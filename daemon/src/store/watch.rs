@@ -1,6 +1,7 @@
 //! Who watches which key: the committer wakes the watchers of every key a commit changed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
@@ -10,6 +11,9 @@ use tokio::sync::Notify;
 #[derive(Default)]
 pub struct WatchRegistry {
     keys: Mutex<HashMap<Bytes, Vec<Weak<Notify>>>>,
+    /// Moves on at every notification, before anyone is woken: a read made after a stream
+    /// saw generation G includes every commit notified up to G (see `generation`).
+    generation: AtomicU64,
 }
 
 impl WatchRegistry {
@@ -37,6 +41,7 @@ impl WatchRegistry {
         if map.is_empty() {
             return;
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
         for k in keys {
             if let Some(watchers) = map.get(k) {
                 for w in watchers.iter().filter_map(Weak::upgrade) {
@@ -49,9 +54,17 @@ impl WatchRegistry {
     /// Wakes every stream (after changes whose keys are unknown, such as another process's).
     pub fn notify_all(&self) {
         let map = self.keys.lock().unwrap();
+        self.generation.fetch_add(1, Ordering::AcqRel);
         for w in map.values().flatten().filter_map(Weak::upgrade) {
             w.notify_one();
         }
+    }
+
+    /// The notification count so far. Every commit that was notified before this value was
+    /// read is visible to a read started after it, so streams woken by the same notification
+    /// may share one read (`http::watch`).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Number of watched keys (a key watched by two streams counts once).
