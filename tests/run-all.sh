@@ -2,7 +2,8 @@
 # Runs every test of denokv on a fresh Debian machine with Rust:
 #   formatting and lints, the Rust unit and integration tests (against the real binary),
 #   and the end-to-end suites driven by the Deno CLI and the npm @deno/kv client.
-# Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm).
+# Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm;
+# opentelemetry-proto from PyPI, in a venv under ~/.cache/denokv, for the OTLP receiver of the traces test).
 # The build cache lives outside the clone: $CARGO_TARGET_DIR, default ~/.cache/denokv/target.
 set -euo pipefail
 
@@ -26,6 +27,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+
+# The OTLP receiver that daemon/tests/traces.rs starts runs on this venv.
+step "Python venv for the OTLP receiver (opentelemetry-proto)"
+tests/otlp/setup.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
