@@ -12,7 +12,8 @@ connected at all.
                  "kind": ..., "attributes": {...}, "links": [{"trace_id", "span_id"}],
                  "resource": {...}, "scope": ..., "status": ..., "start_ns", "end_ns"}}
 
-Stops on SIGTERM or when stdin closes.
+Stops on SIGTERM or when stdin closes. With --count (for load tests), writes no line per span
+or request, only {"spans": N, "requests": N} at the end.
 """
 
 import json
@@ -24,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 OUT = threading.Lock()
+COUNT_ONLY = "--count" in sys.argv[1:]
+TOTALS = {"spans": 0, "requests": 0}
 
 
 def emit(obj):
@@ -58,6 +61,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length)
+        if COUNT_ONLY:
+            req = trace_service_pb2.ExportTraceServiceRequest()
+            req.ParseFromString(body)
+            n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            with OUT:
+                TOTALS["spans"] += n
+                TOTALS["requests"] += 1
+            self.reply_ok()
+            return
         emit({"request": {
             "path": self.path,
             "content_type": self.headers.get("content-type"),
@@ -92,6 +104,9 @@ class Handler(BaseHTTPRequestHandler):
                         "start_ns": s.start_time_unix_nano,
                         "end_ns": s.end_time_unix_nano,
                     }})
+        self.reply_ok()
+
+    def reply_ok(self):
         out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
@@ -104,7 +119,8 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def verify_request(self, request, client_address):
-        emit({"connection": True})
+        if not COUNT_ONLY:
+            emit({"connection": True})
         return True
 
 
@@ -119,6 +135,8 @@ def main():
 
     threading.Thread(target=watch_stdin, daemon=True).start()
     server.serve_forever()
+    if COUNT_ONLY:
+        emit(TOTALS)
 
 
 if __name__ == "__main__":
