@@ -416,12 +416,11 @@ fn threads(pid: i32) -> Vec<String> {
         .collect()
 }
 
-/// Whether the process runs the exporter's threads (the batch span processor's, the blocking
-/// HTTP client's runtime).
+/// The exporter's threads in the process (the batch span processor's).
 fn exporter_threads(pid: i32) -> Vec<String> {
     threads(pid)
         .into_iter()
-        .filter(|n| n.starts_with("OpenTelemetry") || n.starts_with("reqwest"))
+        .filter(|n| n.starts_with("OpenTelemetry"))
         .collect()
 }
 

@@ -8,8 +8,11 @@
 //! When traces are off nothing is started (no exporter thread, no client) and a request pays
 //! one atomic load: [`Span::server`] returns an empty handle whose methods do nothing.
 //!
-//! The exporter runs on the SDK's batch span processor thread with a blocking HTTP client, so
-//! no tokio runtime is needed on the serving threads (they run monoio).
+//! The exporter runs on the SDK's batch span processor thread with a small blocking HTTP client
+//! of ours ([`http_client`]), so no async runtime is needed anywhere (the serving threads run
+//! monoio).
+
+mod http_client;
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -18,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 
@@ -28,6 +32,9 @@ static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
 /// Links one span may carry: a batch span links to each write it committed.
 const MAX_LINKS: u32 = 1024;
+
+/// How long one export may take, unless `OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT` says otherwise.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for the last spans to be exported.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,6 +57,8 @@ pub struct Traces {
 struct Target {
     /// The full URL spans are posted to (for the log line).
     url: String,
+    /// Longest time one export may take.
+    timeout: Duration,
 }
 
 /// Reads the OTLP configuration from `var` (the environment, or a stand-in in tests).
@@ -100,7 +109,21 @@ fn target_from(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Ta
     if !url.starts_with("http://") {
         anyhow::bail!("{url}: the OTLP endpoint must be an http:// URL");
     }
-    Ok(Some(Target { url }))
+    let timeout = [
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .iter()
+    .find_map(|name| var(name).map(|v| (name, v)))
+    .map(|(name, v)| match v.parse::<u64>() {
+        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+        _ => Err(anyhow::anyhow!(
+            "{name}={v:?} is not a number of milliseconds"
+        )),
+    })
+    .transpose()?
+    .unwrap_or(EXPORT_TIMEOUT);
+    Ok(Some(Target { url, timeout }))
 }
 
 /// Starts exporting traces if the environment configures OTLP; logs and returns `None` when it
@@ -114,7 +137,7 @@ pub fn init_from_env() -> Option<Traces> {
             return None;
         }
     };
-    match start() {
+    match start(&target) {
         Ok(traces) => {
             // Never the headers: they may hold an API key.
             tracing::info!("Traces: OTLP/HTTP to {}", target.url);
@@ -127,10 +150,12 @@ pub fn init_from_env() -> Option<Traces> {
     }
 }
 
-fn start() -> anyhow::Result<Traces> {
-    // Endpoint, headers, timeout and protocol come from the OTEL_EXPORTER_OTLP_* variables.
+fn start(target: &Target) -> anyhow::Result<Traces> {
+    // The endpoint and headers come from the OTEL_EXPORTER_OTLP_* variables.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
+        .with_http_client(http_client::BlockingClient::new(target.timeout))
+        .with_timeout(target.timeout)
         .build()
         .context("cannot set up the OTLP trace exporter")?;
     let mut resource = Resource::builder();
@@ -260,6 +285,26 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         target_from(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn export_timeouts_in_milliseconds() {
+        let ep = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
+        let timeout = |vars: &[(&str, &str)]| target(vars).unwrap().unwrap().timeout;
+        assert_eq!(timeout(&[ep]), EXPORT_TIMEOUT);
+        assert_eq!(
+            timeout(&[ep, ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")]),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            timeout(&[
+                ep,
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+                ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "700")
+            ]),
+            Duration::from_millis(700)
+        );
+        assert!(target(&[ep, ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")]).is_err());
     }
 
     fn url(vars: &[(&str, &str)]) -> String {
