@@ -4,6 +4,7 @@
 #   the end-to-end suites driven by the Deno CLI and the npm @deno/kv client, and the Debian
 #   package installed in a booted Debian container (tests/packaging/deb-e2e.sh; needs root).
 # Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm;
+# opentelemetry-proto from PyPI, in a venv under ~/.cache/denokv, for the OTLP receiver of the traces test;
 # deb-e2e.sh installs debootstrap, systemd-container, lintian and cargo-deb).
 # The build cache lives outside the clone: $CARGO_TARGET_DIR, default ~/.cache/denokv/target.
 # DENOKV_SKIP_DEB_E2E=1 skips the package test (it needs root and adds a release build).
@@ -29,6 +30,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+
+# The OTLP receiver that daemon/tests/traces.rs starts runs on this venv.
+step "Python venv for the OTLP receiver (opentelemetry-proto)"
+tests/otlp/setup.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -9,6 +9,7 @@ pub mod runtime;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod traces;
 
 /// The KV Connect protobuf messages (SPEC §2.2), generated from `proto/datapath.proto`.
 pub mod proto {

@@ -5,8 +5,16 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => {
             let logging = denokv::telemetry::init_logging(args.log_level_file());
-            args.into_options(cli.sqlite_path)
-                .and_then(|opts| denokv::runtime::serve(opts, Some(&logging)))
+            // Only when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set.
+            let traces = denokv::traces::init_from_env();
+            let served = args
+                .into_options(cli.sqlite_path)
+                .and_then(|opts| denokv::runtime::serve(opts, Some(&logging)));
+            // After the drain: the spans of the last requests and commits are exported.
+            if let Some(traces) = traces {
+                traces.shutdown();
+            }
+            served
         }
     };
     if let Err(e) = result {

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Method, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{header, HeaderMap, Method, Response, StatusCode, Version};
+use hyper::body::{Body as _, Incoming};
 use prost::Message;
 
 use crate::kv::model::{Entry, WriteOutcome};
@@ -21,6 +21,7 @@ use crate::kv::{now_ms, validate};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::proto as pb;
 use crate::store::{CommitterHandle, Reader, WatchRegistry};
+use crate::traces::Span;
 use auth::{CoreTokens, SharedTokens};
 use body::{empty, full, read_limited, Body};
 use error::ApiError;
@@ -51,24 +52,58 @@ pub struct CoreContext {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Answers one request; errors become their plain-text responses. Every answer is counted.
+/// Answers one request; errors become their plain-text responses. Every answer is counted,
+/// and traced when traces are on (a span per request, ended when the response head is ready).
 pub async fn handle(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Response<Body> {
     let start = Instant::now();
     let route = Route::of(req.uri().path());
-    let resp = match serve(route, req, ctx).await {
+    let mut span = Span::server(|| route.span_name(req.method()));
+    if span.is_on() {
+        span.set("http.request.method", req.method().as_str().to_string());
+        if route != Route::Other {
+            span.set("http.route", route.path());
+        }
+        span.set("network.protocol.version", protocol_version(req.version()));
+    }
+    let resp = match serve(route, req, ctx, &mut span).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     };
+    let status = resp.status().as_u16();
+    if span.is_on() {
+        span.set("http.response.status_code", i64::from(status));
+        if let Some(n) = resp.body().size_hint().exact() {
+            span.set("http.response.body.size", n as i64);
+        }
+        if status >= 400 {
+            span.set("error.type", status.to_string());
+        }
+        if status >= 500 {
+            span.set_error("server error");
+        }
+    }
     ctx.shared
         .metrics
-        .http_request(route.label(), resp.status().as_u16(), start.elapsed());
+        .http_request(route.label(), status, start.elapsed());
     resp
+}
+
+fn protocol_version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_11 => "1.1",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "other",
+    }
 }
 
 async fn serve(
     route: Route,
     req: Request,
     ctx: &std::rc::Rc<CoreContext>,
+    span: &mut Span,
 ) -> Result<Response<Body>, ApiError> {
     if route == Route::Other {
         return Err(ApiError::not_found());
@@ -87,14 +122,20 @@ async fn serve(
     if route == Route::Metadata {
         let token = ctx.tokens.authenticate(&parts.headers)?;
         let body = read_limited(incoming, content_length).await?;
+        span.set("http.request.body.size", body.len() as i64);
         return metadata::exchange(&body, token, &ctx.shared.endpoint_url);
     }
     check_data_path_headers(&parts.headers, &ctx.tokens)?;
     let body = read_limited(incoming, content_length).await?;
+    span.set("http.request.body.size", body.len() as i64);
     match route {
-        Route::SnapshotRead => snapshot_read(decode(&body)?, ctx),
-        Route::AtomicWrite => atomic_write(decode(&body)?, ctx).await,
-        Route::Watch => watch::start(decode(&body)?, ctx),
+        Route::SnapshotRead => snapshot_read(decode(&body)?, ctx, span),
+        Route::AtomicWrite => atomic_write(decode(&body)?, ctx, span).await,
+        Route::Watch => {
+            let req: pb::Watch = decode(&body)?;
+            span.set("denokv.watch.keys", req.keys.len() as i64);
+            watch::start(req, ctx)
+        }
         Route::Metadata | Route::Other => unreachable!("handled above"),
     }
 }
@@ -116,6 +157,30 @@ impl Route {
             "/v2/atomic_write" => Route::AtomicWrite,
             "/v2/watch" => Route::Watch,
             _ => Route::Other,
+        }
+    }
+
+    /// The `http.route` of a span.
+    fn path(self) -> &'static str {
+        match self {
+            Route::Metadata => "/",
+            Route::SnapshotRead => "/v2/snapshot_read",
+            Route::AtomicWrite => "/v2/atomic_write",
+            Route::Watch => "/v2/watch",
+            Route::Other => "",
+        }
+    }
+
+    /// A span's name: `POST /v2/atomic_write`; just the method for an unknown path, whose
+    /// name must not grow with every path a scanner tries.
+    fn span_name(self, method: &Method) -> std::borrow::Cow<'static, str> {
+        match (self, method == Method::POST) {
+            (Route::Metadata, true) => "POST /".into(),
+            (Route::SnapshotRead, true) => "POST /v2/snapshot_read".into(),
+            (Route::AtomicWrite, true) => "POST /v2/atomic_write".into(),
+            (Route::Watch, true) => "POST /v2/watch".into(),
+            (Route::Other, _) => method.as_str().to_string().into(),
+            (route, false) => format!("{} {}", method.as_str(), route.path()).into(),
         }
     }
 
@@ -170,9 +235,18 @@ fn entry_to_pb(e: Entry) -> pb::KvEntry {
     }
 }
 
-fn snapshot_read(req: pb::SnapshotRead, ctx: &CoreContext) -> Result<Response<Body>, ApiError> {
+fn snapshot_read(
+    req: pb::SnapshotRead,
+    ctx: &CoreContext,
+    span: &mut Span,
+) -> Result<Response<Body>, ApiError> {
+    span.set("denokv.read.ranges", req.ranges.len() as i64);
     let ranges = validate::snapshot_read(req)?;
     let results = ctx.reader.borrow_mut().read_ranges(&ranges, now_ms())?;
+    if span.is_on() {
+        let entries: usize = results.iter().map(Vec::len).sum();
+        span.set("denokv.read.entries", entries as i64);
+    }
     let out = pb::SnapshotReadOutput {
         ranges: results
             .into_iter()
@@ -187,19 +261,42 @@ fn snapshot_read(req: pb::SnapshotRead, ctx: &CoreContext) -> Result<Response<Bo
     Ok(protobuf(&out))
 }
 
-async fn atomic_write(req: pb::AtomicWrite, ctx: &CoreContext) -> Result<Response<Body>, ApiError> {
+async fn atomic_write(
+    req: pb::AtomicWrite,
+    ctx: &CoreContext,
+    span: &mut Span,
+) -> Result<Response<Body>, ApiError> {
+    if span.is_on() {
+        span.set("denokv.write.checks", req.checks.len() as i64);
+        span.set("denokv.write.mutations", req.mutations.len() as i64);
+        span.set("denokv.write.enqueues", req.enqueues.len() as i64);
+    }
     let write = validate::atomic_write(req, now_ms()).inspect_err(|_| {
         // Counted with those the committer finds invalid: one count per rejected write.
         ctx.shared.metrics.writes_invalid.inc();
     })?;
     let Some(committer) = &ctx.shared.committer else {
         // Read-only: a 200 that says so, not a 400 (SPEC §10 D6).
+        span.set("denokv.write.outcome", "write_disabled");
         return Ok(protobuf(&pb::AtomicWriteOutput {
             status: pb::AtomicWriteStatus::AwWriteDisabled as i32,
             ..Default::default()
         }));
     };
-    let out = match committer.write(write).await? {
+    let (outcome, batch) = committer.write_traced(write, span.context()).await;
+    if let Some(batch) = &batch {
+        // The commit batch span that carried this write (it links back to this span).
+        span.add_link(batch);
+    }
+    let outcome = outcome?;
+    span.set(
+        "denokv.write.outcome",
+        match &outcome {
+            WriteOutcome::Committed(_) => "committed",
+            WriteOutcome::ChecksFailed(_) => "check_failed",
+        },
+    );
+    let out = match outcome {
         WriteOutcome::Committed(stamp) => pb::AtomicWriteOutput {
             status: pb::AtomicWriteStatus::AwSuccess as i32,
             versionstamp: Bytes::copy_from_slice(&stamp.0),

@@ -23,6 +23,7 @@ use crate::kv::value::{Le64Op, StoredValue, Value};
 use crate::kv::versionstamp::Versionstamp;
 use crate::kv::{now_ms, KvError};
 use crate::metrics::{Metrics, MutationLabel};
+use crate::traces::{self, SpanContext};
 
 /// Most writes one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -53,8 +54,13 @@ const SET_VERSION: &str = "UPDATE data_version SET version = ?1 WHERE k = 0";
 
 struct WriteJob {
     write: AtomicWrite,
-    reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+    /// The span of the request that sent the write (traces on): the batch span links to it.
+    trace: Option<SpanContext>,
+    reply: oneshot::Sender<Reply>,
 }
+
+/// The outcome of a write, and the span of the batch that carried it (traces on).
+type Reply = (Result<WriteOutcome, StoreError>, Option<SpanContext>);
 
 enum Message {
     Write(WriteJob),
@@ -72,12 +78,29 @@ pub struct CommitterHandle {
 impl CommitterHandle {
     /// Queues a write and waits for its outcome. Waits for room when the queue is full.
     pub async fn write(&self, write: AtomicWrite) -> Result<WriteOutcome, StoreError> {
+        self.write_traced(write, None).await.0
+    }
+
+    /// [`write`](Self::write) from the request span `trace`; also returns the span of the
+    /// commit batch that carried the write (when traces are on and the batch was committed or
+    /// rolled back).
+    pub async fn write_traced(
+        &self,
+        write: AtomicWrite,
+        trace: Option<SpanContext>,
+    ) -> (Result<WriteOutcome, StoreError>, Option<SpanContext>) {
         let (reply, outcome) = oneshot::channel();
-        self.tx
-            .send_async(Message::Write(WriteJob { write, reply }))
+        let job = WriteJob {
+            write,
+            trace,
+            reply,
+        };
+        if self.tx.send_async(Message::Write(job)).await.is_err() {
+            return (Err(StoreError::Unavailable), None);
+        }
+        outcome
             .await
-            .map_err(|_| StoreError::Unavailable)?;
-        outcome.await.map_err(|_| StoreError::Unavailable)?
+            .unwrap_or((Err(StoreError::Unavailable), None))
     }
 
     /// Asks the committer to commit every write already queued and stop. Blocks while the
@@ -153,7 +176,7 @@ struct Committer {
     metrics: Arc<Metrics>,
 }
 
-/// What one committed batch did, recorded in the metrics once the COMMIT succeeded.
+/// What one batch did, recorded in the metrics once the COMMIT succeeded (and in its span).
 #[derive(Default)]
 struct BatchTally {
     committed: u64,
@@ -161,6 +184,12 @@ struct BatchTally {
     invalid: u64,
     enqueues: u64,
     mutations: [u64; MutationLabel::COUNT],
+    /// `BEGIN` to the last write applied.
+    apply: Duration,
+    /// The `COMMIT` statement: the WAL write and, in sync mode full, the fsync.
+    commit: Duration,
+    /// The database failed; the batch was rolled back.
+    rolled_back: bool,
 }
 
 impl BatchTally {
@@ -179,6 +208,25 @@ impl BatchTally {
                 }
             };
             self.mutations[label as usize] += 1;
+        }
+    }
+
+    /// Sets the attributes of the batch's span.
+    fn describe(&self, span: &mut traces::Span, batch: usize) {
+        span.set("db.system.name", "sqlite");
+        span.set("denokv.batch.size", batch as i64);
+        span.set("denokv.batch.committed", self.committed as i64);
+        span.set("denokv.batch.checks_failed", self.checks_failed as i64);
+        span.set("denokv.batch.invalid", self.invalid as i64);
+        span.set(
+            "denokv.batch.mutations",
+            self.mutations.iter().sum::<u64>() as i64,
+        );
+        span.set("denokv.batch.enqueues", self.enqueues as i64);
+        span.set("denokv.batch.apply_ms", self.apply.as_secs_f64() * 1e3);
+        span.set("denokv.batch.commit_ms", self.commit.as_secs_f64() * 1e3);
+        if self.rolled_back {
+            span.set_error("the database failed; the batch was rolled back");
         }
     }
 
@@ -321,19 +369,33 @@ impl Committer {
     }
 
     fn commit_batch(&mut self, batch: Vec<WriteJob>) {
-        let results = self.commit_writes(batch.iter().map(|job| &job.write));
+        let mut span = if traces::enabled() {
+            traces::Span::internal(
+                "commit batch",
+                std::time::SystemTime::now(),
+                batch.iter().filter_map(|job| job.trace.as_ref()),
+            )
+        } else {
+            traces::Span::OFF
+        };
+        let size = batch.len();
+        let (results, tally) = self.commit_writes(batch.iter().map(|job| &job.write));
+        let batch_span = span.context();
         for (job, result) in batch.into_iter().zip(results) {
-            let _ = job.reply.send(result);
+            let _ = job.reply.send((result, batch_span.clone()));
+        }
+        if span.is_on() {
+            tally.describe(&mut span, size);
         }
     }
 
-    /// Commits `writes` in one transaction and returns each write's own result, in order. If
-    /// the database fails, nothing is committed and every write gets `Unavailable`, which is
-    /// then safe to retry. Watchers are woken only after the commit.
+    /// Commits `writes` in one transaction and returns each write's own result, in order, and
+    /// what the batch did. If the database fails, nothing is committed and every write gets
+    /// `Unavailable`, which is then safe to retry. Watchers are woken only after the commit.
     fn commit_writes<'a>(
         &mut self,
         writes: impl ExactSizeIterator<Item = &'a AtomicWrite>,
-    ) -> Vec<Result<WriteOutcome, StoreError>> {
+    ) -> (Vec<Result<WriteOutcome, StoreError>>, BatchTally) {
         let count = writes.len();
         let now = now_ms();
         let mut version = self.version;
@@ -377,14 +439,19 @@ impl Committer {
                     .prepare_cached(SET_VERSION)?
                     .execute([version as i64])?;
             }
+            tally.apply = started.elapsed();
+            let committing = Instant::now();
             self.conn.prepare_cached("COMMIT")?.execute([])?;
+            tally.commit = committing.elapsed();
             Ok(())
         })();
 
         if let Err(e) = applied {
             tracing::error!("commit of {count} writes failed, rolled back: {e}");
             let _ = self.conn.execute_batch("ROLLBACK");
-            return (0..count).map(|_| Err(StoreError::Unavailable)).collect();
+            tally.rolled_back = true;
+            let failed = (0..count).map(|_| Err(StoreError::Unavailable)).collect();
+            return (failed, tally);
         }
         tally.record(&self.metrics, count, started.elapsed());
         self.version = version;
@@ -393,7 +460,7 @@ impl Committer {
             c.poke();
         }
         self.watches.notify(&changed);
-        results
+        (results, tally)
     }
 
     /// Applies one write inside its own savepoint. Returns the outcome and the global version
@@ -612,6 +679,6 @@ impl DirectCommitter {
 
     /// Commits `writes` as one batch (one transaction, a savepoint each).
     pub fn commit(&mut self, writes: &[AtomicWrite]) -> Vec<Result<WriteOutcome, StoreError>> {
-        self.0.commit_writes(writes.iter())
+        self.0.commit_writes(writes.iter()).0
     }
 }

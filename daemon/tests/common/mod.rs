@@ -203,6 +203,12 @@ impl Launch {
             .env_remove("LISTEN_FDS")
             .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("JOURNAL_STREAM");
+        // Traces only where a test asks for them, whatever the shell running the tests set.
+        for (k, _) in std::env::vars_os() {
+            if k.to_str().is_some_and(|k| k.starts_with("OTEL_")) {
+                command.env_remove(k);
+            }
+        }
         for (k, v) in &self.env {
             command.env(k, v);
         }
