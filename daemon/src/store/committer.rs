@@ -31,8 +31,7 @@ const MAX_BATCH: usize = 512;
 pub const QUEUE_CAPACITY: usize = 4096;
 /// Longest time between two expiry sweeps, to catch expiries written by other processes.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// How often, while anything is watched, the committer looks for commits made by other
-/// processes on the same file (the Deno CLI, say), whose changes must reach watchers too.
+/// How often the committer looks for commits made by other processes on the same file (the Deno CLI, say), whose changes must reach watchers too.
 const EXTERNAL_POLL: Duration = Duration::from_millis(500);
 /// Rows one sweep transaction deletes at most, so a sweep never holds writers up for long.
 const SWEEP_CHUNK: i64 = 1000;
@@ -295,10 +294,9 @@ impl Committer {
     fn run(&mut self, rx: flume::Receiver<Message>) {
         let mut stopping = false;
         while !stopping {
-            let mut wait = self.time_until_sweep();
-            if self.watches.watched_keys() > 0 {
-                wait = wait.min(EXTERNAL_POLL);
-            }
+            // Always poll: a stream may subscribe while we wait, and must not wait for the
+            // next sweep to see another process's commits (one cheap PRAGMA per interval).
+            let mut wait = self.time_until_sweep().min(EXTERNAL_POLL);
             if let Some(heartbeat) = &self.heartbeat {
                 heartbeat.beat();
                 wait = wait.min(heartbeat.period());
