@@ -559,8 +559,9 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
         w(f"`perf record -e cpu-clock -g` on our server during a write load of "
           f"{fmt(r.get('ops_per_sec'))} writes/s. On-CPU samples by thread:\n")
         w("```\n" + prof["threads"] + "\n```\n")
-        w("(A thread shown by number is the kernel's io_uring worker (`iou-wrk`) doing our WAL "
-          "writes and fdatasyncs; perf cannot name it.)\n")
+        w("(`iou-wrk-N` is a kernel io_uring worker thread of our process: it runs the operations "
+          "of the cores' rings that cannot complete inline, and with `--wal-writes io-uring` the "
+          "committer's linked fdatasync.)\n")
         w("The committer thread, by function (≥ 1.5% of all samples):\n")
         w("```\n" + prof["committer"] + "\n```\n")
         w("The serving cores, by function:\n")

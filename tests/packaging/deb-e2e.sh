@@ -175,6 +175,12 @@ mkdir -p "$work/upper" "$work/ovl" "$work/root"
 mount -t overlay overlay -o "lowerdir=$ROOTFS,upperdir=$work/upper,workdir=$work/ovl" "$work/root"
 mkdir -p "$work/root/opt/deb-e2e"
 cp "$deb" "$work/upgrade/"*.deb "$HERE/deb-client.ts" "$work/root/opt/deb-e2e/"
+# A debug build for the watchdog check: it hangs its committer on SIGUSR1 (release builds have
+# no such trigger).
+if [ ! -x "$CARGO_TARGET_DIR/debug/denokv" ]; then
+  (cd "$ROOT" && cargo build --locked -p denokv --bin denokv >&2)
+fi
+cp "$CARGO_TARGET_DIR/debug/denokv" "$work/root/opt/deb-e2e/denokv-debug"
 chmod -R a+rX "$work/root/opt/deb-e2e"
 
 # --- 3. without a running systemd (as in an image build): install and purge succeed ------
@@ -363,6 +369,32 @@ service_active "after upgrade"
 client "$token" read http://127.0.0.1:4600 k2 v2 >&2 || die "k2 after the upgrade"
 ok "upgrade: token, settings and data kept, service restarted on the new package"
 
+# --- 10b. the watchdog restarts a hung daemon ----------------------------------------------
+# The debug build under the same hardened unit, with a short WatchdogSec: SIGUSR1 hangs its
+# committer, the watchdog pings stop, and systemd must kill and restart the service.
+ct mkdir -p /etc/systemd/system/denokv.service.d
+ct sh -c 'printf "[Service]\nExecStart=\nExecStart=/opt/deb-e2e/denokv-debug --sqlite-path /var/lib/denokv/denokv.sqlite serve --log-level-file /etc/denokv/log-level\nWatchdogSec=3s\n" >/etc/systemd/system/denokv.service.d/watchdog-test.conf'
+ct systemctl daemon-reload
+ct systemctl restart denokv.service || { journal_dump; die "restart with the debug build"; }
+service_active "debug build"
+restarts_before="$(prop denokv.service NRestarts)"
+pid_before="$(prop denokv.service MainPID)"
+ct systemctl kill -s USR1 --kill-who=main denokv.service
+for _ in $(seq 1 100); do
+  [ "$(prop denokv.service NRestarts)" != "$restarts_before" ] && [ "$(ct systemctl is-active denokv.service || true)" = active ] && break
+  sleep 0.2
+done
+[ "$(prop denokv.service NRestarts)" -gt "$restarts_before" ] || { journal_dump; die "the hung service was not restarted"; }
+[ "$(prop denokv.service MainPID)" != "$pid_before" ] || die "the hung process is still the main one"
+ct journalctl -u denokv.service --no-pager -o cat | grep -q 'Watchdog timeout' || { journal_dump; die "no watchdog timeout in the journal"; }
+service_active "after the watchdog restart"
+client "$token" read http://127.0.0.1:4600 k2 v2 >&2 || die "k2 after the watchdog restart"
+ct rm /etc/systemd/system/denokv.service.d/watchdog-test.conf
+ct systemctl daemon-reload
+ct systemctl restart denokv.service || die "restart on the packaged binary"
+service_active "back on the packaged binary"
+ok "watchdog: a hung committer (debug build, SIGUSR1) stopped the pings; systemd restarted the service, data intact"
+
 # What the service logged at warning or above (shown, not judged).
 ct journalctl -u denokv.service -p warning --no-pager -o cat | sed 's/^/  journal: /' >&2 || true
 
@@ -391,6 +423,7 @@ if ct dpkg-query -W denokv 2>/dev/null | grep -q .; then
 fi
 ok "apt purge: user, group, database, token, settings and unit links gone"
 
-if grep -E 'SIGKILL|Killing process' <(ct journalctl --no-pager -o cat 2>/dev/null); then die "a SIGKILL in the container's journal"; fi
+# (The watchdog check's SIGABRT is expected; a SIGKILL never is.)
+if grep -E 'SIGKILL' <(ct journalctl --no-pager -o cat 2>/dev/null); then die "a SIGKILL in the container's journal"; fi
 log "took $((SECONDS - START)) s"
 echo "deb-e2e: $passed passed, 0 failed"
