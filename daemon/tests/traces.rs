@@ -119,18 +119,6 @@ impl Drop for Receiver {
     }
 }
 
-fn set(k: &Bytes, v: &[u8]) -> pb::Mutation {
-    pb::Mutation {
-        key: k.clone(),
-        value: Some(pb::KvValue {
-            data: Bytes::copy_from_slice(v),
-            encoding: pb::ValueEncoding::VeBytes as i32,
-        }),
-        mutation_type: pb::MutationType::MSet as i32,
-        ..Default::default()
-    }
-}
-
 fn read_of(keys: &[&Bytes]) -> Vec<u8> {
     pb::SnapshotRead {
         ranges: keys
@@ -226,7 +214,10 @@ async fn requests_and_commit_batches_are_exported_and_linked() {
         tasks.push(tokio::spawn(async move {
             let proto = if i % 2 == 0 { Proto::H1 } else { Proto::H2 };
             let w = pb::AtomicWrite {
-                mutations: vec![set(&secret, b"v"), set(&key(&format!("k{i}")), b"v")],
+                mutations: vec![
+                    set_bytes(&secret, b"v"),
+                    set_bytes(&key(&format!("k{i}")), b"v"),
+                ],
                 ..Default::default()
             };
             let r = c
@@ -244,7 +235,7 @@ async fn requests_and_commit_batches_are_exported_and_linked() {
             key: key("absent"),
             versionstamp: Bytes::from(vec![0u8; 10]),
         }],
-        mutations: vec![set(&key("never"), b"v")],
+        mutations: vec![set_bytes(&key("never"), b"v")],
         ..Default::default()
     };
     let r = c
@@ -449,7 +440,7 @@ async fn without_an_otlp_endpoint_nothing_is_started_or_exported() {
         let mut s = launch.start();
         let c = Client::new();
         let w = pb::AtomicWrite {
-            mutations: vec![set(&key("a"), b"v")],
+            mutations: vec![set_bytes(&key("a"), b"v")],
             ..Default::default()
         };
         for proto in BOTH {

@@ -79,15 +79,7 @@ async fn open_watch(c: &Client, p: Proto, s: &Server, keys: &[Bytes]) -> Frames 
 
 async fn set(c: &Client, s: &Server, k: &Bytes, v: &[u8]) -> Bytes {
     let w = pb::AtomicWrite {
-        mutations: vec![pb::Mutation {
-            key: k.clone(),
-            value: Some(pb::KvValue {
-                data: Bytes::copy_from_slice(v),
-                encoding: pb::ValueEncoding::VeBytes as i32,
-            }),
-            mutation_type: pb::MutationType::MSet as i32,
-            ..Default::default()
-        }],
+        mutations: vec![set_bytes(k, v)],
         ..Default::default()
     };
     let out: pb::AtomicWriteOutput = c

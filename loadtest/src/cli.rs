@@ -64,13 +64,8 @@ pub struct DiskArgs {
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub duration: Duration,
 
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-
-    /// How to print the report on stdout.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -86,13 +81,8 @@ pub struct IdleArgs {
     #[arg(long)]
     pub server_pid: Option<i32>,
 
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-
-    /// How to print the report on stdout.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -210,13 +200,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub server_pid: Option<i32>,
 
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-
-    /// How to print the report on stdout.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -232,11 +217,18 @@ pub struct VerifyArgs {
     #[arg(long, default_value_t = 50)]
     pub show: usize,
 
-    /// Also write the result as JSON to this file.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Where the report goes.
+#[derive(Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
 
-    /// How to print the result on stdout.
+    /// How to print the report on stdout.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }

@@ -59,7 +59,7 @@ fn main() {
     }
     if let Command::Disk(a) = &cli.command {
         let result = disk::run(a).and_then(|r| {
-            report::emit(&r, &r.table(), a.format, a.json.as_deref())?;
+            report::emit(&r, &r.table(), a.output.format, a.output.json.as_deref())?;
             Ok(r)
         });
         if let Err(e) = result {
@@ -104,7 +104,12 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
         Command::GenDb(_) | Command::Disk(_) => unreachable!("these need no runtime"),
         Command::Idle(args) => {
             let result = idle::run(&args).await?;
-            report::emit(&result, &result.table(), args.format, args.json.as_deref())?;
+            report::emit(
+                &result,
+                &result.table(),
+                args.output.format,
+                args.output.json.as_deref(),
+            )?;
             return Ok(result.passed);
         }
         Command::Verify(args) => {
@@ -112,8 +117,8 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
             report::emit(
                 &result,
                 &result.table(args.show),
-                args.format,
-                args.json.as_deref(),
+                args.output.format,
+                args.output.json.as_deref(),
             )?;
             return Ok(result.passed);
         }
@@ -126,6 +131,11 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
         Command::Watch(a) => (Workload::Watch, a),
     };
     let result = run::run(workload, &args).await?;
-    report::emit(&result, &result.table(), args.format, args.json.as_deref())?;
+    report::emit(
+        &result,
+        &result.table(),
+        args.output.format,
+        args.output.json.as_deref(),
+    )?;
     Ok(result.passed)
 }

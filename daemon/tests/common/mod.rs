@@ -514,6 +514,20 @@ pub fn data_request(url: &str, body: Vec<u8>) -> http::Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// A `set` of `k` to the bytes `v`.
+pub fn set_bytes(k: &Bytes, v: &[u8]) -> denokv::proto::Mutation {
+    use denokv::proto as pb;
+    pb::Mutation {
+        key: k.clone(),
+        value: Some(pb::KvValue {
+            data: Bytes::copy_from_slice(v),
+            encoding: pb::ValueEncoding::VeBytes as i32,
+        }),
+        mutation_type: pb::MutationType::MSet as i32,
+        ..Default::default()
+    }
+}
+
 /// The key `[s]`, encoded as Deno encodes a one-string key.
 pub fn key(s: &str) -> Bytes {
     Bytes::from(denokv::kv::key::encode(&[
