@@ -38,7 +38,12 @@ pub struct IdleReport {
 
 pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
     let n = args.client.concurrency as usize;
-    raise_open_files(n as u64 + 256)?;
+    // The server's own way of lifting the soft limit to the hard one.
+    let (_, limit) = denokv::runtime::raise_open_files_limit()
+        .map_err(|e| anyhow::anyhow!("cannot raise the open files limit: {e}"))?;
+    if limit < n as u64 + 256 {
+        eprintln!("note: open files limited to {limit} (hard limit); some connections may fail");
+    }
     let c = &args.client;
     let ep = Arc::new(client::discover(&c.url, &c.token, c.proto, c.timeout).await?);
     let rss_before = args.server_pid.and_then(server::rss_mib);
@@ -99,33 +104,6 @@ async fn read_on_each(ep: &Arc<Endpoint>, conns: Vec<Conn>) -> (Vec<Conn>, BTree
         }
     }
     (ok, errors)
-}
-
-/// Lifts the soft limit on open files towards `want` (at most the hard limit).
-fn raise_open_files(want: u64) -> anyhow::Result<()> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            anyhow::bail!("getrlimit: {}", std::io::Error::last_os_error());
-        }
-        if limit.rlim_cur < want {
-            limit.rlim_cur = want.min(limit.rlim_max);
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                anyhow::bail!("setrlimit: {}", std::io::Error::last_os_error());
-            }
-        }
-    }
-    if limit.rlim_cur < want {
-        eprintln!(
-            "note: open files limited to {} (hard limit); some connections may fail",
-            limit.rlim_cur
-        );
-    }
-    Ok(())
 }
 
 impl IdleReport {

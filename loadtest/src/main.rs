@@ -59,7 +59,7 @@ fn main() {
     }
     if let Command::Disk(a) = &cli.command {
         let result = disk::run(a).and_then(|r| {
-            report::emit(&r, &r.table(), a.output.format, a.output.json.as_deref())?;
+            report::emit(&r, &r.table(), &a.output)?;
             Ok(r)
         });
         if let Err(e) = result {
@@ -104,22 +104,12 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
         Command::GenDb(_) | Command::Disk(_) => unreachable!("these need no runtime"),
         Command::Idle(args) => {
             let result = idle::run(&args).await?;
-            report::emit(
-                &result,
-                &result.table(),
-                args.output.format,
-                args.output.json.as_deref(),
-            )?;
+            report::emit(&result, &result.table(), &args.output)?;
             return Ok(result.passed);
         }
         Command::Verify(args) => {
             let result = verify::verify(&args).await?;
-            report::emit(
-                &result,
-                &result.table(args.show),
-                args.output.format,
-                args.output.json.as_deref(),
-            )?;
+            report::emit(&result, &result.table(args.show), &args.output)?;
             return Ok(result.passed);
         }
         Command::Write(a) => (Workload::Write, a),
@@ -131,11 +121,6 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
         Command::Watch(a) => (Workload::Watch, a),
     };
     let result = run::run(workload, &args).await?;
-    report::emit(
-        &result,
-        &result.table(),
-        args.output.format,
-        args.output.json.as_deref(),
-    )?;
+    report::emit(&result, &result.table(), &args.output)?;
     Ok(result.passed)
 }

@@ -2,16 +2,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::cli::{Format, RunArgs};
+use crate::cli::{Format, OutputArgs, RunArgs};
 use crate::client::Proto;
 use crate::run::PreloadInfo;
-use crate::server::ServerUsage;
+use crate::server::ProcessUsage;
 use crate::stats::{self, Stats};
 use crate::workload::CheckResult;
 
@@ -72,7 +71,7 @@ pub struct Report {
     /// Every check passed and at least one operation succeeded.
     pub passed: bool,
     /// The server's CPU and memory over the measured window (`--server-pid`).
-    pub server: Option<ServerUsage>,
+    pub server: Option<ProcessUsage>,
     /// Server CPU milliseconds per 1,000 operations (= microseconds per operation).
     pub server_cpu_ms_per_1k_ops: Option<f64>,
     /// The load generator's own CPU milliseconds per 1,000 operations (with --server-pid):
@@ -149,8 +148,8 @@ impl Report {
         }
     }
 
-    pub fn set_usage(&mut self, server: Option<ServerUsage>, client: Option<ServerUsage>) {
-        let per_1k = |u: &Option<ServerUsage>| {
+    pub fn set_usage(&mut self, server: Option<ProcessUsage>, client: Option<ProcessUsage>) {
+        let per_1k = |u: &Option<ProcessUsage>| {
             u.as_ref()
                 .filter(|_| self.ops > 0)
                 .map(|u| u.cpu_seconds * 1e6 / self.ops as f64)
@@ -251,19 +250,15 @@ pub fn show_check(t: &mut String, c: &CheckResult, limit: usize) {
     }
 }
 
-/// Prints `table` or the JSON on stdout, and writes the JSON to `json` if given.
-pub fn emit<T: Serialize>(
-    value: &T,
-    table: &str,
-    format: Format,
-    json: Option<&Path>,
-) -> anyhow::Result<()> {
+/// Prints `table` or the JSON on stdout as `--format` says, and writes the JSON to `--json`
+/// if given.
+pub fn emit<T: Serialize>(value: &T, table: &str, output: &OutputArgs) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    if let Some(path) = json {
+    if let Some(path) = &output.json {
         std::fs::write(path, format!("{text}\n"))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    match format {
+    match output.format {
         Format::Table => print!("{table}"),
         Format::Json => println!("{text}"),
     }

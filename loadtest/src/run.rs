@@ -18,7 +18,7 @@ use crate::cli::RunArgs;
 use crate::client::{self, CallError, Conn, Endpoint, Proto, SharedH2, Written};
 use crate::data;
 use crate::report::Report;
-use crate::server::{self, ServerUsage};
+use crate::server::{self, ProcessUsage};
 use crate::stats::Stats;
 use crate::watch;
 use crate::workload::{self, Client, Plan, Tally, Workload};
@@ -175,7 +175,7 @@ async fn closed_loop(
 ) -> (
     Stats,
     HashMap<u64, Tally>,
-    (Option<ServerUsage>, Option<ServerUsage>),
+    (Option<ProcessUsage>, Option<ProcessUsage>),
 ) {
     let window = Window::starting_now(args.warmup, args.duration);
     let usage = args.server_pid.map(|pid| server::sample_both(pid, window));

@@ -7,9 +7,9 @@ use serde::Serialize;
 
 use crate::run::Window;
 
-/// The server's resource use over the measured window.
+/// A process's resource use over the measured window (the server's, or the load generator's own).
 #[derive(Clone, Debug, Serialize)]
-pub struct ServerUsage {
+pub struct ProcessUsage {
     pub pid: i32,
     /// User + system CPU seconds, all threads.
     pub cpu_seconds: f64,
@@ -20,8 +20,8 @@ pub struct ServerUsage {
 
 /// Samples the server `pid` and this process at the start and the end of `window`.
 pub type Sampling = (
-    tokio::task::JoinHandle<Option<ServerUsage>>,
-    tokio::task::JoinHandle<Option<ServerUsage>>,
+    tokio::task::JoinHandle<Option<ProcessUsage>>,
+    tokio::task::JoinHandle<Option<ProcessUsage>>,
 );
 
 pub fn sample_both(server: i32, window: Window) -> Sampling {
@@ -32,7 +32,7 @@ pub fn sample_both(server: i32, window: Window) -> Sampling {
 }
 
 /// Waits for both samples.
-pub async fn finish(sampling: Option<Sampling>) -> (Option<ServerUsage>, Option<ServerUsage>) {
+pub async fn finish(sampling: Option<Sampling>) -> (Option<ProcessUsage>, Option<ProcessUsage>) {
     match sampling {
         Some((server, client)) => (server.await.ok().flatten(), client.await.ok().flatten()),
         None => (None, None),
@@ -40,13 +40,13 @@ pub async fn finish(sampling: Option<Sampling>) -> (Option<ServerUsage>, Option<
 }
 
 /// Samples `pid` at the start and the end of `window`.
-pub fn sample(pid: i32, window: Window) -> tokio::task::JoinHandle<Option<ServerUsage>> {
+pub fn sample(pid: i32, window: Window) -> tokio::task::JoinHandle<Option<ProcessUsage>> {
     tokio::spawn(async move {
         sleep_until(window.from).await;
         let (cpu0, rss0) = (cpu_seconds(pid)?, rss_mib(pid)?);
         sleep_until(window.to).await;
         let (cpu1, rss1) = (cpu_seconds(pid)?, rss_mib(pid)?);
-        Some(ServerUsage {
+        Some(ProcessUsage {
             pid,
             cpu_seconds: cpu1 - cpu0,
             rss_mib_start: rss0,

@@ -49,7 +49,13 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     // Pings need somewhere to go.
     let watchdog = systemd::watchdog_interval().filter(|_| notifier.enabled());
     let signals = signals::block()?;
-    raise_open_files_limit();
+    match raise_open_files_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::debug!("open files limit raised from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
     let watches = Arc::new(WatchRegistry::default());
     // Threads beat every quarter interval; the watchdog checks and pings every half.
     let mut monitor = watchdog.map(|interval| Monitor::new(interval / 4));
@@ -315,22 +321,19 @@ fn reload(
     }
 }
 
-/// Waits for every core; logs each failure and returns the first.
 /// Every connection and watch stream holds a descriptor, and the usual soft limit (1024) would
-/// refuse clients long before memory runs short: lift it to the hard limit, as systemd's
-/// `LimitNOFILE=` does for the service.
-fn raise_open_files_limit() {
+/// refuse clients long before memory runs short: lifts it to the hard limit, as systemd's
+/// `LimitNOFILE=` does for the service. Returns the soft limit before and after.
+pub fn raise_open_files_limit() -> nix::Result<(u64, u64)> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => tracing::debug!("open files limit raised from {soft} to {hard}"),
-            Err(e) => tracing::warn!("cannot raise the open files limit from {soft}: {e}"),
-        },
-        Ok(_) => {}
-        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
+    Ok((soft, hard))
 }
 
+/// Waits for every core; logs each failure and returns the first.
 fn join_cores(cores: Vec<JoinHandle<anyhow::Result<()>>>) -> anyhow::Result<()> {
     let mut first = Ok(());
     for (i, thread) in cores.into_iter().enumerate() {
