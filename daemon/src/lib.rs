@@ -1,6 +1,7 @@
 //! denokv: a self-hosted Deno KV server speaking the KV Connect protocol.
 
 pub mod config;
+pub mod fatal;
 pub mod health;
 pub mod http;
 pub mod kv;

@@ -1,6 +1,12 @@
 use denokv::config::Command;
 
 fn main() {
+    // Before anything else: every thread started later inherits both.
+    denokv::fatal::install_panic_hook();
+    if let Err(e) = denokv::runtime::block_signals() {
+        eprintln!("Error: cannot block signals: {e:#}");
+        std::process::exit(1);
+    }
     let cli = denokv::config::parse();
     let result = match cli.command {
         Command::Serve(args) => {

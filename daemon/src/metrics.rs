@@ -94,9 +94,46 @@ impl MutationLabel {
     }
 }
 
+/// Where a commit (a batch of writes, or an expiry sweep) failed: the `phase` label of
+/// `denokv_commit_failures_total`. See `store::committer::failure` for what each means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitPhase {
+    /// Applying the writes, before COMMIT: rolled back, nothing committed.
+    Apply,
+    /// COMMIT could not write the WAL: the commit never reached the disk.
+    WalWrite,
+    /// COMMIT's sync of the WAL failed: the commit may be durable (the server stops).
+    WalSync,
+    /// COMMIT failed otherwise: its outcome is unknown (the server stops).
+    Commit,
+    /// ROLLBACK after a failure failed (the server stops).
+    Rollback,
+}
+
+impl CommitPhase {
+    pub const COUNT: usize = 5;
+    pub const ALL: [CommitPhase; Self::COUNT] = [
+        CommitPhase::Apply,
+        CommitPhase::WalWrite,
+        CommitPhase::WalSync,
+        CommitPhase::Commit,
+        CommitPhase::Rollback,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CommitPhase::Apply => "apply",
+            CommitPhase::WalWrite => "wal_write",
+            CommitPhase::WalSync => "wal_sync",
+            CommitPhase::Commit => "commit",
+            CommitPhase::Rollback => "rollback",
+        }
+    }
+}
+
 /// Status codes the server answers with; each gets a slot resolved once. Others (none today)
 /// fall back to a label lookup.
-const STATUSES: [u16; 9] = [200, 400, 401, 404, 405, 408, 413, 500, 503];
+const STATUSES: [u16; 11] = [200, 400, 401, 404, 405, 408, 409, 413, 500, 503, 507];
 
 fn status_slot(status: u16) -> Option<usize> {
     STATUSES.iter().position(|&s| s == status)
@@ -119,6 +156,7 @@ pub struct Metrics {
     pub writes_committed: IntCounter,
     pub write_checks_failed: IntCounter,
     pub writes_invalid: IntCounter,
+    commit_failures: [IntCounter; CommitPhase::COUNT],
     mutations: [IntCounter; MutationLabel::COUNT],
     pub enqueues: IntCounter,
     pub read_rows: IntCounter,
@@ -199,6 +237,16 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(mutations_vec.clone()));
+        let commit_failures = IntCounterVec::new(
+            Opts::new(
+                "denokv_commit_failures_total",
+                "Commits (write batches and expiry sweeps) that failed, by phase: apply and \
+                 wal_write were rolled back; wal_sync, commit and rollback stop the server.",
+            ),
+            &["phase"],
+        )
+        .expect("valid metric");
+        reg(Box::new(commit_failures.clone()));
 
         let process_cpu = Counter::new(
             "process_cpu_seconds_total",
@@ -237,6 +285,8 @@ impl Metrics {
                 "Atomic writes rejected as invalid (400): by validation, or by the committer \
                  (rolled back to their savepoint).",
             ),
+            commit_failures: CommitPhase::ALL
+                .map(|p| commit_failures.with_label_values(&[p.name()])),
             mutations: MutationLabel::ALL.map(|m| mutations_vec.with_label_values(&[m.name()])),
             enqueues: counter(
                 "denokv_enqueues_total",
@@ -318,6 +368,10 @@ impl Metrics {
     }
 
     /// The counter of committed mutations of one type.
+    pub fn commit_failures(&self, phase: CommitPhase) -> &IntCounter {
+        &self.commit_failures[phase as usize]
+    }
+
     pub fn mutations(&self, kind: MutationLabel) -> &IntCounter {
         &self.mutations[kind as usize]
     }
@@ -466,6 +520,7 @@ impl Drop for MetricsServer {
 
 /// Answers one request and closes the connection.
 fn serve_one(mut stream: TcpStream, metrics: &Metrics, sampler: &Sampler) -> io::Result<()> {
+    crate::fatal::debug::panic_point("metrics");
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut head = Vec::with_capacity(1024);

@@ -6,10 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use denokv::proto as pb;
-use prost::Message;
 
 const SHORT: &str = "short-token";
 
@@ -160,42 +157,6 @@ async fn environment_variables_configure_the_server() {
     .unwrap();
     let status = wait_timeout(&mut child, Duration::from_secs(10));
     assert!(status.success(), "SIGINT exits 0: {status:?}");
-}
-
-async fn set_key(c: &Client, p: Proto, url: &str, k: &str, v: &str) -> Option<Reply> {
-    let w = pb::AtomicWrite {
-        mutations: vec![pb::Mutation {
-            key: common::key(k),
-            value: Some(pb::KvValue {
-                data: Bytes::copy_from_slice(v.as_bytes()),
-                encoding: pb::ValueEncoding::VeBytes as i32,
-            }),
-            mutation_type: pb::MutationType::MSet as i32,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    c.try_data(p, url, "atomic_write", w.encode_to_vec()).await
-}
-
-async fn get_key(c: &Client, p: Proto, url: &str, k: &str) -> Option<Bytes> {
-    let key = common::key(k);
-    let mut end = key.to_vec();
-    end.push(0);
-    let read = pb::SnapshotRead {
-        ranges: vec![pb::ReadRange {
-            start: key,
-            end: Bytes::from(end),
-            limit: 1,
-            reverse: false,
-        }],
-    };
-    let out: pb::SnapshotReadOutput = c
-        .try_data(p, url, "snapshot_read", read.encode_to_vec())
-        .await
-        .unwrap()
-        .decode();
-    out.ranges[0].values.first().map(|e| e.value.clone())
 }
 
 #[tokio::test]

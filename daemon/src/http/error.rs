@@ -60,6 +60,27 @@ impl ApiError {
         )
     }
 
+    /// Nothing was committed because the disk is full. A 5xx, so Deno retries (every 200–300
+    /// ms) and the write goes through by itself once space returns.
+    pub fn disk_full() -> Self {
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "The server's disk is full: the write was not committed. Try again later.",
+        )
+    }
+
+    /// The commit failed after it may have reached the disk. Not a 5xx: Deno would re-send
+    /// the write, and a sum, an enqueue or a versionstamped key would then apply twice (SPEC
+    /// §1.7, implication 1). A 4xx ends the call with this text instead.
+    pub fn outcome_unknown() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "The outcome of this write is unknown: the server's disk failed while committing it, \
+             so it may or may not have been applied. The server is restarting; read the keys to \
+             find out.",
+        )
+    }
+
     pub fn into_response(self) -> Response<Body> {
         Response::builder()
             .status(self.status)
@@ -84,6 +105,8 @@ impl From<StoreError> for ApiError {
                 ApiError::internal()
             }
             StoreError::Unavailable => ApiError::unavailable(),
+            StoreError::DiskFull => ApiError::disk_full(),
+            StoreError::OutcomeUnknown => ApiError::outcome_unknown(),
         }
     }
 }

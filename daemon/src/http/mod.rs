@@ -55,6 +55,7 @@ pub struct CoreContext {
 /// Answers one request; errors become their plain-text responses. Every answer is counted,
 /// and traced when traces are on (a span per request, ended when the response head is ready).
 pub async fn handle(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Response<Body> {
+    crate::fatal::debug::panic_point("core");
     let start = Instant::now();
     let route = Route::of(req.uri().path());
     let mut span = Span::server(|| route.span_name(req.method()));

@@ -21,7 +21,9 @@ const PING: Bytes = Bytes::from_static(&[0, 0, 0, 0]);
 
 /// Validates the request and starts the stream on this core.
 pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Body>, ApiError> {
-    let keys = validate::watch(req)?;
+    let mut keys = validate::watch(req)?;
+    // The stream lives long: let go of the request body the keys were decoded from.
+    crate::kv::model::detach_all(keys.iter_mut());
     // Subscribe before the first read so that no commit in between is missed.
     let subscription = ctx.shared.watches.subscribe(&keys);
     let (tx, rx) = tokio::sync::mpsc::channel(2);

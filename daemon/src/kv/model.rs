@@ -68,6 +68,60 @@ pub struct AtomicWrite {
     pub enqueues: Vec<Enqueue>,
 }
 
+impl AtomicWrite {
+    /// Bytes of keys, values and payloads the write carries: what a commit batch is bounded by.
+    pub fn size_bytes(&self) -> usize {
+        let mut n: usize = self.checks.iter().map(|c| c.key.len()).sum();
+        for m in &self.mutations {
+            n += m.key.len();
+            if let MutationKind::Set(v) | MutationKind::SetSuffixVersionstamped(v) = &m.kind {
+                n += v.data.len();
+            }
+        }
+        for e in &self.enqueues {
+            n += e.payload.len() + e.keys_if_undelivered.iter().map(Bytes::len).sum::<usize>();
+        }
+        n
+    }
+
+    /// Moves every key, value and payload into one buffer of its own. Decoded fields are
+    /// slices of the request body, which they would otherwise keep alive, padding and all,
+    /// for as long as the write waits in the committer's queue.
+    pub fn detach(&mut self) {
+        let mut fields: Vec<&mut Bytes> = Vec::new();
+        for c in &mut self.checks {
+            fields.push(&mut c.key);
+        }
+        for m in &mut self.mutations {
+            fields.push(&mut m.key);
+            if let MutationKind::Set(v) | MutationKind::SetSuffixVersionstamped(v) = &mut m.kind {
+                fields.push(&mut v.data);
+            }
+        }
+        for e in &mut self.enqueues {
+            fields.push(&mut e.payload);
+            fields.extend(e.keys_if_undelivered.iter_mut());
+        }
+        detach_all(fields);
+    }
+}
+
+/// Re-points each of `fields` at a copy in one new buffer (see [`AtomicWrite::detach`]).
+pub fn detach_all<'a>(fields: impl IntoIterator<Item = &'a mut Bytes>) {
+    let fields: Vec<&mut Bytes> = fields.into_iter().collect();
+    let mut buf = Vec::with_capacity(fields.iter().map(|b| b.len()).sum());
+    for b in &fields {
+        buf.extend_from_slice(b);
+    }
+    let buf = Bytes::from(buf);
+    let mut at = 0;
+    for b in fields {
+        let len = b.len();
+        *b = buf.slice(at..at + len);
+        at += len;
+    }
+}
+
 /// How an atomic write ended, when it was not refused as invalid.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteOutcome {

@@ -48,7 +48,13 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let notifier = Arc::new(Notifier::from_env());
     // Pings need somewhere to go.
     let watchdog = systemd::watchdog_interval().filter(|_| notifier.enabled());
+    // Already blocked by `block_signals` in a binary; blocking again is harmless.
     let signals = signals::block()?;
+    // A fatal failure on any thread wakes the signal loop below like a SIGTERM would.
+    crate::fatal::set_waker(|| {
+        // SAFETY: kill(2) with our own pid and a valid signal number.
+        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    });
     match raise_open_files_limit() {
         Ok((before, after)) if before != after => {
             tracing::debug!("open files limit raised from {before} to {after}")
@@ -94,6 +100,8 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             ""
         }
     );
+    // Wakes watch streams on commits of other processes (and on a read-only server, on all).
+    let external = store::external::ExternalCommits::spawn(&opts.db_path, watches.clone())?;
     let shared = Arc::new(Shared {
         tokens: Arc::new(SharedTokens::new(opts.tokens)),
         committer: committer.clone(),
@@ -224,21 +232,44 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
                      and a writable database)"
                 ),
             },
+            #[cfg(debug_assertions)]
+            Signal::SIGUSR2 => match crate::fatal::debug::arm() {
+                Some(place) => tracing::warn!(
+                    "debug build, SIGUSR2: {place} panics at its next panic point, on purpose"
+                ),
+                None => tracing::warn!("debug build, SIGUSR2: DENOKV_DEBUG_PANIC is not set"),
+            },
             stop => break stop,
         }
     };
-    tracing::info!("received {signal}: draining connections and committing queued writes");
-    notifier.stopping(&format!(
-        "Draining: finishing open requests (up to {} s) and committing queued writes",
-        opts.drain_timeout.as_secs()
-    ));
+    if let Some(reason) = crate::fatal::reason() {
+        notifier.stopping(&format!("Failed, stopping: {reason}"));
+    } else {
+        tracing::info!("received {signal}: draining connections and committing queued writes");
+        notifier.stopping(&format!(
+            "Draining: finishing open requests (up to {} s) and committing queued writes",
+            opts.drain_timeout.as_secs()
+        ));
+    }
     let _ = shutdown_tx.send(true);
     let cores_result = join_cores(cores);
     stop_committer(committer, committer_thread)?;
+    drop(external);
     drop(watchdog);
+    if let Some(reason) = crate::fatal::reason() {
+        anyhow::bail!("stopped after a failure: {reason}");
+    }
     cores_result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Blocks the signals the server takes synchronously, in the calling thread and every thread
+/// it starts later. A binary calls this first, before any thread (the OTLP exporter's, say)
+/// exists: a thread started earlier would take SIGTERM's or SIGHUP's default action and kill
+/// the process.
+pub fn block_signals() -> anyhow::Result<()> {
+    signals::block().map(|_| ())
 }
 
 /// Starts the `/metrics` listener, if one is asked for. A listener that cannot bind is logged,

@@ -63,14 +63,22 @@ pub fn spawn_with(
 fn run(conn: &Connection, pokes: &flume::Receiver<()>, restart_frames: i64) {
     let mut poked = pokes.recv().is_ok();
     while poked {
-        match checkpoint(conn, "PASSIVE") {
-            Ok((frames, _)) if frames >= restart_frames => {
-                if let Err(e) = checkpoint(conn, "RESTART") {
-                    tracing::warn!("WAL restart checkpoint failed: {e}");
-                }
+        crate::fatal::debug::panic_point("checkpointer");
+        let result = match checkpoint(conn, "PASSIVE") {
+            Ok((frames, _)) if frames >= restart_frames => checkpoint(conn, "RESTART").map(|_| ()),
+            other => other.map(|_| ()),
+        };
+        if let Err(e) = result {
+            if is_fatal(&e) {
+                crate::fatal::stop(format!(
+                    "a WAL checkpoint failed: {e}. Pages copied into the database file may not \
+                     be on the disk; the WAL still holds them, and recovery at the next open \
+                     replays it"
+                ));
+                return;
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("WAL checkpoint failed: {e}"),
+            // A full disk or a busy reader: the WAL keeps everything; the next poke retries.
+            tracing::warn!("WAL checkpoint failed: {e}");
         }
         let deadline = std::time::Instant::now() + MIN_INTERVAL;
         poked = false;
@@ -84,6 +92,18 @@ fn run(conn: &Connection, pokes: &flume::Receiver<()>, restart_frames: i64) {
         if !poked {
             poked = pokes.recv().is_ok();
         }
+    }
+}
+
+/// An I/O error other than a full disk: after a failed write-back, the kernel may have dropped
+/// pages it could not write (the "fsyncgate" lesson), so nothing read back can be trusted.
+fn is_fatal(e: &rusqlite::Error) -> bool {
+    match e {
+        rusqlite::Error::SqliteFailure(e, _) => {
+            e.code == rusqlite::ErrorCode::SystemIoFailure
+                && e.extended_code != rusqlite::ffi::SQLITE_IOERR_NOMEM
+        }
+        _ => false,
     }
 }
 

@@ -3,8 +3,10 @@
 
 pub mod checkpointer;
 pub mod committer;
+pub mod external;
 pub mod reader;
 pub mod schema;
+mod sql;
 pub mod wal_vfs;
 pub mod watch;
 
@@ -25,8 +27,14 @@ pub enum StoreError {
     Invalid(KvError),
     /// The database failed; for writes, nothing was committed.
     Database(rusqlite::Error),
-    /// The committer is gone (shutting down) or rolled back the batch; nothing was committed.
+    /// The committer is gone (shutting down) or rolled back the batch; nothing was committed,
+    /// so the client may retry.
     Unavailable,
+    /// The disk is full; nothing was committed. Retrying succeeds once there is space.
+    DiskFull,
+    /// The commit failed after it may have reached the disk: the write may or may not be
+    /// durable. Never told to a client as retryable; the server stops (see `committer::failure`).
+    OutcomeUnknown,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -47,6 +55,8 @@ impl fmt::Display for StoreError {
             StoreError::Invalid(e) => write!(f, "{e}"),
             StoreError::Database(e) => write!(f, "database error: {e}"),
             StoreError::Unavailable => f.write_str("the committer is unavailable"),
+            StoreError::DiskFull => f.write_str("the disk is full"),
+            StoreError::OutcomeUnknown => f.write_str("the outcome of the commit is unknown"),
         }
     }
 }

@@ -6,22 +6,12 @@ use bytes::Bytes;
 use prometheus::IntCounter;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::sql::{GET, SCAN_FORWARD, SCAN_REVERSE};
 use super::StoreError;
 use crate::kv::model::{Entry, ReadRange};
 use crate::kv::value::StoredValue;
 use crate::kv::versionstamp::Versionstamp;
 use crate::metrics::Metrics;
-
-// A row is visible unless it has an expiry that has passed (SPEC §10 D4): expired rows are absent
-// even before the sweep deletes them.
-const SCAN_FORWARD: &str = "SELECT k, v, v_encoding, version, seq FROM kv
-     WHERE k >= ?1 AND k < ?2 AND (expiration_ms < 0 OR expiration_ms > ?3)
-     ORDER BY k ASC LIMIT ?4";
-const SCAN_REVERSE: &str = "SELECT k, v, v_encoding, version, seq FROM kv
-     WHERE k >= ?1 AND k < ?2 AND (expiration_ms < 0 OR expiration_ms > ?3)
-     ORDER BY k DESC LIMIT ?4";
-const GET: &str = "SELECT k, v, v_encoding, version, seq FROM kv
-     WHERE k = ?1 AND (expiration_ms < 0 OR expiration_ms > ?2)";
 
 /// One read-only SQLite connection; each core owns one.
 pub struct Reader {

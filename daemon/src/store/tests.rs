@@ -15,6 +15,7 @@ struct TestStore {
     committer: CommitterHandle,
     watches: Arc<WatchRegistry>,
     thread: std::thread::JoinHandle<()>,
+    _external: external::ExternalCommits,
 }
 
 impl TestStore {
@@ -24,12 +25,14 @@ impl TestStore {
         let conn = schema::open_writer(&path, SyncMode::Normal, WalWrites::IoUring).unwrap();
         let watches = Arc::new(WatchRegistry::default());
         let (committer, thread) = committer::spawn(conn, watches.clone()).unwrap();
+        let external = external::ExternalCommits::spawn(&path, watches.clone()).unwrap();
         TestStore {
             _dir: dir,
             path,
             committer,
             watches,
             thread,
+            _external: external,
         }
     }
 
@@ -401,12 +404,15 @@ async fn reads_honour_bounds_reverse_and_limits() {
 async fn commits_by_another_process_wake_watchers() {
     let s = TestStore::new();
     let watch = s.watches.subscribe(&[Bytes::from_static(b"ext")]);
-    // Some other writer of the same file, as the Deno CLI would be.
+    // Some other writer of the same file, as the Deno CLI would be: it advances the version.
     let other = rusqlite::Connection::open(&s.path).unwrap();
     other
-        .execute(
-            "INSERT INTO kv (k, v, v_encoding, version) VALUES (x'657874', x'01', 3, 1000)",
-            [],
+        .execute_batch(
+            "BEGIN IMMEDIATE;
+             UPDATE data_version SET version = version + 1000 WHERE k = 0;
+             INSERT INTO kv (k, v, v_encoding, version)
+               VALUES (x'657874', x'01', 3, (SELECT version FROM data_version WHERE k = 0));
+             COMMIT;",
         )
         .unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(3), watch.changed())
@@ -447,4 +453,168 @@ async fn suffix_versionstamped_writes_notify_the_written_key() {
         "the prefix was not written and must not be notified"
     );
     s.stop();
+}
+
+/// A store on a file synced at every commit, with the committer driven on this thread (so
+/// that the WAL faults injected on this thread hit its commits).
+fn direct(path: &std::path::Path, wal: WalWrites) -> committer::DirectCommitter {
+    let conn = schema::open_writer(path, SyncMode::Full, wal).unwrap();
+    committer::DirectCommitter::new(conn).unwrap()
+}
+
+fn global_version(path: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row("SELECT version FROM data_version WHERE k = 0", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
+fn sum(key: &str, n: u64) -> Mutation {
+    Mutation {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        kind: MutationKind::Le64(Le64Op::Sum, n),
+        expire_at_ms: None,
+    }
+}
+
+/// A batch of three: a sum, a write whose check fails, a set.
+fn mixed_batch() -> Vec<AtomicWrite> {
+    let failing_check = AtomicWrite {
+        checks: vec![Check {
+            key: Bytes::from_static(b"counter"),
+            versionstamp: None,
+        }],
+        mutations: vec![set("never", "x")],
+        ..Default::default()
+    };
+    vec![
+        write(vec![sum("counter", 1)]),
+        failing_check,
+        write(vec![set("k", "v")]),
+    ]
+}
+
+#[test]
+fn a_failed_sync_at_commit_is_never_answered_as_not_committed() {
+    for wal in [WalWrites::Pwrite, WalWrites::IoUring] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut c = direct(&path, wal);
+        let (ok, fatal) = c.commit_checked(&[write(vec![sum("counter", 1)])]);
+        assert!(fatal.is_none());
+        committed(ok.into_iter().next().unwrap());
+
+        wal_vfs::inject_faults(Some("sync:EIO:times=1".parse().unwrap()));
+        let (answers, fatal) = c.commit_checked(&mixed_batch());
+        wal_vfs::inject_faults(None);
+        let fatal = fatal.expect("an fsync failure at COMMIT stops the server");
+        assert_eq!(fatal.phase, crate::metrics::CommitPhase::WalSync, "{wal:?}");
+        // The writes that would have applied: unknown. The one that changed nothing: retry.
+        assert!(
+            matches!(answers[0], Err(StoreError::OutcomeUnknown)),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers[1], Err(StoreError::Unavailable)),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers[2], Err(StoreError::OutcomeUnknown)),
+            "{answers:?}"
+        );
+        // Why "not committed" would have been a lie: the injected failure came after a real
+        // sync, and the commit comes back when the files are opened after a crash (a copy of
+        // them, as the process is still alive; dropping `c` would close the connection, and
+        // the last connection to close checkpoints and deletes the WAL).
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crashed.path().join("db.sqlite");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::copy(
+            dir.path().join("db.sqlite-wal"),
+            crashed.path().join("db.sqlite-wal"),
+        )
+        .unwrap();
+        let entries = Reader::open(&copy)
+            .unwrap()
+            .read_keys(
+                &[Bytes::from_static(b"counter"), Bytes::from_static(b"k")],
+                crate::kv::now_ms(),
+            )
+            .unwrap();
+        assert_eq!(
+            entries[0].as_ref().unwrap().value.as_u64(),
+            Some(2),
+            "{wal:?}"
+        );
+        assert!(entries[1].is_some());
+    }
+}
+
+#[test]
+fn a_failed_wal_write_at_commit_is_rolled_back_and_writes_resume() {
+    for (wal, errno, expect_full) in [
+        (WalWrites::Pwrite, "EIO", false),
+        (WalWrites::Pwrite, "ENOSPC", true),
+        (WalWrites::IoUring, "ENOSPC", true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let conn = schema::open_writer(&path, SyncMode::Full, wal).unwrap();
+        let mut c = committer::DirectCommitter::with_metrics(conn, metrics.clone()).unwrap();
+        committed(c.commit(&[write(vec![sum("counter", 1)])]).remove(0));
+        let before = global_version(&path);
+
+        wal_vfs::inject_faults(Some(format!("write:{errno}").parse().unwrap()));
+        let (answers, fatal) = c.commit_checked(&mixed_batch());
+        wal_vfs::inject_faults(None);
+        assert!(
+            fatal.is_none(),
+            "{wal:?} {errno}: a failed write is clean: {fatal:?}"
+        );
+        for a in &answers {
+            match a {
+                Err(StoreError::DiskFull) => assert!(expect_full, "{wal:?} {errno}"),
+                Err(StoreError::Unavailable) => assert!(!expect_full, "{wal:?} {errno}"),
+                other => panic!("{wal:?} {errno}: {other:?}"),
+            }
+        }
+        assert_eq!(global_version(&path), before, "the version did not move");
+        let phase = crate::metrics::CommitPhase::WalWrite;
+        assert_eq!(metrics.commit_failures(phase).get(), 1);
+
+        // The same writes go through once the disk works again.
+        let answers = c.commit(&mixed_batch());
+        committed(answers.into_iter().next().unwrap());
+        let entries = Reader::open(&path)
+            .unwrap()
+            .read_keys(&[Bytes::from_static(b"counter")], crate::kv::now_ms())
+            .unwrap();
+        assert_eq!(
+            entries[0].as_ref().unwrap().value.as_u64(),
+            Some(2),
+            "{wal:?} {errno}: the failed increment left no trace"
+        );
+    }
+}
+
+#[test]
+fn batches_are_bounded_by_bytes_as_well_as_count() {
+    let big = |i: usize| {
+        let mut m = set(&format!("k{i}"), "");
+        if let MutationKind::Set(v) = &mut m.kind {
+            v.data = Bytes::from(vec![b'x'; 60_000]);
+        }
+        write(vec![m])
+    };
+    assert_eq!(big(0).size_bytes(), 60_002);
+    let sizes = committer::batch_sizes((0..1000).map(big));
+    assert!(sizes.iter().all(|&n| n <= 512));
+    // 16 MiB of 60 kB writes: 280 a batch (the write that crosses the bound is the last).
+    assert_eq!(sizes[0], 280, "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 1000);
+    let small = committer::batch_sizes((0..1000).map(|i| write(vec![set(&format!("k{i}"), "v")])));
+    assert_eq!(small, vec![512, 488]);
 }

@@ -14,6 +14,9 @@ pub struct WatchRegistry {
     /// Moves on at every notification, before anyone is woken: a read made after a stream
     /// saw generation G includes every commit notified up to G (see `generation`).
     generation: AtomicU64,
+    /// The global version of this process's last commit: a higher version in the file was
+    /// written by another process (see `store::external`).
+    own_version: AtomicU64,
 }
 
 impl WatchRegistry {
@@ -32,6 +35,18 @@ impl WatchRegistry {
             keys: keys.to_vec(),
             signal,
         }
+    }
+
+    /// After this process committed, bringing the global version to `version` and changing
+    /// `keys`: wakes their watchers.
+    pub fn committed(&self, version: u64, keys: &[Bytes]) {
+        self.own_version.fetch_max(version, Ordering::AcqRel);
+        self.notify(keys);
+    }
+
+    /// The global version of this process's last commit (0 before any).
+    pub fn own_version(&self) -> u64 {
+        self.own_version.load(Ordering::Acquire)
     }
 
     /// Wakes every stream watching any of `keys`. A stream that is busy keeps one pending

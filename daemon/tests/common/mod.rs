@@ -122,6 +122,25 @@ impl Server {
         wait_timeout(&mut child, Duration::from_secs(20))
     }
 
+    /// Waits for the server to exit by itself; panics with the log after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "the server did not exit within {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, then wait for the exit.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
@@ -544,4 +563,36 @@ pub fn hex(s: &str) -> Vec<u8> {
 
 pub fn to_hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Sets `[k]` to the bytes of `v` at the server `url`; `None` when the transport failed.
+pub async fn set_key(c: &Client, p: Proto, url: &str, k: &str, v: &str) -> Option<Reply> {
+    use denokv::proto as pb;
+    let w = pb::AtomicWrite {
+        mutations: vec![set_bytes(&key(k), v.as_bytes())],
+        ..Default::default()
+    };
+    c.try_data(p, url, "atomic_write", w.encode_to_vec()).await
+}
+
+/// The value of `[k]` at the server `url`, if any.
+pub async fn get_key(c: &Client, p: Proto, url: &str, k: &str) -> Option<Bytes> {
+    use denokv::proto as pb;
+    let key = key(k);
+    let mut end = key.to_vec();
+    end.push(0);
+    let read = pb::SnapshotRead {
+        ranges: vec![pb::ReadRange {
+            start: key,
+            end: Bytes::from(end),
+            limit: 1,
+            reverse: false,
+        }],
+    };
+    let out: pb::SnapshotReadOutput = c
+        .try_data(p, url, "snapshot_read", read.encode_to_vec())
+        .await
+        .unwrap()
+        .decode();
+    out.ranges[0].values.first().map(|e| e.value.clone())
 }

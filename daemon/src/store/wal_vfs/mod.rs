@@ -15,15 +15,22 @@
 //! Every other file (the database, the shared-memory index, temporary files) is opened by the
 //! default VFS straight into SQLite's file object, so it runs the default code unchanged.
 
+mod faults;
+mod uring;
+
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::IoUring;
 use rusqlite::ffi;
 
+use self::faults::Op;
+use self::uring::UringWriter;
 use super::SyncMode;
+
+pub use self::faults::{inject as inject_faults, inject_from_env as inject_faults_from_env};
+pub use self::faults::{Op as FaultOp, Plan as FaultPlan};
 
 /// How the writer's WAL reaches the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -71,8 +78,6 @@ pub fn observe_syncs(histogram: prometheus::Histogram) {
 
 const URING_NAME: &str = "denokv-wal-uring";
 const PLAIN_NAME: &str = "denokv-wal";
-/// Buffered WAL bytes past which they are written out before the commit (a huge transaction).
-const MAX_BUFFERED: usize = 32 << 20;
 
 static SYNC_HISTOGRAM: OnceLock<prometheus::Histogram> = OnceLock::new();
 static REGISTERED: OnceLock<Registered> = OnceLock::new();
@@ -153,19 +158,6 @@ struct WalState {
     uring: Option<UringWriter>,
 }
 
-/// The io_uring flavour's state for one open WAL.
-struct UringWriter {
-    ring: IoUring,
-    /// Our own descriptor on the WAL: the default VFS's is private to it.
-    fd: OwnedFd,
-    /// Buffered bytes and the file offset of the first.
-    start: u64,
-    buf: Vec<u8>,
-    /// The first sync goes through the default VFS, which also syncs the directory the
-    /// first time a new WAL file is synced.
-    synced_once: bool,
-}
-
 unsafe fn data(vfs: *mut ffi::sqlite3_vfs) -> &'static VfsData {
     &*((*vfs).pAppData as *const VfsData)
 }
@@ -211,177 +203,6 @@ unsafe extern "C" fn vfs_open(
     (*(file as *mut WalFile)).state = Box::into_raw(Box::new(WalState { uring }));
     (*file).pMethods = &WAL_METHODS;
     ffi::SQLITE_OK
-}
-
-impl UringWriter {
-    fn open(path: &CStr) -> std::io::Result<UringWriter> {
-        // SAFETY: a plain open(2) of a NUL-terminated path; the descriptor is owned below.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just opened and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(UringWriter {
-            ring: IoUring::new(4)?,
-            fd,
-            start: 0,
-            buf: Vec::new(),
-            synced_once: false,
-        })
-    }
-
-    /// Buffers `bytes` for `offset`: appended when they continue (or overwrite) the buffer;
-    /// otherwise the buffer is written out first.
-    fn write(&mut self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
-        let end = self.start + self.buf.len() as u64;
-        if !self.buf.is_empty() && (offset < self.start || offset > end) {
-            self.flush(false)?;
-        }
-        if self.buf.is_empty() {
-            self.start = offset;
-        }
-        let at = (offset - self.start) as usize;
-        let overlap = (self.buf.len() - at).min(bytes.len());
-        self.buf[at..at + overlap].copy_from_slice(&bytes[..overlap]);
-        self.buf.extend_from_slice(&bytes[overlap..]);
-        if self.buf.len() > MAX_BUFFERED {
-            self.flush(false)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the buffer out and, if `sync`, fdatasyncs the file after it: one submission,
-    /// the sync linked behind the write so it runs only once the write succeeded.
-    fn flush(&mut self, sync: bool) -> Result<(), FlushError> {
-        let fd = types::Fd(self.fd.as_raw_fd());
-        let mut entries = Vec::with_capacity(2);
-        if !self.buf.is_empty() {
-            let write = opcode::Write::new(fd, self.buf.as_ptr(), self.buf.len() as u32)
-                .offset(self.start)
-                .build()
-                .user_data(WRITE);
-            entries.push(if sync {
-                write.flags(squeue::Flags::IO_LINK)
-            } else {
-                write
-            });
-        }
-        if sync {
-            let fsync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC);
-            entries.push(fsync.build().user_data(SYNC));
-        }
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let result = self.submit(&entries);
-        // Whatever happened, these bytes are SQLite's to write again: it rolls back on error.
-        let written = std::mem::take(&mut self.buf);
-        let (write, fsync) = result.map_err(FlushError::Write)?;
-        if let Some(n) = write {
-            if n < 0 {
-                return Err(FlushError::Write(std::io::Error::from_raw_os_error(-n)));
-            }
-            if (n as usize) < written.len() {
-                // A short write (rare: a signal, a full disk): finish it the plain way, then
-                // sync the plain way too, since the linked sync was cancelled.
-                write_all_at(&self.fd, &written[n as usize..], self.start + n as u64)
-                    .map_err(FlushError::Write)?;
-                if sync {
-                    // SAFETY: fdatasync on a descriptor we own.
-                    if unsafe { libc::fdatasync(self.fd.as_raw_fd()) } != 0 {
-                        return Err(FlushError::Sync(std::io::Error::last_os_error()));
-                    }
-                }
-                return Ok(());
-            }
-        }
-        if let Some(n) = fsync {
-            if n < 0 {
-                return Err(FlushError::Sync(std::io::Error::from_raw_os_error(-n)));
-            }
-        }
-        Ok(())
-    }
-
-    /// Submits `entries` and waits for all of them: (write result, sync result).
-    fn submit(&mut self, entries: &[squeue::Entry]) -> std::io::Result<(Option<i32>, Option<i32>)> {
-        {
-            let mut sq = self.ring.submission();
-            for entry in entries {
-                // SAFETY: the buffer and descriptor outlive the submission: we wait for every
-                // completion below before returning, and the ring has room for both entries.
-                unsafe { sq.push(entry) }.map_err(|_| std::io::Error::other("ring full"))?;
-            }
-        }
-        let (mut write, mut sync) = (None, None);
-        let mut left = entries.len();
-        while left > 0 {
-            match self.ring.submit_and_wait(left) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            for cqe in self.ring.completion() {
-                match cqe.user_data() {
-                    WRITE => write = Some(cqe.result()),
-                    _ => sync = Some(cqe.result()),
-                }
-                left -= 1;
-            }
-        }
-        Ok((write, sync))
-    }
-}
-
-const WRITE: u64 = 1;
-const SYNC: u64 = 2;
-
-enum FlushError {
-    Write(std::io::Error),
-    Sync(std::io::Error),
-}
-
-impl From<FlushError> for std::io::Error {
-    fn from(e: FlushError) -> Self {
-        match e {
-            FlushError::Write(e) | FlushError::Sync(e) => e,
-        }
-    }
-}
-
-impl FlushError {
-    fn code(&self) -> c_int {
-        match self {
-            FlushError::Write(e) if e.raw_os_error() == Some(libc::ENOSPC) => ffi::SQLITE_FULL,
-            FlushError::Write(_) => ffi::SQLITE_IOERR_WRITE,
-            FlushError::Sync(_) => ffi::SQLITE_IOERR_FSYNC,
-        }
-    }
-}
-
-fn write_all_at(fd: &OwnedFd, mut bytes: &[u8], mut offset: u64) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        // SAFETY: pwrite from a live slice on a descriptor we own.
-        let n = unsafe {
-            libc::pwrite(
-                fd.as_raw_fd(),
-                bytes.as_ptr() as *const c_void,
-                bytes.len(),
-                offset as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        bytes = &bytes[n as usize..];
-        offset += n as u64;
-    }
-    Ok(())
 }
 
 /// Writes out what is buffered before a call that must see the file as SQLite wrote it.
@@ -448,6 +269,14 @@ unsafe extern "C" fn wal_write(
     amount: c_int,
     offset: ffi::sqlite3_int64,
 ) -> c_int {
+    if let Some(errno) = faults::check(Op::Write) {
+        tracing::error!("writing the WAL failed (injected): errno {errno}");
+        return if errno == libc::ENOSPC {
+            ffi::SQLITE_FULL
+        } else {
+            ffi::SQLITE_IOERR_WRITE
+        };
+    }
     match state(file).uring.as_mut() {
         Some(uring) => {
             let bytes = std::slice::from_raw_parts(buf as *const u8, amount as usize);
@@ -494,6 +323,14 @@ unsafe extern "C" fn wal_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_i
             }
         }
         None => (inner_methods(file).xSync.expect("xSync"))(inner(file), flags),
+    };
+    // Injected after the real sync: the commit is on the disk, SQLite is told it failed.
+    let rc = match faults::check(Op::Sync) {
+        Some(errno) if rc == ffi::SQLITE_OK => {
+            tracing::error!("syncing the WAL failed (injected): errno {errno}");
+            ffi::SQLITE_IOERR_FSYNC
+        }
+        _ => rc,
     };
     if let Some(h) = SYNC_HISTOGRAM.get() {
         h.observe(started.elapsed().as_secs_f64());

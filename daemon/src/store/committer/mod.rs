@@ -1,0 +1,400 @@
+//! The one writer: group-commits queued atomic writes, a savepoint per write (DESIGN.md).
+//!
+//! Cores send writes over a bounded channel. The committer takes every write waiting (up to
+//! `MAX_BATCH` writes or `MAX_BATCH_BYTES`), opens one transaction, applies each write inside
+//! its own `SAVEPOINT` (`apply`), rolls a failing write back to its savepoint, commits once,
+//! and only then answers the writers and wakes the watchers (`batch`). It also sweeps expired
+//! rows (`expiry`). When a commit fails in a way that leaves its outcome unknown, it answers
+//! accordingly, stops taking writes and stops the server (`failure`, `crate::fatal`).
+
+mod apply;
+mod batch;
+mod expiry;
+pub mod failure;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use self::failure::Failure;
+use super::checkpointer::{self, CheckpointPoke};
+use super::sql::GET_VERSION;
+use super::watch::WatchRegistry;
+use super::StoreError;
+use crate::health::Beater;
+use crate::kv::model::{AtomicWrite, WriteOutcome};
+use crate::metrics::Metrics;
+use crate::traces::{self, SpanContext};
+
+/// Most writes one transaction carries.
+const MAX_BATCH: usize = 512;
+/// A batch stops growing once its writes carry this many bytes (a write may carry 800 KiB):
+/// the transaction's pages then stay in the writer's page cache, and a commit stays short.
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Writes that may wait for the committer before senders are made to wait (backpressure).
+pub const QUEUE_CAPACITY: usize = 4096;
+
+struct WriteJob {
+    write: AtomicWrite,
+    /// `write.size_bytes()`, for the batch's byte bound.
+    size: usize,
+    /// The span of the request that sent the write (traces on): the batch span links to it.
+    trace: Option<SpanContext>,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// The outcome of a write, and the span of the batch that carried it (traces on).
+type Reply = (Result<WriteOutcome, StoreError>, Option<SpanContext>);
+
+enum Message {
+    Write(WriteJob),
+    /// Commit what is queued, then stop.
+    Stop,
+}
+
+/// Where cores send writes. Cheap to clone; the committer stops once every handle is dropped
+/// and the queue is drained.
+#[derive(Clone)]
+pub struct CommitterHandle {
+    tx: flume::Sender<Message>,
+}
+
+impl CommitterHandle {
+    /// Queues a write and waits for its outcome. Waits for room when the queue is full.
+    pub async fn write(&self, write: AtomicWrite) -> Result<WriteOutcome, StoreError> {
+        self.write_traced(write, None).await.0
+    }
+
+    /// [`write`](Self::write) from the request span `trace`; also returns the span of the
+    /// commit batch that carried the write (when traces are on and the batch was committed or
+    /// rolled back).
+    pub async fn write_traced(
+        &self,
+        mut write: AtomicWrite,
+        trace: Option<SpanContext>,
+    ) -> (Result<WriteOutcome, StoreError>, Option<SpanContext>) {
+        // The write may wait in the queue: let go of the request body it was decoded from.
+        write.detach();
+        let (reply, outcome) = oneshot::channel();
+        let job = WriteJob {
+            size: write.size_bytes(),
+            write,
+            trace,
+            reply,
+        };
+        // A committer that stopped (shutting down, or after a failure) committed nothing of
+        // what it did not answer: retrying is safe.
+        if self.tx.send_async(Message::Write(job)).await.is_err() {
+            return (Err(StoreError::Unavailable), None);
+        }
+        outcome
+            .await
+            .unwrap_or((Err(StoreError::Unavailable), None))
+    }
+
+    /// Asks the committer to commit every write already queued and stop. Blocks while the
+    /// queue is full.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Message::Stop);
+    }
+
+    /// Writes waiting for the committer.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+/// Starts the committer thread on the write connection.
+pub fn spawn(
+    conn: Connection,
+    watches: Arc<WatchRegistry>,
+) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
+    spawn_with_heartbeat(conn, watches, None, Arc::new(Metrics::new()))
+}
+
+/// [`spawn`], and the committer beats `heartbeat` at every turn of its loop, waiting at most
+/// `heartbeat.period()` for work so that an idle committer still beats (the systemd watchdog).
+/// Commits and sweeps are recorded in `metrics`.
+pub fn spawn_with_heartbeat(
+    conn: Connection,
+    watches: Arc<WatchRegistry>,
+    heartbeat: Option<Beater>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
+    let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
+    // Checkpoints run on their own thread (see checkpointer.rs), not inside our commits.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    checkpointer::limit_wal_file(&conn)?;
+    let path = conn
+        .path()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_default();
+    let (checkpoints, checkpointer) = checkpointer::spawn(&path)?;
+    let mut committer = Committer::new(conn, watches, metrics)?;
+    committer.checkpoints = Some(checkpoints);
+    committer.heartbeat = heartbeat;
+    let thread = std::thread::Builder::new()
+        .name("committer".into())
+        .spawn(move || {
+            super::wal_vfs::inject_faults_from_env();
+            let failed = match committer.sweep() {
+                Err(failure) => Some(failure),
+                Ok(()) => committer.run(&rx).err(),
+            };
+            committer.checkpoints = None;
+            let _ = checkpointer.join();
+            match failed {
+                Some(failure) => {
+                    committer.fail_stop(failure, rx);
+                    // Never close the connection: the last connection to close checkpoints
+                    // and deletes the WAL, which would decide the unknown commit (as not
+                    // committed) instead of leaving it to recovery at the next open.
+                    std::mem::forget(committer);
+                }
+                None => {
+                    // Leave a small WAL behind for whoever opens the file next.
+                    if let Err(e) = checkpointer::checkpoint(&committer.conn, "TRUNCATE") {
+                        tracing::warn!("final WAL checkpoint failed: {e}");
+                    }
+                }
+            }
+        })?;
+    Ok((CommitterHandle { tx }, thread))
+}
+
+struct Committer {
+    conn: Connection,
+    /// Told after commits; `None` once stopping.
+    checkpoints: Option<CheckpointPoke>,
+    /// Last committed global version (`data_version.version`).
+    version: u64,
+    watches: Arc<WatchRegistry>,
+    schedule: expiry::Schedule,
+    /// Beaten at every turn of the loop (see `spawn_with_heartbeat`).
+    heartbeat: Option<Beater>,
+    metrics: Arc<Metrics>,
+}
+
+impl Committer {
+    fn new(
+        conn: Connection,
+        watches: Arc<WatchRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> rusqlite::Result<Self> {
+        let version: i64 = conn.query_row(GET_VERSION, [], |r| r.get(0))?;
+        Ok(Committer {
+            conn,
+            checkpoints: None,
+            version: version as u64,
+            watches,
+            schedule: expiry::Schedule::new(),
+            heartbeat: None,
+            metrics,
+        })
+    }
+
+    /// Commits batches until told to stop (or every handle is gone), then commits what is
+    /// still queued. Returns the failure that makes the server stop, if one happens.
+    fn run(&mut self, rx: &flume::Receiver<Message>) -> Result<(), Failure> {
+        let mut stopping = false;
+        while !stopping {
+            crate::fatal::debug::panic_point("committer");
+            let mut wait = self.schedule.due_in();
+            if let Some(heartbeat) = &self.heartbeat {
+                heartbeat.beat();
+                wait = wait.min(heartbeat.period());
+            }
+            let first = match rx.recv_timeout(wait) {
+                Ok(Message::Write(job)) => job,
+                Ok(Message::Stop) | Err(flume::RecvTimeoutError::Disconnected) => break,
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    self.sweep_if_due()?;
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            stopping = fill(&mut batch, || rx.try_recv().ok());
+            self.commit_batch(batch)?;
+            self.sweep_if_due()?;
+        }
+        // Commit whatever is still queued: those writers are waiting for an answer.
+        let mut rest = rx.drain();
+        loop {
+            let mut batch = Vec::new();
+            fill(&mut batch, || rest.next());
+            if batch.is_empty() {
+                break;
+            }
+            self.commit_batch(batch)?;
+        }
+        tracing::debug!("committer stopped with an empty queue");
+        Ok(())
+    }
+
+    fn commit_batch(&mut self, batch: Vec<WriteJob>) -> Result<(), Failure> {
+        let mut span = if traces::enabled() {
+            traces::Span::internal(
+                "commit batch",
+                std::time::SystemTime::now(),
+                batch.iter().filter_map(|job| job.trace.as_ref()),
+            )
+        } else {
+            traces::Span::OFF
+        };
+        let size = batch.len();
+        let outcome = self.commit_writes(batch.iter().map(|job| &job.write));
+        let batch_span = span.context();
+        for (job, result) in batch.into_iter().zip(outcome.results) {
+            let _ = job.reply.send((result, batch_span.clone()));
+        }
+        if span.is_on() {
+            outcome.tally.describe(&mut span, size);
+        }
+        match outcome.fatal {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
+    }
+
+    /// After a failure that leaves a commit's outcome unknown: stops the server, and answers
+    /// every write still queued as not committed (it was not, and never will be by this
+    /// process), so that clients retry against the restarted server.
+    fn fail_stop(&mut self, failure: Failure, rx: flume::Receiver<Message>) {
+        crate::fatal::stop(format!(
+            "the committer stopped: a commit {failure}. Its outcome is decided by SQLite's \
+             recovery when the database is opened again; no further writes are taken"
+        ));
+        // Writes sent after this are refused by the closed channel (also "not committed").
+        for message in rx.drain() {
+            if let Message::Write(job) = message {
+                let _ = job.reply.send((Err(StoreError::Unavailable), None));
+            }
+        }
+    }
+
+    /// Begins a write transaction and returns the global version. Another process (the Deno
+    /// CLI, say) may have written the file since our last commit: versionstamps must never go
+    /// backwards, and its changes must reach the watchers even while we are busy.
+    fn begin(&mut self) -> rusqlite::Result<u64> {
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let version: i64 = self
+            .conn
+            .prepare_cached(GET_VERSION)?
+            .query_row([], |r| r.get(0))?;
+        let version = version as u64;
+        if version != self.version {
+            self.version = version;
+            self.watches.notify_all();
+        }
+        Ok(version)
+    }
+
+    fn commit(&self) -> Result<(), Failure> {
+        self.conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut s| s.execute([]))
+            .map(|_| ())
+            .map_err(Failure::committing)
+    }
+
+    /// Ends the open transaction without committing it (SQLite may already have).
+    fn rollback(&self) -> Result<(), Failure> {
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch("ROLLBACK")
+            .map_err(Failure::rolling_back)
+    }
+
+    /// After a commit that brought the global version to `version` and changed `keys`.
+    fn committed(&mut self, version: u64, keys: &[Bytes]) {
+        self.version = version;
+        if let Some(c) = &self.checkpoints {
+            c.poke();
+        }
+        self.watches.committed(version, keys);
+    }
+
+    fn beat(&self) {
+        if let Some(h) = &self.heartbeat {
+            h.beat();
+        }
+    }
+}
+
+/// Adds writes from `next` to `batch` until it is full (`MAX_BATCH` writes or
+/// `MAX_BATCH_BYTES`) or `next` has none. Returns whether a stop request was taken.
+fn fill(batch: &mut Vec<WriteJob>, mut next: impl FnMut() -> Option<Message>) -> bool {
+    let mut bytes: usize = batch.iter().map(|j| j.size).sum();
+    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        match next() {
+            Some(Message::Write(job)) => {
+                bytes += job.size;
+                batch.push(job);
+            }
+            Some(Message::Stop) => return true,
+            None => break,
+        }
+    }
+    false
+}
+
+/// The sizes of the batches `writes` would be committed in, queued all at once.
+#[cfg(test)]
+pub fn batch_sizes(writes: impl Iterator<Item = AtomicWrite>) -> Vec<usize> {
+    let mut queue = writes.map(|write| {
+        let (reply, _) = oneshot::channel();
+        Message::Write(WriteJob {
+            size: write.size_bytes(),
+            write,
+            trace: None,
+            reply,
+        })
+    });
+    let mut sizes = Vec::new();
+    loop {
+        let mut batch = Vec::new();
+        fill(&mut batch, || queue.next());
+        if batch.is_empty() {
+            return sizes;
+        }
+        sizes.push(batch.len());
+    }
+}
+
+/// Commits batches synchronously on the calling thread, without a queue, a checkpointer or a
+/// sweep: the committer's hot path alone, for benchmarks and tests.
+pub struct DirectCommitter(Committer);
+
+impl DirectCommitter {
+    pub fn new(conn: Connection) -> anyhow::Result<Self> {
+        Self::with_metrics(conn, Arc::new(Metrics::new()))
+    }
+
+    /// [`new`](Self::new), recording into `metrics`.
+    pub fn with_metrics(conn: Connection, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        Ok(DirectCommitter(Committer::new(
+            conn,
+            Arc::new(WatchRegistry::default()),
+            metrics,
+        )?))
+    }
+
+    /// Commits `writes` as one batch (one transaction, a savepoint each).
+    pub fn commit(&mut self, writes: &[AtomicWrite]) -> Vec<Result<WriteOutcome, StoreError>> {
+        self.commit_checked(writes).0
+    }
+
+    /// [`commit`](Self::commit), and the failure that would stop the server, if any.
+    pub fn commit_checked(
+        &mut self,
+        writes: &[AtomicWrite],
+    ) -> (Vec<Result<WriteOutcome, StoreError>>, Option<Failure>) {
+        let outcome = self.0.commit_writes(writes.iter());
+        (outcome.results, outcome.fatal)
+    }
+}

@@ -1,0 +1,309 @@
+//! Faults (docs/RELIABILITY.md): what clients are told when the disk fails at or before COMMIT,
+//! a full disk, and a panic on any thread. WAL failures and panics are injected through the
+//! debug build's hooks (`DENOKV_DEBUG_WAL_FAULT`, `DENOKV_DEBUG_PANIC` + SIGUSR2); the full
+//! disk is a real one: a small tmpfs (the tests run as root).
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const H2: Proto = Proto::H2;
+
+async fn write_ok(c: &Client, s: &Server, k: &str) {
+    let r = set_key(c, H2, &s.url(""), k, "v").await.expect("an answer");
+    assert_eq!(r.status, 200, "{}: {}", k, r.text());
+}
+
+/// The metric line `name{labels} value` of a scrape, as a number.
+fn metric(s: &Server, line_start: &str) -> f64 {
+    let (_, _, body) = s.scrape();
+    body.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in\n{body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_wal_sync_is_answered_as_unknown_and_stops_the_server() {
+    for wal in ["pwrite", "io-uring"] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let mut s = Launch::new(&db)
+            .args(&["--wal-writes", wal])
+            .env("DENOKV_DEBUG_WAL_FAULT", "sync:EIO:after=4:times=1")
+            .start();
+        let c = Client::new();
+        // The fifth WAL sync of the committer fails (the count includes its own start-up).
+        let mut acknowledged = Vec::new();
+        let doubtful = loop {
+            let k = format!("k{}", acknowledged.len());
+            let r = set_key(&c, H2, &s.url(""), &k, "v").await.unwrap();
+            if r.status != 200 {
+                break (k, r);
+            }
+            acknowledged.push(k);
+            assert!(acknowledged.len() < 10, "{wal}: no sync failed");
+        };
+        let (doubtful, r) = doubtful;
+        assert!(acknowledged.len() >= 2, "{wal}: {acknowledged:?}");
+        // Not a 5xx: Deno would send the write again.
+        assert_eq!(r.status, 409, "{wal}: {}", r.text());
+        assert!(
+            r.text().contains("outcome of this write is unknown"),
+            "{}",
+            r.text()
+        );
+        let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(20)));
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "{wal}: exits non-zero by itself: {status:?}"
+        );
+        let log = s.log_text();
+        assert!(log.contains("stopping the server"), "{log}");
+        assert!(log.contains("wal_sync failed"), "{log}");
+
+        // Recovery decides: here the sync had in fact happened, so the write is there, and
+        // answering "not committed" (a retry) would have applied it twice.
+        let s = Launch::new(&db).start();
+        for k in acknowledged.iter().chain([&doubtful]) {
+            assert!(get_key(&c, H2, &s.url(""), k).await.is_some(), "{wal}: {k}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_wal_write_is_rolled_back_and_the_server_carries_on() {
+    for (wal, errno, status) in [
+        ("pwrite", "EIO", 503),
+        ("pwrite", "ENOSPC", 507),
+        ("io-uring", "ENOSPC", 507),
+    ] {
+        let s = Launch::new(&tempfile::tempdir().unwrap().keep().join("db.sqlite"))
+            .args(&["--wal-writes", wal])
+            .env("DENOKV_DEBUG_WAL_FAULT", &format!("write:{errno}:times=1"))
+            .start();
+        let c = Client::new();
+        let r = set_key(&c, H2, &s.url(""), "failed", "v").await.unwrap();
+        assert_eq!(r.status, status, "{wal} {errno}: {}", r.text());
+        if status == 507 {
+            assert_eq!(
+                r.text(),
+                "The server's disk is full: the write was not committed. Try again later."
+            );
+        }
+        assert!(get_key(&c, H2, &s.url(""), "failed").await.is_none());
+        // The same write, retried as Deno would, goes through.
+        write_ok(&c, &s, "failed").await;
+        assert_eq!(
+            metric(&s, "denokv_commit_failures_total{phase=\"wal_write\"}"),
+            1.0
+        );
+        assert_eq!(
+            metric(&s, "denokv_commit_failures_total{phase=\"wal_sync\"}"),
+            0.0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_any_thread_aborts_the_process_with_a_clear_line() {
+    for (place, thread) in [
+        ("committer", "committer"),
+        ("checkpointer", "checkpointer"),
+        ("core", "core-"),
+        ("metrics", "metrics"),
+        ("external", "external-commits"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Launch::new(&dir.path().join("db.sqlite"))
+            .env("DENOKV_DEBUG_PANIC", place)
+            .start();
+        let c = Client::new();
+        write_ok(&c, &s, "before").await;
+        s.signal(nix::sys::signal::Signal::SIGUSR2);
+        s.wait_for_log("panics at its next panic point", Duration::from_secs(5));
+        // Pass the place's panic point (the poller passes its own every 100 ms).
+        match place {
+            "core" | "committer" => drop(set_key(&c, H2, &s.url(""), "after", "v").await),
+            "checkpointer" => {
+                // Checkpoints are at least 200 ms apart; a new commit pokes again.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                drop(set_key(&c, H2, &s.url(""), "after", "v").await);
+            }
+            "metrics" => {
+                let addr = s.metrics_addr.unwrap();
+                let _ = std::net::TcpStream::connect(addr).and_then(|mut t| {
+                    std::io::Write::write_all(&mut t, b"GET /metrics HTTP/1.1\r\n\r\n")
+                });
+            }
+            _ => {}
+        }
+        let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(10)));
+        assert_eq!(status.signal(), Some(libc::SIGABRT), "{place}: {status:?}");
+        let log = s.log_text();
+        assert!(
+            log.contains(&format!("thread '{thread}")) && log.contains("aborting the process"),
+            "{place}: {log}"
+        );
+    }
+}
+
+/// A tmpfs of `size` mounted at a new folder, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot mount a tmpfs (this test needs root)");
+        Tmpfs { dir }
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot resize the tmpfs");
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// CPU time (user + system) of process `pid` so far.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+async fn set_expiring(c: &Client, s: &Server, k: &str, in_ms: i64) {
+    use denokv::proto as pb;
+    use prost::Message;
+    let mut m = set_bytes(&key(k), b"soon gone");
+    m.expire_at_ms = denokv::kv::now_ms() + in_ms;
+    let w = pb::AtomicWrite {
+        mutations: vec![m],
+        ..Default::default()
+    };
+    let r = c.data(H2, s, "atomic_write", w.encode_to_vec()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_by_itself() {
+    let fs = Tmpfs::mount("3m");
+    let db: PathBuf = fs.path().join("db.sqlite");
+    let mut s = Launch::new(&db).start();
+    let c = Client::new();
+    // Rows that expire while the disk is full: the sweep that deletes them must fail quietly.
+    for i in 0..20 {
+        set_expiring(&c, &s, &format!("expiring{i}"), 1500).await;
+    }
+    let value = "x".repeat(30_000);
+    let mut acknowledged = Vec::new();
+    let mut full = None;
+    for i in 0..1000 {
+        let k = format!("fill{i}");
+        let r = set_key(&c, H2, &s.url(""), &k, &value).await.unwrap();
+        match r.status {
+            200 => acknowledged.push(k),
+            507 => {
+                full = Some(r.text());
+                break;
+            }
+            other => panic!("write {i}: {other} {}", r.text()),
+        }
+    }
+    let full = full.expect("the 3 MiB disk filled up");
+    assert_eq!(
+        full,
+        "The server's disk is full: the write was not committed. Try again later."
+    );
+    assert!(acknowledged.len() > 10, "{}", acknowledged.len());
+
+    // Reads keep working.
+    assert_eq!(
+        get_key(&c, H2, &s.url(""), &acknowledged[0])
+            .await
+            .as_deref(),
+        Some(value.as_bytes())
+    );
+    // The expiry sweep fails while the disk is full, without spinning.
+    let cpu = cpu_time(s.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spent = cpu_time(s.pid()) - cpu;
+    assert!(
+        spent < Duration::from_millis(500),
+        "{spent:?} of CPU in 3 s idle"
+    );
+    let sweeps = s.log_text().matches("expiry sweep").count();
+    assert!(
+        (1..=4).contains(&sweeps),
+        "{sweeps} sweep failures logged:\n{}",
+        s.log_text()
+    );
+    assert!(
+        get_key(&c, H2, &s.url(""), "expiring0").await.is_none(),
+        "expired rows are hidden"
+    );
+
+    // Space returns: the same write, retried as Deno retries a 5xx, goes through.
+    fs.resize("64m");
+    let start = Instant::now();
+    loop {
+        let r = set_key(&c, H2, &s.url(""), "after", &value).await.unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 507, "{}", r.text());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "writes did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let s = Launch::new(&db).start();
+    for k in acknowledged.iter().chain(["after".to_string()].iter()) {
+        assert!(get_key(&c, H2, &s.url(""), k).await.is_some(), "{k} lost");
+    }
+}
