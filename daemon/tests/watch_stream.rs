@@ -206,3 +206,109 @@ impl Label for Proto {
         }
     }
 }
+
+/// Writes `[k] = v` as another process would (the Deno CLI, say): on its own connection to the
+/// file, advancing the global version as every writer of the format does.
+fn write_as_another_process(db: &std::path::Path, k: &Bytes, v: &[u8]) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let tx = conn.unchecked_transaction().unwrap();
+    tx.execute(
+        "UPDATE data_version SET version = version + 1 WHERE k = 0",
+        [],
+    )
+    .unwrap();
+    tx.execute(
+        "INSERT INTO kv (k, v, v_encoding, version) VALUES (?1, ?2, 3,
+           (SELECT version FROM data_version WHERE k = 0))
+         ON CONFLICT (k) DO UPDATE SET v = excluded.v, version = excluded.version",
+        rusqlite::params![&k[..], v],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+}
+
+/// The value in the next data frame for the one watched key.
+async fn next_value(frames: &mut Frames, limit: Duration) -> Vec<u8> {
+    let frame = frames.data(limit).await;
+    frame.keys[0]
+        .entry_if_changed
+        .as_ref()
+        .map(|e| e.value.to_vec())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_read_only_server_streams_every_commit_of_other_processes() {
+    // SPEC §10 D8b: upstream's read-only watches freeze after the first frame.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let k = key("shared");
+    let mut writer = Server::start_on(&db, &[], &[]);
+    let c = Client::new();
+    set(&c, &writer, &k, b"0").await;
+    tokio::task::spawn_blocking(move || writer.stop())
+        .await
+        .unwrap();
+
+    let s = Server::start_on(&db, &["--read-only"], &[]);
+    for p in BOTH {
+        let mut frames = open_watch(&c, p, &s, std::slice::from_ref(&k)).await;
+        next_value(&mut frames, Duration::from_secs(5)).await;
+        for round in 1..=3 {
+            let v = format!("{p:?}-{round}");
+            write_as_another_process(&db, &k, v.as_bytes());
+            assert_eq!(
+                next_value(&mut frames, Duration::from_secs(2)).await,
+                v.as_bytes(),
+                "{p:?}: frame {round}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_processes_commits_reach_watchers_under_steady_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let s = Server::start_on(&db, &[], &[]);
+    let c = Client::new();
+    let k = key("watched");
+    set(&c, &s, &k, b"0").await;
+    let mut frames = open_watch(&c, Proto::H2, &s, std::slice::from_ref(&k)).await;
+    next_value(&mut frames, Duration::from_secs(5)).await;
+
+    // Steady writes of other keys by this server's own clients, all the while.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..4 {
+        let (c, url, stop) = (Client::new(), s.url(""), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                set_key(&c, Proto::H2, &url, &format!("load{w}-{n}"), "x").await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    for round in 1..=5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let v = format!("external-{round}");
+        let (db, k2, v2) = (db.clone(), k.clone(), v.clone());
+        tokio::task::spawn_blocking(move || write_as_another_process(&db, &k2, v2.as_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_value(&mut frames, Duration::from_secs(2)).await,
+            v.as_bytes(),
+            "round {round}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut writes = 0;
+    for t in load {
+        writes += t.await.unwrap();
+    }
+    assert!(writes > 100, "the load wrote only {writes} times");
+}
