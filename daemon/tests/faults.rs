@@ -75,6 +75,51 @@ async fn a_failed_wal_sync_is_answered_as_unknown_and_stops_the_server() {
     }
 }
 
+/// The same fault as a real failing system call, no debug hook: strace makes an fsync of the
+/// WAL fail with EIO (with `--wal-writes pwrite` SQLite syncs the WAL with fsync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_fsync_failure_of_the_wal_stops_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let wal = format!("{}-wal", db.display());
+    let wrapper = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-P",
+        &wal,
+        "-e",
+        "trace=fsync,fdatasync",
+        "-e",
+        "inject=fsync:error=EIO:when=4",
+    ];
+    let mut s = Launch::new(&db)
+        .args(&["--wal-writes", "pwrite"])
+        .wrapper(&wrapper, true)
+        .start();
+    let c = Client::new();
+    let mut acknowledged = Vec::new();
+    let (doubtful, r) = loop {
+        let k = format!("k{}", acknowledged.len());
+        let r = set_key(&c, H2, &s.url(""), &k, "v").await.unwrap();
+        if r.status != 200 {
+            break (k, r);
+        }
+        acknowledged.push(k);
+        assert!(acknowledged.len() < 10, "no fsync failed");
+    };
+    assert_eq!(r.status, 409, "{}", r.text());
+    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(20)));
+    assert_eq!(status.code(), Some(1), "{status:?}; log:\n{}", s.log_text());
+    assert!(s.log_text().contains("wal_sync failed"), "{}", s.log_text());
+    let s = Launch::new(&db).start();
+    for k in acknowledged.iter().chain([&doubtful]) {
+        assert!(get_key(&c, H2, &s.url(""), k).await.is_some(), "{k}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_wal_write_is_rolled_back_and_the_server_carries_on() {
     for (wal, errno, status) in [

@@ -13,12 +13,12 @@ use crate::kv::now_ms;
 use crate::store::sql::{DELETE_EXPIRED, NEXT_EXPIRY, SET_VERSION};
 
 /// Longest time between two expiry sweeps, to catch expiries written by other processes.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+pub(super) const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Rows one sweep transaction deletes at most, so a sweep never holds writers up for long.
 const SWEEP_CHUNK: i64 = 1000;
 /// Pause after a failed sweep (a full disk, say), doubled at each further failure up to
 /// `SWEEP_INTERVAL`: a failing sweep must not spin.
-const FIRST_RETRY: Duration = Duration::from_secs(1);
+pub(super) const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// When the next sweep is due.
 pub struct Schedule {

@@ -398,3 +398,34 @@ impl DirectCommitter {
         (outcome.results, outcome.fatal)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::error::ApiError;
+
+    /// docs/RELIABILITY.md states these numbers and texts: they must be the code's.
+    #[test]
+    fn the_reliability_doc_states_what_the_code_does() {
+        let doc = include_str!("../../../../docs/RELIABILITY.md").replace('\n', " ");
+        let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+        let says = |text: String| assert!(doc.contains(&text), "RELIABILITY.md lacks {text:?}");
+        says(format!("at most {MAX_BATCH} writes"));
+        says(format!("stops growing at {} MiB", MAX_BATCH_BYTES >> 20));
+        let poll = super::super::external::POLL_INTERVAL.as_millis();
+        says(format!("within about {poll} ms"));
+        says(format!("every {poll} ms"));
+        says(format!(
+            "tried again after {} s, then 2 s, 4 s, … up to {} s",
+            expiry::FIRST_RETRY.as_secs(),
+            expiry::SWEEP_INTERVAL.as_secs()
+        ));
+        for e in [
+            ApiError::unavailable(),
+            ApiError::disk_full(),
+            ApiError::outcome_unknown(),
+        ] {
+            says(format!("{} `{}`", e.status.as_u16(), e.message));
+        }
+    }
+}
