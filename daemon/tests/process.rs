@@ -392,3 +392,44 @@ fn lifts_its_open_files_limit_to_the_hard_limit() {
     assert!(body.contains("\nprocess_max_fds 4096\n"), "{body}");
     assert!(s.stop().success());
 }
+
+/// Signals the main thread takes synchronously must be blocked in every thread, including
+/// those started before serving (the OTLP exporter's): a thread that does not block SIGHUP or
+/// SIGTERM takes its default action, which kills the process.
+#[test]
+fn every_thread_blocks_the_signals_the_server_handles() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Launch::new(&dir.path().join("db.sqlite"))
+        // Starts the exporter thread; nothing needs to listen there.
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .start();
+    let pid = s.pid();
+    let wanted = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM];
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path();
+        // The main thread waits for them in sigtimedwait, which unblocks them while it waits.
+        if path.ends_with(pid.to_string()) {
+            continue;
+        }
+        let name = std::fs::read_to_string(path.join("comm")).unwrap();
+        let status = std::fs::read_to_string(path.join("status")).unwrap();
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+            .unwrap();
+        for sig in wanted {
+            assert!(
+                blocked & (1 << (sig - 1)) != 0,
+                "thread {} does not block signal {sig}",
+                name.trim()
+            );
+        }
+        threads.push(name.trim().to_string());
+    }
+    assert!(
+        threads.iter().any(|t| t.starts_with("OpenTelemetry")),
+        "no exporter thread among {threads:?}"
+    );
+}

@@ -129,3 +129,54 @@ pub enum WriteOutcome {
     /// 0-based indexes of every failing check, ascending. Nothing was written.
     ChecksFailed(Vec<u32>),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::value::Encoding;
+
+    #[test]
+    fn detached_writes_hold_nothing_of_the_request_body() {
+        // A 1 MiB "body" with the write's fields as slices of it, as the protobuf decoder
+        // leaves them.
+        let body = Bytes::from(vec![7u8; 1 << 20]);
+        let inside = |b: &Bytes| {
+            let range = body.as_ptr() as usize..body.as_ptr() as usize + body.len();
+            range.contains(&(b.as_ptr() as usize))
+        };
+        let mut w = AtomicWrite {
+            checks: vec![Check {
+                key: body.slice(0..10),
+                versionstamp: None,
+            }],
+            mutations: vec![Mutation {
+                key: body.slice(10..20),
+                kind: MutationKind::Set(Value {
+                    data: body.slice(20..1020),
+                    encoding: Encoding::Bytes,
+                }),
+                expire_at_ms: None,
+            }],
+            enqueues: vec![Enqueue {
+                payload: body.slice(2000..2100),
+                deadline_ms: 0,
+                keys_if_undelivered: vec![body.slice(3000..3005)],
+                backoff_schedule: vec![],
+            }],
+        };
+        let before = w.clone();
+        assert_eq!(w.size_bytes(), 10 + 10 + 1000 + 100 + 5);
+        w.detach();
+        assert_eq!(w, before, "the same bytes");
+        let mut fields = vec![&w.checks[0].key, &w.mutations[0].key];
+        if let MutationKind::Set(v) = &w.mutations[0].kind {
+            fields.push(&v.data);
+        }
+        fields.push(&w.enqueues[0].payload);
+        fields.push(&w.enqueues[0].keys_if_undelivered[0]);
+        assert!(
+            fields.iter().all(|b| !inside(b)),
+            "a field still points into the body"
+        );
+    }
+}
