@@ -94,11 +94,13 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_ADDR", default_value = "0.0.0.0:4512")]
     pub addr: SocketAddr,
 
-    /// Where to serve Prometheus metrics (`GET /metrics`), or `off`.
+    /// Where to serve Prometheus metrics (`GET /metrics`), or `off`. The default port is the
+    /// one after the service's own: 9090 is Prometheus's, and the exporters' range 9100-9999
+    /// is fully allocated.
     #[arg(
         long,
         env = "DENOKV_METRICS_ADDR",
-        default_value = "127.0.0.1:9090",
+        default_value = "127.0.0.1:4513",
         value_name = "ADDR|off",
         value_parser = parse_metrics_addr
     )]
@@ -120,12 +122,8 @@ pub struct ServeArgs {
     /// io-uring: a commit's WAL writes and its fdatasync go to the disk as one io_uring
     /// submission (with --sync-mode full where io_uring is available; otherwise pwrite);
     /// pwrite: SQLite's own write per page and fsync per commit.
-    #[arg(
-        long,
-        env = "DENOKV_WAL_WRITES",
-        value_enum,
-        default_value = "io-uring"
-    )]
+    /// The default is pwrite: measured faster for small batches (docs/PERFORMANCE.md).
+    #[arg(long, env = "DENOKV_WAL_WRITES", value_enum, default_value = "pwrite")]
     pub wal_writes: WalWrites,
 
     /// Seconds to let open requests finish after SIGTERM or SIGINT.
@@ -158,7 +156,7 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
     }
     s.parse()
         .map(MetricsAddr::On)
-        .map_err(|e| format!("{e} (give an address like 127.0.0.1:9090, or off)"))
+        .map_err(|e| format!("{e} (give an address like 127.0.0.1:4513, or off)"))
 }
 
 impl ServeArgs {
@@ -218,5 +216,55 @@ impl ServeArgs {
             wal_writes: self.wal_writes,
             drain_timeout: Duration::from_secs(self.drain_timeout),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's flag tables: each row `| `--flag` | `ENV` | `default` | … |` must name the
+    /// environment variable and the default that the command line has.
+    #[test]
+    fn the_readme_states_the_defaults_and_variables_the_code_has() {
+        let readme = include_str!("../../README.md");
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("a serve subcommand");
+        let mut checked = 0;
+        for line in readme.lines().filter(|l| l.starts_with("| `--")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // cells[0] is empty (the line starts with '|').
+            let flags: Vec<&str> = cells[1]
+                .split(", ")
+                .map(|f| f.trim_matches('`').split(' ').next().unwrap_or_default())
+                .collect();
+            for flag in flags {
+                let name = flag.trim_start_matches("--");
+                let arg = serve
+                    .get_arguments()
+                    .chain(cli.get_arguments())
+                    .find(|a| a.get_long() == Some(name))
+                    .unwrap_or_else(|| panic!("README names {flag}, which the command lacks"));
+                if cells.len() > 4 && cells[3].starts_with('`') {
+                    let documented = cells[3].trim_matches('`');
+                    let default: Vec<String> = arg
+                        .get_default_values()
+                        .iter()
+                        .map(|v| v.to_string_lossy().into_owned())
+                        .collect();
+                    assert_eq!(default, [documented], "the default of {flag}");
+                    checked += 1;
+                }
+                if let Some(env) = arg.get_env() {
+                    if cells[2].starts_with('`') && !cells[2].contains('…') {
+                        assert_eq!(cells[2].trim_matches('`'), env.to_string_lossy(), "{flag}");
+                    }
+                }
+            }
+        }
+        assert!(
+            checked >= 5,
+            "only {checked} defaults found in the README's tables"
+        );
     }
 }

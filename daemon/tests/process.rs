@@ -433,3 +433,46 @@ fn every_thread_blocks_the_signals_the_server_handles() {
         "no exporter thread among {threads:?}"
     );
 }
+
+/// A server killed under HTTP/2 load and started again at once, many times: every start must
+/// come up (a killed server's listening sockets can outlive it for a moment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_right_after_a_crash_under_load_comes_up_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let start = || {
+        Launch::bare(&db)
+            .args(&["--access-token", TOKEN, "--addr", &addr])
+            .start()
+    };
+    let mut s = start();
+    for cycle in 0..10 {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut load = Vec::new();
+        for w in 0..3 {
+            let (url, stop) = (s.url(""), stop.clone());
+            load.push(tokio::spawn(async move {
+                let c = Client::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    set_key(&c, Proto::H2, &url, &format!("c{cycle}w{w}n{i}"), "v").await;
+                    i += 1;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200 + 37 * cycle)).await;
+        s.kill();
+        // At once: `start` panics unless the server logs that it listens.
+        s = start();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in load {
+            let _ = t.await;
+        }
+    }
+}

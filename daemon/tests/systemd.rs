@@ -665,3 +665,26 @@ fn journald_lines_carry_syslog_priorities() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_metrics_address_in_use_is_loud_in_the_log_and_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let notify = NotifySocket::bind(false);
+    let s = Launch::new(&dir.path().join("db.sqlite"))
+        .args(&["--metrics-addr", &addr])
+        .env("NOTIFY_SOCKET", &notify.name)
+        .start();
+    notify.next_state(Duration::from_secs(10));
+    let ready = notify.next_state(Duration::from_secs(10));
+    assert!(
+        ready.contains(&format!("NO METRICS: cannot listen on {addr}")),
+        "{ready}"
+    );
+    let line = s.wait_for_log("METRICS ARE NOT SERVED", Duration::from_secs(5));
+    assert!(line.contains("--metrics-addr"), "{line}");
+    // The database is served all the same.
+    assert_eq!(read_with(&Client::new(), Proto::H2, &s, TOKEN).await, 200);
+    stop(s).await;
+}

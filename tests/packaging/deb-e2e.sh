@@ -5,7 +5,7 @@
 #   2. in Debian bookworm (debootstrap minbase + systemd, cached in ~/.cache/denokv/nspawn; each
 #      run uses a throw-away overlay on top of it): installs and purges the package once without
 #      a running systemd (systemd-nspawn without --boot), then boots it (systemd-nspawn --boot)
-#      on a private network (only loopback), so the default ports 4512 and 9090 clash with nothing;
+#      on a private network (only loopback), so the default ports 4512 and 4513 clash with nothing;
 #   3. inside it: `apt install ./denokv_*.deb`, then checks the service (Type=notify, active, no
 #      restarts, hardening in force, io_uring), the generated token, the Deno CLI reading and
 #      writing with it (and refused with a wrong one), /metrics, /etc/default/denokv settings,
@@ -303,8 +303,8 @@ ok "the Deno CLI writes and reads with the generated token"
 if out="$(client "wrong-token-0123456789" read http://127.0.0.1:4512 k1 v1 2>&1)"; then die "a wrong token was accepted"; fi
 grep -q '401' <<<"$out" || { echo "$out" >&2; die "a wrong token failed, but not with 401"; }
 ok "a wrong token is refused (401)"
-client "" metrics http://127.0.0.1:9090/metrics 2 >&2 || die "/metrics on 127.0.0.1:9090"
-ok "/metrics answers on 127.0.0.1:9090"
+client "" metrics http://127.0.0.1:4513/metrics 2 >&2 || die "/metrics on 127.0.0.1:4513"
+ok "/metrics answers on 127.0.0.1:4513"
 
 # --- 7. settings, restart ----------------------------------------------------------------
 ct sh -c 'printf "DENOKV_ADDR=127.0.0.1:4600\nDENOKV_METRICS_ADDR=127.0.0.1:9600\n" >>/etc/default/denokv'

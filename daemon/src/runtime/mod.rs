@@ -109,7 +109,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         endpoint_url: "/v2".to_string(),
         metrics: metrics.clone(),
     });
-    let _metrics_server = start_metrics(
+    let (_metrics_server, metrics_problem) = start_metrics(
         opts.metrics_addr,
         &opts.db_path,
         &metrics,
@@ -189,7 +189,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     for addr in &addrs {
         tracing::info!("Listening on http://{addr}");
     }
-    let serving = format!(
+    let mut serving = format!(
         "Serving {}{} on {} ({} cores, {driver}, {})",
         opts.db_path.display(),
         if opts.read_only { " read-only" } else { "" },
@@ -205,6 +205,10 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             format!("sync mode {:?}", opts.sync_mode).to_lowercase()
         },
     );
+    if let Some(problem) = metrics_problem {
+        // In `systemctl status`, where an operator looks first.
+        serving.push_str(&format!("; NO METRICS: {problem}"));
+    }
     notifier.ready(&serving);
     let monitor = monitor.map(Arc::new);
     let watchdog = match (watchdog, &monitor) {
@@ -272,15 +276,18 @@ pub fn block_signals() -> anyhow::Result<()> {
     signals::block().map(|_| ())
 }
 
-/// Starts the `/metrics` listener, if one is asked for. A listener that cannot bind is logged,
-/// not fatal: the database is served without metrics (and the scraper reports the target down).
+/// Starts the `/metrics` listener, if one is asked for. A listener that cannot bind is not
+/// fatal (the database is served; the scraper reports the target down), but it is loud: an
+/// error that says what to do, and the reason, returned for systemd's `STATUS=`.
 fn start_metrics(
     addr: Option<SocketAddr>,
     db: &std::path::Path,
     metrics: &Arc<Metrics>,
     committer: Option<store::CommitterHandle>,
-) -> Option<MetricsServer> {
-    let addr = addr?;
+) -> (Option<MetricsServer>, Option<String>) {
+    let Some(addr) = addr else {
+        return (None, None);
+    };
     let db = db.to_path_buf();
     let sampler = Box::new(move |m: &Metrics| {
         let depth = committer.as_ref().map_or(0, |c| c.queue_depth());
@@ -290,11 +297,15 @@ fn start_metrics(
     match MetricsServer::start(addr, metrics.clone(), sampler) {
         Ok(server) => {
             tracing::info!("Metrics on http://{}/metrics", server.local_addr());
-            Some(server)
+            (Some(server), None)
         }
         Err(e) => {
-            tracing::error!("cannot serve metrics on {addr}: {e}; serving without metrics");
-            None
+            tracing::error!(
+                "METRICS ARE NOT SERVED: cannot listen on {addr}: {e}. The database is served \
+                 without metrics. Give --metrics-addr (DENOKV_METRICS_ADDR) a free address, or \
+                 `off`, and restart."
+            );
+            (None, Some(format!("cannot listen on {addr}: {e}")))
         }
     }
 }
