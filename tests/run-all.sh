@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of denokv on a fresh Debian machine with Rust:
 #   formatting and lints, the Rust unit and integration tests (against the real binary),
+#   SIGKILL crash cycles under load (tests/crash/sigkill-cycles.py),
 #   the end-to-end suites driven by the Deno CLI and the npm @deno/kv client, and the Debian
 #   package installed in a booted Debian container (tests/packaging/deb-e2e.sh; needs root).
 # Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm;
@@ -49,6 +50,14 @@ tests/packaging/check-monitoring.sh
 
 step "cargo test"
 cargo test --workspace --locked
+
+# The binaries come from cargo test (the load generator's integration tests build both); this
+# is a no-op then, and builds them if a test filter ever skips that.
+step "crash cycles: SIGKILL under load, restart, verify (--wal-writes pwrite and io-uring)"
+cargo build --workspace --bins --locked
+for wal in pwrite io-uring; do
+  python3 tests/crash/sigkill-cycles.py --cycles 5 -- --wal-writes "$wal"
+done
 
 # It adds a release build (fat LTO) and, on an empty cache, cargo-deb and a debootstrap; about a
 # minute when ~/.cache/denokv is warm (see the README, "The package test"). Before the e2e suites,
