@@ -115,10 +115,15 @@ pub async fn run(workload: Workload, args: &RunArgs) -> anyhow::Result<Report> {
     let mut report = if workload == Workload::Watch {
         watch::run(&plan, args, conns).await?
     } else {
-        let (stats, tallies, usage) = closed_loop(&plan, args, conns).await;
+        let (stats, tallies, usage, measured) = closed_loop(&plan, args, conns).await;
+        // Rates are per measured second: shorter than --duration if --stop-when-down ended it.
+        let measured_args = RunArgs {
+            duration: measured,
+            ..args.clone()
+        };
         let mut report = Report::new(
             workload.name(),
-            args,
+            &measured_args,
             connection_count(c, clients),
             stats,
             &[],
@@ -176,7 +181,7 @@ pub fn client_rng(seed: u64, client: usize) -> SmallRng {
 /// Every client sends its next request as soon as the previous one is answered, until the
 /// window ends (or, with --stop-when-down, until any client finds the server gone). A transport
 /// error is followed by a short pause, so a dead server is not hammered by a tight reconnect
-/// loop.
+/// loop. Also returns how long the measured window really lasted.
 async fn closed_loop(
     plan: &Arc<Plan>,
     args: &RunArgs,
@@ -185,6 +190,7 @@ async fn closed_loop(
     Stats,
     HashMap<u64, Tally>,
     (Option<ProcessUsage>, Option<ProcessUsage>),
+    Duration,
 ) {
     let window = Window::starting_now(args.warmup, args.duration);
     let usage = args.server_pid.map(|pid| server::sample_both(pid, window));
@@ -244,7 +250,10 @@ async fn closed_loop(
             sum.uncertain += tally.uncertain;
         }
     }
-    (stats, tallies, server::finish(usage).await)
+    let measured = Instant::now()
+        .min(window.to)
+        .saturating_duration_since(window.from);
+    (stats, tallies, server::finish(usage).await, measured)
 }
 
 #[derive(Debug, Serialize)]
