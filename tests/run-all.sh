@@ -51,10 +51,12 @@ tests/packaging/check-monitoring.sh
 step "cargo test"
 cargo test --workspace --locked
 
-# The binaries come from cargo test (the load generator's integration tests build both); this
-# is a no-op then, and builds them if a test filter ever skips that.
+# cargo test --workspace has just built both binaries (the integration tests run them); they are
+# built here only if missing.
 step "crash cycles: SIGKILL under load, restart, verify (--wal-writes pwrite and io-uring)"
-cargo build --workspace --bins --locked
+if [ ! -x "$CARGO_TARGET_DIR/debug/denokv" ] || [ ! -x "$CARGO_TARGET_DIR/debug/denokv-loadtest" ]; then
+  cargo build -p denokv -p denokv-loadtest --bins --locked
+fi
 for wal in pwrite io-uring; do
   python3 tests/crash/sigkill-cycles.py --cycles 5 -- --wal-writes "$wal"
 done

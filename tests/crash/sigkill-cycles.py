@@ -10,7 +10,8 @@ shared counters, versionstamped sets each with an enqueue) and logs every outcom
 after a seeded random delay the server gets SIGKILL; the load generator stops when it finds the
 server gone; the database files as the crash left them are copied and checked with SQLite
 (`PRAGMA integrity_check`, the global version, the enqueues in table `queue`); the server is
-restarted on the same database at once (a failed bind is retried for up to 5 s and counted);
+restarted on the same database at once (tens of ms after the kill: the load generator's stop and
+the copy come first; a failed bind is retried for up to 5 s and counted);
 then `denokv-loadtest verify` checks every acknowledged write and every counter against the
 restarted server. After the last cycle a short load runs on the restarted server, the server is
 stopped with SIGTERM and the database file is checked once more.
@@ -421,8 +422,10 @@ class Run:
         if load.poll() is not None:
             problems.add("other", 1, f"the load generator ended before the kill (exit {load.returncode})")
         self.kill_server()
+        killed = time.monotonic()
         self.finish_load(load, name, problems)
         image = crash_image(self.db, self.work / "crash-image")
+        gap = time.monotonic() - killed
         retries, took = self.start_server()
         if retries:
             self.restarts_retried += 1
@@ -435,7 +438,8 @@ class Run:
             f"cycle {n}/{self.args.cycles}: {proto}, SIGKILL at {delay:.2f} s after"
             f" {acks.acked} acks (sets {acks.sets}, sums {acks.sums}, enqueues {acks.enqueues};"
             f" uncertain {acks.uncertain_sums} sums, {len(acks.uncertain_payloads)} enqueues),"
-            f" version {crash_version}; restart {took:.2f} s"
+            f" version {crash_version}; restarted {gap * 1000:.0f} ms after the kill, up in"
+            f" {took:.2f} s"
             f"{f', {retries} bind retries' if retries else ''}"
             f" — {'FAIL' if problems else 'ok'}"
         )
