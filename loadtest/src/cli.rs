@@ -200,8 +200,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub ack_log: Option<PathBuf>,
 
-    /// End the load as soon as a connection to the server is refused (it died), instead of at
-    /// the end of --duration: a crash test then knows every logged write preceded the crash.
+    /// End the load at the first transport error (the server died), instead of at the end of
+    /// --duration. A crash fails every request in flight, so each client stops there, before a
+    /// restarted server could answer it: the ack log then holds only writes before the crash.
     #[arg(long)]
     pub stop_when_down: bool,
 

@@ -60,15 +60,7 @@ impl CallError {
     pub fn is_transport(&self) -> bool {
         matches!(self, CallError::Transport { .. })
     }
-
-    /// True when a new connection could not be made: nothing listens (the server is down).
-    pub fn is_connect_failure(&self) -> bool {
-        matches!(self, CallError::Transport { sent: false, what } if what.starts_with(CONNECT))
-    }
 }
-
-/// How a failed TCP connect is labelled (`is_connect_failure` looks for it).
-const CONNECT: &str = "connect:";
 
 fn transport(sent: bool, what: &str, e: &dyn std::error::Error) -> CallError {
     // hyper's errors keep the interesting part (e.g. "Connection reset by peer") in the source
@@ -398,7 +390,7 @@ fn first_line(body: &[u8]) -> String {
 async fn tcp(authority: &str) -> Result<TokioIo<TcpStream>, CallError> {
     let stream = TcpStream::connect(authority)
         .await
-        .map_err(|e| transport(false, CONNECT.trim_end_matches(':'), &e))?;
+        .map_err(|e| transport(false, "connect", &e))?;
     // Without TCP_NODELAY a request written in two parts (h2 HEADERS, then DATA; or h1 head
     // and body) waits for the peer's delayed ACK: 40 ms a request.
     stream

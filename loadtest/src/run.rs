@@ -179,7 +179,7 @@ pub fn client_rng(seed: u64, client: usize) -> SmallRng {
 }
 
 /// Every client sends its next request as soon as the previous one is answered, until the
-/// window ends (or, with --stop-when-down, until any client finds the server gone). A transport
+/// window ends (or, with --stop-when-down, until any client has a transport error). A transport
 /// error is followed by a short pause, so a dead server is not hammered by a tight reconnect
 /// loop. Also returns how long the measured window really lasted.
 async fn closed_loop(
@@ -228,7 +228,7 @@ async fn closed_loop(
                         if measured {
                             stats.error(&e);
                         }
-                        if stop_when_down && e.is_connect_failure() {
+                        if stop_when_down && e.is_transport() {
                             down.store(true, Ordering::Relaxed);
                         } else if e.is_transport() {
                             tokio::time::sleep(Duration::from_millis(10)).await;

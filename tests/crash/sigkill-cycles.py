@@ -7,14 +7,15 @@ database, check that nothing acknowledged was lost or applied twice; N cycles.
 
 Each cycle: `denokv-loadtest crash-mix --stop-when-down` writes (plain sets, LE64 sums on a few
 shared counters, versionstamped sets each with an enqueue) and logs every outcome in an ack log;
-after a seeded random delay the server gets SIGKILL; the load generator stops when it finds the
-server gone; the database files as the crash left them are copied and checked with SQLite
-(`PRAGMA integrity_check`, the global version, the enqueues in table `queue`); the server is
-restarted on the same database at once (tens of ms after the kill: the load generator's stop and
-the copy come first; a failed bind is retried for up to 5 s and counted);
-then `denokv-loadtest verify` checks every acknowledged write and every counter against the
-restarted server. After the last cycle a short load runs on the restarted server, the server is
-stopped with SIGTERM and the database file is checked once more.
+after a seeded random delay the server gets SIGKILL, and the load generator stops at the failure
+of its requests in flight. The server is restarted on the same database either immediately (a
+millisecond after the kill) or, in "image" cycles, once the load generator has stopped and the
+database files as the crash left them are copied and checked with SQLite (`PRAGMA
+integrity_check`, the global version, the enqueues in table `queue`); `--restart` picks one kind
+or, by default, a seeded mix. A failed bind is retried for up to 5 s and counted. Then
+`denokv-loadtest verify` checks every acknowledged write and every counter against the restarted
+server. After the last cycle a short load runs on the restarted server, the server is stopped
+with SIGTERM and the database file is checked once more (every check of the image included).
 
 What counts as a failure:
   lost        an acknowledged set missing or older; a counter below the sum of its acknowledged
@@ -225,7 +226,9 @@ class Run:
         self.server: subprocess.Popen | None = None
         self.starts = 0
         self.bind_retries = 0
-        self.restarts_retried = 0
+        # Restarts, and those that needed bind retries, by kind (immediate, image).
+        self.restarts = {"immediate": 0, "image": 0}
+        self.restarts_retried = {"immediate": 0, "image": 0}
         self.bind_errors: set[str] = set()
         self.acks = AckLog()
         self.max_vs = 0
@@ -416,6 +419,9 @@ class Run:
         problems = Problems()
         proto = self.args.proto if self.args.proto != "mixed" else self.rng.choice(["h1", "h2"])
         delay = self.rng.uniform(self.args.min_delay, self.args.max_delay)
+        restart = self.args.restart
+        if restart == "mixed":
+            restart = self.rng.choice(["immediate", "image"])
         name = f"cycle-{n:04d}"
         load, ack_log = self.start_load(name, proto, LOAD_DURATION)
         time.sleep(delay)
@@ -423,23 +429,29 @@ class Run:
             problems.add("other", 1, f"the load generator ended before the kill (exit {load.returncode})")
         self.kill_server()
         killed = time.monotonic()
-        self.finish_load(load, name, problems)
-        image = crash_image(self.db, self.work / "crash-image")
+        image = None
+        if restart == "image":
+            # The load generator's log must be complete before the image is judged by it.
+            self.finish_load(load, name, problems)
+            image = crash_image(self.db, self.work / "crash-image")
         gap = time.monotonic() - killed
         retries, took = self.start_server()
+        self.restarts[restart] += 1
         if retries:
-            self.restarts_retried += 1
-        before = self.last_version
-        acks = self.take_log(ack_log, problems, before)
-        crash_version = self.check_db(image, problems, "crash image")
+            self.restarts_retried[restart] += 1
+        if restart == "immediate":
+            self.finish_load(load, name, problems)
+        acks = self.take_log(ack_log, problems, self.last_version)
+        state = ""
+        if image is not None:
+            state = f", version {self.check_db(image, problems, 'crash image')} in the image"
         if n % self.args.verify_every == 0 or n == self.args.cycles:
             self.verify(problems)
         log(
             f"cycle {n}/{self.args.cycles}: {proto}, SIGKILL at {delay:.2f} s after"
             f" {acks.acked} acks (sets {acks.sets}, sums {acks.sums}, enqueues {acks.enqueues};"
-            f" uncertain {acks.uncertain_sums} sums, {len(acks.uncertain_payloads)} enqueues),"
-            f" version {crash_version}; restarted {gap * 1000:.0f} ms after the kill, up in"
-            f" {took:.2f} s"
+            f" uncertain {acks.uncertain_sums} sums, {len(acks.uncertain_payloads)} enqueues)"
+            f"{state}; restarted {gap * 1000:.0f} ms after the kill ({restart}), up in {took:.2f} s"
             f"{f', {retries} bind retries' if retries else ''}"
             f" — {'FAIL' if problems else 'ok'}"
         )
@@ -489,6 +501,9 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--max-delay", type=float, default=1.5, help="latest kill, s into the load")
     p.add_argument("--proto", choices=["h1", "h2", "mixed"], default="mixed",
                    help="load protocol (mixed: chosen per cycle)")
+    p.add_argument("--restart", choices=["immediate", "image", "mixed"], default="mixed",
+                   help="immediate: restart right after the kill; image: first let the load stop and"
+                   " copy the crashed database for the file checks; mixed: chosen per cycle")
     p.add_argument("--concurrency", type=int, default=16, help="load generator clients")
     p.add_argument("--keys", type=int, default=2000, help="key space of the plain sets")
     p.add_argument("--hot-keys", type=int, default=16, help="sum counters")
@@ -560,7 +575,10 @@ def main() -> int:
     log(f"duplicated:                  {sum(r.duplicated for r in results)}")
     log(f"integrity errors:            {sum(r.integrity for r in results)}")
     log(f"other failures:              {sum(r.other for r in results)}")
-    log(f"restart bind retries:        {run.bind_retries} (in {run.restarts_retried} of {len(results)} restarts)")
+    by_kind = ", ".join(
+        f"{run.restarts_retried[k]} of {run.restarts[k]} {k}" for k in ("immediate", "image")
+    )
+    log(f"restart bind retries:        {run.bind_retries} (restarts that retried: {by_kind})")
     for text in sorted(run.bind_errors):
         log(f"    {text}")
     if failed or args.keep:
