@@ -201,7 +201,7 @@ pub struct RunArgs {
     pub ack_log: Option<PathBuf>,
 
     /// End the load at the first transport error (the server died), instead of at the end of
-    /// --duration. A crash fails every request in flight, so each client stops there, before a
+    /// --duration (all workloads but watch). A crash fails every request in flight, so each client stops there, before a
     /// restarted server could answer it: the ack log then holds only writes before the crash.
     #[arg(long)]
     pub stop_when_down: bool,
