@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of denokv on a fresh Debian machine with Rust:
 #   formatting and lints, the Rust unit and integration tests (against the real binary),
+#   SIGKILL crash cycles under load (tests/crash/sigkill-cycles.py),
 #   the end-to-end suites driven by the Deno CLI and the npm @deno/kv client, and the Debian
 #   package installed in a booted Debian container (tests/packaging/deb-e2e.sh; needs root).
 # Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm;
@@ -49,6 +50,16 @@ tests/packaging/check-monitoring.sh
 
 step "cargo test"
 cargo test --workspace --locked
+
+# cargo test --workspace has just built both binaries (the integration tests run them); they are
+# built here only if missing.
+step "crash cycles: SIGKILL under load, restart, verify (--wal-writes pwrite and io-uring)"
+if [ ! -x "$CARGO_TARGET_DIR/debug/denokv" ] || [ ! -x "$CARGO_TARGET_DIR/debug/denokv-loadtest" ]; then
+  cargo build -p denokv -p denokv-loadtest --bins --locked
+fi
+for wal in pwrite io-uring; do
+  python3 tests/crash/sigkill-cycles.py --cycles 5 -- --wal-writes "$wal"
+done
 
 # It adds a release build (fat LTO) and, on an empty cache, cargo-deb and a debootstrap; about a
 # minute when ~/.cache/denokv is warm (see the README, "The package test"). Before the e2e suites,

@@ -35,6 +35,11 @@ pub enum Command {
     /// One LE64 `sum` of +1..+--sum-max on one of --hot-keys counters per operation; the
     /// final counters must equal the acknowledged sums (exit 1 otherwise).
     Sum(RunArgs),
+    /// Writes for crash tests, every outcome in --ack-log (required): half plain sets over
+    /// --keys keys, 30% LE64 sums of +1..+--sum-max on --hot-keys counters, 20% sets at a
+    /// versionstamped key, each with an enqueue. `verify` checks the keys and the counters; the
+    /// enqueues are for a check of the database file (tests/crash/).
+    CrashMix(RunArgs),
     /// --watchers watch streams on --hot-keys keys (at most 10) and one writer: measures the
     /// time from a commit's acknowledgement to the watch frame that carries it.
     Watch(RunArgs),
@@ -194,6 +199,12 @@ pub struct RunArgs {
     /// preload to this file, for `verify`.
     #[arg(long)]
     pub ack_log: Option<PathBuf>,
+
+    /// End the load at the first transport error (the server died), instead of at the end of
+    /// --duration (all workloads but watch). A crash fails every request in flight, so each client stops there, before a
+    /// restarted server could answer it: the ack log then holds only writes before the crash.
+    #[arg(long)]
+    pub stop_when_down: bool,
 
     /// A server process on this machine whose CPU time and memory over the measured window
     /// go into the report.

@@ -36,6 +36,27 @@ pub fn run_key(kind: &str, run: u64, i: u64) -> Bytes {
     ]))
 }
 
+/// The counters of `crash-mix`: `[ROOT, "crash-sum", i]`. The same in every run, so that the
+/// sums of several runs (one per crash) add up in one counter; use a fresh database.
+pub fn crash_counter_key(i: u64) -> Bytes {
+    Bytes::from(encode(&[s(ROOT), s("crash-sum"), KeyPart::Int(i as i128)]))
+}
+
+/// The prefix of the versionstamped keys of `crash-mix`: `[ROOT, "crash-vs"]`.
+pub fn crash_vs_prefix() -> Bytes {
+    Bytes::from(encode(&[s(ROOT), s("crash-vs")]))
+}
+
+/// The key a versionstamped-suffix set on `prefix` writes when it commits at `versionstamp`:
+/// the prefix and one more string part, the 20 hex digits (SPEC §2.4.5).
+pub fn versionstamped_key(prefix: &[u8], versionstamp: u128) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.push(0x02);
+    key.extend_from_slice(versionstamp_hex(versionstamp).as_bytes());
+    key.push(0x00);
+    key
+}
+
 /// The end of a read range that holds exactly `key`: `[k, k ++ 00)` (SPEC §4).
 pub fn exact_end(key: &[u8]) -> Bytes {
     let mut end = key.to_vec();
@@ -135,6 +156,15 @@ mod tests {
         assert!(a < b);
         assert_eq!(versionstamp_hex(a), "00000000000000010000");
         assert_eq!(versionstamp(&[1, 2]), None);
+    }
+
+    #[test]
+    fn versionstamped_keys_are_tuple_keys() {
+        let key = versionstamped_key(&crash_vs_prefix(), 0x1234);
+        assert_eq!(
+            show_key(&key),
+            "[\"denokv-loadtest\", \"crash-vs\", \"00000000000000001234\"]"
+        );
     }
 
     #[test]

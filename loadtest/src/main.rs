@@ -11,6 +11,7 @@
 //! denokv-loadtest gen-db --path big.sqlite --keys 10000000   # then serve it and `read`
 //! denokv-loadtest write --url ... --ack-log acks.log     # kill -9 the server meanwhile,
 //! denokv-loadtest verify --url ... --ack-log acks.log    # restart it, then check
+//! denokv-loadtest crash-mix --url ... --ack-log acks.log --stop-when-down   # tests/crash/
 //! ```
 //!
 //! Reports go to stdout as a table (`--format json` for JSON) and with `--json FILE` to a file.
@@ -78,6 +79,7 @@ fn main() {
         | Command::Cas(a)
         | Command::List(a)
         | Command::Sum(a)
+        | Command::CrashMix(a)
         | Command::Watch(a) => &a.client,
     };
     let threads = client_args
@@ -118,6 +120,7 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
         Command::Cas(a) => (Workload::Cas, a),
         Command::List(a) => (Workload::List, a),
         Command::Sum(a) => (Workload::Sum, a),
+        Command::CrashMix(a) => (Workload::CrashMix, a),
         Command::Watch(a) => (Workload::Watch, a),
     };
     let result = run::run(workload, &args).await?;

@@ -2,7 +2,7 @@
 //! measured window, and the checks afterwards.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -58,9 +58,17 @@ pub async fn run(workload: Workload, args: &RunArgs) -> anyhow::Result<Report> {
         )?)),
         None => None,
     };
-    if ack_log.is_some() && !matches!(workload, Workload::Write | Workload::Mixed) && !args.preload
-    {
-        eprintln!("note: --ack-log records the writes of write, mixed and --preload only");
+    if workload == Workload::CrashMix && ack_log.is_none() {
+        bail!("crash-mix needs --ack-log: its checks are all made later, from the log");
+    }
+    let logged = matches!(
+        workload,
+        Workload::Write | Workload::Mixed | Workload::CrashMix
+    );
+    if ack_log.is_some() && !logged && !args.preload {
+        eprintln!(
+            "note: --ack-log records the writes of write, mixed, crash-mix and --preload only"
+        );
     }
     let plan = Arc::new(Plan {
         workload,
@@ -107,10 +115,15 @@ pub async fn run(workload: Workload, args: &RunArgs) -> anyhow::Result<Report> {
     let mut report = if workload == Workload::Watch {
         watch::run(&plan, args, conns).await?
     } else {
-        let (stats, tallies, usage) = closed_loop(&plan, args, conns).await;
+        let (stats, tallies, usage, measured) = closed_loop(&plan, args, conns).await;
+        // Rates are per measured second: shorter than --duration if --stop-when-down ended it.
+        let measured_args = RunArgs {
+            duration: measured,
+            ..args.clone()
+        };
         let mut report = Report::new(
             workload.name(),
-            args,
+            &measured_args,
             connection_count(c, clients),
             stats,
             &[],
@@ -166,8 +179,9 @@ pub fn client_rng(seed: u64, client: usize) -> SmallRng {
 }
 
 /// Every client sends its next request as soon as the previous one is answered, until the
-/// window ends. A transport error is followed by a short pause, so a dead server is not
-/// hammered by a tight reconnect loop.
+/// window ends (or, with --stop-when-down, until any client has a transport error). A transport
+/// error is followed by a short pause, so a dead server is not hammered by a tight reconnect
+/// loop. Also returns how long the measured window really lasted.
 async fn closed_loop(
     plan: &Arc<Plan>,
     args: &RunArgs,
@@ -176,12 +190,16 @@ async fn closed_loop(
     Stats,
     HashMap<u64, Tally>,
     (Option<ProcessUsage>, Option<ProcessUsage>),
+    Duration,
 ) {
     let window = Window::starting_now(args.warmup, args.duration);
     let usage = args.server_pid.map(|pid| server::sample_both(pid, window));
+    let down = Arc::new(AtomicBool::new(false));
     let mut tasks = JoinSet::new();
     for (id, conn) in conns.into_iter().enumerate() {
         let plan = plan.clone();
+        let down = down.clone();
+        let stop_when_down = args.stop_when_down;
         let mut client = Client {
             conn,
             rng: client_rng(args.seed, id),
@@ -189,7 +207,7 @@ async fn closed_loop(
         };
         tasks.spawn(async move {
             let mut stats = Stats::default();
-            while Instant::now() < window.to {
+            while Instant::now() < window.to && !down.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 let result = workload::op(&plan, &mut client).await;
                 let ended = Instant::now();
@@ -210,7 +228,9 @@ async fn closed_loop(
                         if measured {
                             stats.error(&e);
                         }
-                        if e.is_transport() {
+                        if stop_when_down && e.is_transport() {
+                            down.store(true, Ordering::Relaxed);
+                        } else if e.is_transport() {
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                     }
@@ -230,7 +250,10 @@ async fn closed_loop(
             sum.uncertain += tally.uncertain;
         }
     }
-    (stats, tallies, server::finish(usage).await)
+    let measured = Instant::now()
+        .min(window.to)
+        .saturating_duration_since(window.from);
+    (stats, tallies, server::finish(usage).await, measured)
 }
 
 #[derive(Debug, Serialize)]

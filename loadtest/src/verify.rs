@@ -4,6 +4,10 @@
 //! entry may be newer still: a write that committed but whose answer was lost (the server
 //! died while answering) legitimately overwrote it. Anything else — key missing, an older
 //! versionstamp, or the right versionstamp with other bytes — is a lost acknowledged write.
+//!
+//! Sum records (`crash-mix`) are checked per counter: it must hold at least the total of its
+//! acknowledged addends (less is a lost write) and at most that plus the addends whose outcome
+//! is unknown (more means a write was applied twice).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -11,11 +15,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::anyhow;
+use bytes::Bytes;
 use denokv::proto;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::acklog::{self, Ack};
+use crate::acklog::{self, Ack, Sum};
 use crate::cli::VerifyArgs;
 use crate::client::{self, Conn, Endpoint};
 use crate::data;
@@ -47,6 +52,22 @@ pub struct VerifyReport {
     pub missing: usize,
     pub older: usize,
     pub wrong_value: usize,
+    /// Sum records in the log, acknowledged or not.
+    pub sum_records: usize,
+    /// Distinct counters the sums went to.
+    pub counters: usize,
+    /// Counters holding their acknowledged total plus at most their uncertain addends.
+    pub counters_ok: usize,
+    /// Counters below their acknowledged total: acknowledged sums lost.
+    pub counters_short: usize,
+    /// Counters above acknowledged + uncertain: a sum applied more than once.
+    pub counters_excess: usize,
+    /// Totals over every counter: acknowledged addends, uncertain ones, what is stored.
+    pub sum_acked: u64,
+    pub sum_uncertain: u64,
+    pub sum_stored: u64,
+    /// Enqueue records in the log (not checkable over KV Connect).
+    pub enqueue_records: usize,
     pub passed: bool,
     /// Every lost key, one line each.
     pub problems: Vec<String>,
@@ -73,6 +94,28 @@ impl VerifyReport {
             self.older
         );
         let _ = writeln!(t, "  {:>8}  wrong value", self.wrong_value);
+        if self.sum_records > 0 {
+            let _ = writeln!(
+                t,
+                "  {} sum records on {} counters: acknowledged {}, uncertain {}, stored {}",
+                self.sum_records,
+                self.counters,
+                self.sum_acked,
+                self.sum_uncertain,
+                self.sum_stored
+            );
+            let _ = writeln!(t, "  {:>8}  counters within bounds", self.counters_ok);
+            let _ = writeln!(
+                t,
+                "  {:>8}  counters below their acknowledged total",
+                self.counters_short
+            );
+            let _ = writeln!(
+                t,
+                "  {:>8}  counters above acknowledged + uncertain",
+                self.counters_excess
+            );
+        }
         for p in self.problems.iter().take(show) {
             let _ = writeln!(t, "  {p}");
         }
@@ -89,7 +132,7 @@ impl VerifyReport {
             if self.passed {
                 "PASS: every acknowledged write is present"
             } else {
-                "FAIL: acknowledged writes are lost"
+                "FAIL: acknowledged writes are lost (or sums applied twice)"
             }
         );
         t
@@ -99,7 +142,7 @@ impl VerifyReport {
 pub async fn verify(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
     let records = acklog::read(&args.ack_log)?;
     let mut newest: HashMap<Vec<u8>, Ack> = HashMap::new();
-    for ack in &records {
+    for ack in &records.writes {
         match newest.get(&ack.key) {
             Some(seen) if seen.versionstamp >= ack.versionstamp => {}
             _ => {
@@ -133,6 +176,8 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
         url: c.url.clone(),
         records: records.len(),
         keys: acks.len(),
+        sum_records: records.sums.len(),
+        enqueue_records: records.enqueues,
         ..Default::default()
     };
     for (ack, f) in acks.iter().zip(&findings) {
@@ -164,8 +209,83 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
             data::versionstamp_hex(ack.versionstamp)
         ));
     }
+    check_counters(&ep, &records.sums, &mut report).await?;
     report.passed = report.problems.is_empty();
     Ok(report)
+}
+
+/// What the log says one counter must hold.
+#[derive(Clone, Copy, Default)]
+struct Bounds {
+    acked: u64,
+    uncertain: u64,
+}
+
+/// Reads every counter the sum records name and compares it with its bounds.
+async fn check_counters(
+    ep: &Endpoint,
+    sums: &[Sum],
+    report: &mut VerifyReport,
+) -> anyhow::Result<()> {
+    let mut bounds: HashMap<&[u8], Bounds> = HashMap::new();
+    for s in sums {
+        let b = bounds.entry(&s.key).or_default();
+        match s.versionstamp {
+            Some(_) => b.acked = b.acked.wrapping_add(s.n),
+            None => b.uncertain = b.uncertain.wrapping_add(s.n),
+        }
+    }
+    let mut keys: Vec<&[u8]> = bounds.keys().copied().collect();
+    keys.sort();
+    report.counters = keys.len();
+    let mut conn = ep.dedicated();
+    // Ten ranges per read: the server's limit (SPEC §3).
+    for chunk in keys.chunks(10) {
+        let ranges = chunk
+            .iter()
+            .map(|k| client::get_range(&Bytes::copy_from_slice(k)))
+            .collect();
+        let answers = client::snapshot_read(&mut conn, ep, ranges)
+            .await
+            .map_err(|e| anyhow!("reading the counters failed: {}", e.label()))?;
+        for (key, entries) in chunk.iter().zip(answers) {
+            let b = bounds[key];
+            report.sum_acked = report.sum_acked.wrapping_add(b.acked);
+            report.sum_uncertain = report.sum_uncertain.wrapping_add(b.uncertain);
+            let stored = match entries.first() {
+                None => 0,
+                Some(e) => match client::le64_value(e) {
+                    Some(n) => n,
+                    None => {
+                        report.counters_short += 1;
+                        report.problems.push(format!(
+                            "counter {}: not an LE64 value",
+                            data::show_key(key)
+                        ));
+                        continue;
+                    }
+                },
+            };
+            report.sum_stored = report.sum_stored.wrapping_add(stored);
+            let what = if stored < b.acked {
+                report.counters_short += 1;
+                "lost acknowledged sums"
+            } else if stored - b.acked > b.uncertain {
+                report.counters_excess += 1;
+                "a sum applied twice"
+            } else {
+                report.counters_ok += 1;
+                continue;
+            };
+            report.problems.push(format!(
+                "{what}: counter {} holds {stored}, acknowledged {} (+ up to {} uncertain)",
+                data::show_key(key),
+                b.acked,
+                b.uncertain
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Takes chunks of ten keys until none is left; returns (index, finding) of each key.
@@ -222,7 +342,6 @@ fn judge(ack: &Ack, stored: Option<&proto::KvEntry>) -> Finding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn stored(vs: u8, value: Bytes, encoding: proto::ValueEncoding) -> proto::KvEntry {
         proto::KvEntry {

@@ -23,6 +23,7 @@ pub enum Workload {
     Cas,
     List,
     Sum,
+    CrashMix,
     Watch,
 }
 
@@ -35,6 +36,7 @@ impl Workload {
             Workload::Cas => "cas",
             Workload::List => "list",
             Workload::Sum => "sum",
+            Workload::CrashMix => "crash-mix",
             Workload::Watch => "watch",
         }
     }
@@ -116,6 +118,7 @@ pub async fn op(plan: &Plan, c: &mut Client) -> Result<Done, CallError> {
         Workload::Cas => cas(plan, c).await,
         Workload::List => list(plan, c).await,
         Workload::Sum => sum(plan, c).await,
+        Workload::CrashMix => crash_mix(plan, c).await,
         Workload::Watch => unreachable!("watch has its own driver"),
     }
 }
@@ -246,6 +249,127 @@ async fn sum(plan: &Plan, c: &mut Client) -> Result<Done, CallError> {
             Err(e)
         }
     }
+}
+
+/// Shares of `crash-mix` operations, in percent: plain sets, then sums; the rest are
+/// versionstamped sets with an enqueue.
+const CRASH_SETS_PCT: u8 = 50;
+const CRASH_SUMS_PCT: u8 = 30;
+
+/// Writes whose every outcome goes to the ack log, for a crash test (tests/crash/). Plain sets
+/// are checked by reading their key back; sums and enqueues, which are not idempotent, also
+/// catch a write applied twice.
+async fn crash_mix(plan: &Plan, c: &mut Client) -> Result<Done, CallError> {
+    let r = c.rng.random_range(0..100u8);
+    if r < CRASH_SETS_PCT {
+        write(plan, c).await
+    } else if r < CRASH_SETS_PCT + CRASH_SUMS_PCT {
+        logged_sum(plan, c).await
+    } else {
+        versionstamped_enqueue(plan, c).await
+    }
+}
+
+fn ack_log(plan: &Plan) -> &AckLog {
+    plan.ack_log
+        .as_deref()
+        .expect("crash-mix runs with an ack log (checked at start)")
+}
+
+/// Why a write that failed this way may still have committed, as one word for the ack log;
+/// `None` when it surely did not (the request never left this process). Only a decoded
+/// success is certain: a 5xx may follow a commit (clients retry it), and so may a 200 whose
+/// body does not decode.
+fn uncertain_why(e: &CallError) -> Option<String> {
+    match e {
+        CallError::Transport { sent: false, .. } => None,
+        CallError::Transport { .. } => Some("no-answer".into()),
+        CallError::Http { status, .. } => Some(format!("http-{status}")),
+        CallError::Protocol(_) => Some("bad-answer".into()),
+    }
+}
+
+fn no_checks_failed() -> CallError {
+    CallError::Protocol("check failure reported for a write without checks".into())
+}
+
+/// An LE64 sum on one of the shared crash counters, logged whatever its outcome.
+async fn logged_sum(plan: &Plan, c: &mut Client) -> Result<Done, CallError> {
+    let h = c.rng.random_range(0..plan.hot_keys);
+    let n = c.rng.random_range(1..=plan.sum_max);
+    let key = data::crash_counter_key(h);
+    let write = AtomicWrite {
+        mutations: vec![client::le64(MutationType::MSum, key.clone(), n)],
+        ..Default::default()
+    };
+    let result = match client::atomic_write(&mut c.conn, &plan.ep, &write).await {
+        Ok(Written::Committed(vs)) => Ok(vs),
+        Ok(Written::CheckFailed) => Err(no_checks_failed()),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(vs) => {
+            ack_log(plan).record_sum(&key, n, Ok(vs));
+            Ok(Done::ok("sum"))
+        }
+        Err(e) => {
+            if let Some(why) = uncertain_why(&e) {
+                ack_log(plan).record_sum(&key, n, Err(&why));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A set at a versionstamped key (a new key every time) and an enqueue, in one atomic write.
+/// The enqueue's payload is unique (run id and value tag), so the crash test can find it in the
+/// `queue` table exactly once.
+async fn versionstamped_enqueue(plan: &Plan, c: &mut Client) -> Result<Done, CallError> {
+    let tag: u64 = c.rng.random();
+    let mut payload = plan.run_id.to_be_bytes().to_vec();
+    payload.extend_from_slice(&tag.to_be_bytes());
+    let mut set = client::set_bytes(
+        data::crash_vs_prefix(),
+        data::value_for(tag, plan.value_size as usize),
+    );
+    set.mutation_type = MutationType::MSetSuffixVersionstampedKey as i32;
+    let write = AtomicWrite {
+        mutations: vec![set],
+        enqueues: vec![proto::Enqueue {
+            payload: Bytes::from(payload.clone()),
+            // A day ahead: were messages ever delivered, these would still be in `queue`.
+            deadline_ms: now_ms() + 86_400_000,
+            keys_if_undelivered: Vec::new(),
+            backoff_schedule: Vec::new(),
+        }],
+        ..Default::default()
+    };
+    let result = match client::atomic_write(&mut c.conn, &plan.ep, &write).await {
+        Ok(Written::Committed(vs)) => Ok(vs),
+        Ok(Written::CheckFailed) => Err(no_checks_failed()),
+        Err(e) => Err(e),
+    };
+    let log = ack_log(plan);
+    match result {
+        Ok(vs) => {
+            let key = data::versionstamped_key(&data::crash_vs_prefix(), vs);
+            log.record(&key, vs, tag, plan.value_size);
+            log.record_enqueue(&payload, Ok(vs));
+            Ok(Done::ok("vs-enqueue"))
+        }
+        Err(e) => {
+            if let Some(why) = uncertain_why(&e) {
+                log.record_enqueue(&payload, Err(&why));
+            }
+            Err(e)
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The outcome of a check run after the load.
