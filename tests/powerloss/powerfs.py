@@ -480,7 +480,7 @@ def serve_control(fs, path):
                         ans = fs.stats()
                     else:
                         ans = {"error": f"unknown command {cmd!r}"}
-                except Exception as e:  # pylint: disable=broad-except
+                except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
                     ans = {"error": f"{type(e).__name__}: {e}"}
                 conn.sendall((json.dumps(ans) + "\n").encode())
 

@@ -29,9 +29,9 @@ import sys
 import tempfile
 import time
 
+import powerfs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import powerfs  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def free_port():
@@ -83,17 +83,17 @@ class Run:
     # --- processes -------------------------------------------------------------------------
 
     def mount(self):
-        log = open(os.path.join(self.work, "powerfs.log"), "ab")  # pylint: disable=consider-using-with
-        self.fs = subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, os.path.join(HERE, "powerfs.py"), "mount", self.backing, self.mnt,
-             "--control", self.ctl, "--seed", str(self.args.seed), "--mode", self.args.cut,
-             "--keep", str(self.args.keep)],
-            stdout=log, stderr=log)
-        log.close()
+        with open(os.path.join(self.work, "powerfs.log"), "ab") as log:
+            self.fs = subprocess.Popen(  # pylint: disable=consider-using-with
+                [sys.executable, os.path.join(HERE, "powerfs.py"), "mount", self.backing,
+                 self.mnt, "--control", self.ctl, "--seed", str(self.args.seed),
+                 "--mode", self.args.cut, "--keep", str(self.args.keep)],
+                stdout=log, stderr=log)
 
         def mounted():
             try:
-                return powerfs.control(self.ctl, {"cmd": "ping"})["mounted"] and os.path.ismount(self.mnt)
+                up = powerfs.control(self.ctl, {"cmd": "ping"})["mounted"]
+                return up and os.path.ismount(self.mnt)
             except OSError:
                 return False
 
@@ -126,7 +126,7 @@ class Run:
             text = f.read()
         if a.wal_writes == "io-uring" and a.sync_mode == "full" and (
                 "WAL writes: io_uring" not in text or "fall back to pwrite" in text):
-            raise RuntimeError(f"the server does not write its WAL with io_uring: {self.server_log}")
+            raise RuntimeError(f"the server's WAL writes are not io_uring: {self.server_log}")
 
     def kill_server(self):
         self.server.send_signal(signal.SIGKILL)
@@ -197,15 +197,22 @@ class Run:
             db.close()
         return [] if rows == ["ok"] else rows
 
-    def judge(self, label, rep, lost, errors):
+    def judge(self, label, rep, lost, errors, ops=None):
         a = self.args
         self.totals["checked"] += rep["keys"]
         self.totals["lost"] += lost
         self.totals["integrity_errors"] += len(errors)
         ok = not errors and (a.expect_loss or lost == 0)
+        # The ack log must hold every write the load generator counted, and some: a cycle
+        # that acknowledged nothing tested nothing.
+        if isinstance(ops, int) and not 0 < ops <= rep["records"]:
+            print(f"  {label}: the ack log has {rep['records']} records for {ops} acknowledged "
+                  "writes: FAIL")
+            ok = False
         print(f"  {label}: checked {rep['keys']} keys ({rep['records']} acknowledged writes): "
               f"intact {rep['intact']}, newer {rep['newer']}, lost {lost} "
-              f"(missing {rep['missing']}, older {rep['older']}, wrong value {rep['wrong_value']}); "
+              f"(missing {rep['missing']}, older {rep['older']}, "
+              f"wrong value {rep['wrong_value']}); "
               f"integrity {'ok' if not errors else errors[:3]} -> {'PASS' if ok else 'FAIL'}",
               flush=True)
         if ok:
@@ -238,7 +245,7 @@ class Run:
                 rep, lost = self.verify(acks)
                 if lost:
                     cycles_with_loss += 1
-                self.judge(f"cycle {cycle}", rep, lost, self.integrity())
+                self.judge(f"cycle {cycle}", rep, lost, self.integrity(), ops)
             rep, lost = self.verify(self.all_acks)
             self.judge("all cycles", rep, lost, self.integrity())
             self.totals["checked"] -= rep["keys"]  # counted per cycle already
@@ -292,7 +299,8 @@ def main():
     ap.add_argument("--value-size", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--keep-work", action="store_true", help="keep the temp dir even on success")
-    ap.add_argument("--bin", default=os.environ.get("DENOKV_BIN", os.path.join(target, "debug", "denokv")))
+    ap.add_argument("--bin", default=os.environ.get(
+        "DENOKV_BIN", os.path.join(target, "debug", "denokv")))
     ap.add_argument("--loadtest", default=os.environ.get(
         "DENOKV_LOADTEST_BIN", os.path.join(target, "debug", "denokv-loadtest")))
     args = ap.parse_args()

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+import powerfs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import powerfs  # noqa: E402  pylint: disable=wrong-import-position
 
 SECTOR = powerfs.SECTOR
 
@@ -27,15 +27,17 @@ class Mount:
         self.ctl = os.path.join(tmp, "control.sock")
         os.makedirs(self.backing, exist_ok=True)
         os.makedirs(self.mnt, exist_ok=True)
-        self.log = open(os.path.join(tmp, "powerfs.log"), "ab")  # pylint: disable=consider-using-with
-        self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, os.path.join(HERE, "powerfs.py"), "mount", self.backing, self.mnt,
-             "--control", self.ctl, "--seed", seed, "--mode", mode, "--keep", str(keep)],
-            stdout=self.log, stderr=self.log)
+        with open(os.path.join(tmp, "powerfs.log"), "ab") as log:
+            self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+                [sys.executable, os.path.join(HERE, "powerfs.py"), "mount", self.backing,
+                 self.mnt, "--control", self.ctl, "--seed", seed, "--mode", mode,
+                 "--keep", str(keep)],
+                stdout=log, stderr=log)
         deadline = time.monotonic() + 10
         while True:
             try:
-                if powerfs.control(self.ctl, {"cmd": "ping"})["mounted"] and os.path.ismount(self.mnt):
+                up = powerfs.control(self.ctl, {"cmd": "ping"})["mounted"]
+                if up and os.path.ismount(self.mnt):
                     break
             except OSError:
                 pass
@@ -58,7 +60,6 @@ class Mount:
             self.proc.wait()
         if os.path.ismount(self.mnt):
             subprocess.run(["umount", "-l", self.mnt], check=False)
-        self.log.close()
 
 
 @pytest.fixture(name="fs")
