@@ -16,6 +16,8 @@ Simplifications (see README.md, "Power-loss test"):
 - `*-shm` files (SQLite's WAL index) pass straight through, page cache and mmap included;
   every other file is opened with direct_io, so no page cache of the kernel keeps data this
   daemon has dropped.
+- A sector written several times since the last sync survives, if at all, with its newest
+  content: intermediate versions never reach the disk. Files are cut independently.
 - A cut also decides, with the same probability as a sector, whether a pending shrink
   (truncate) survives; a kept sector past the synced end extends the file (holes read zero).
 - POSIX and flock locks are left to the kernel (this file system has no lock operation).
