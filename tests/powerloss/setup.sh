@@ -5,7 +5,13 @@
 # pytest. Prints the venv's python.
 set -euo pipefail
 VENV="${DENOKV_POWERLOSS_VENV:-$HOME/.cache/denokv/powerloss-venv}"
-have_libfuse() { ldconfig -p | grep -q 'libfuse\.so\.2 '; }
+have_libfuse() {
+  local f
+  for f in /usr/lib/*/libfuse.so.2 /lib/*/libfuse.so.2; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
+}
 updated=
 apt_install() {
   export DEBIAN_FRONTEND=noninteractive
