@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test of denokv on a fresh Debian machine with Rust:
 #   formatting and lints, the Rust unit and integration tests (against the real binary),
-#   SIGKILL crash cycles under load (tests/crash/sigkill-cycles.py),
+#   SIGKILL crash cycles under load (tests/crash/sigkill-cycles.py), power cuts simulated by a
+#   FUSE layer (tests/powerloss/; needs root and /dev/fuse),
 #   the end-to-end suites driven by the Deno CLI and the npm @deno/kv client, and the Debian
 #   package installed in a booted Debian container (tests/packaging/deb-e2e.sh; needs root).
 # Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm;
 # opentelemetry-proto from PyPI, in a venv under ~/.cache/denokv, for the OTLP receiver of the traces test;
-# deb-e2e.sh installs debootstrap, systemd-container, lintian and cargo-deb).
+# deb-e2e.sh installs debootstrap, systemd-container, lintian and cargo-deb; tests/powerloss/setup.sh
+# installs libfuse2 from Debian and fusepy and pytest from PyPI, in a venv under ~/.cache/denokv).
 # The build cache lives outside the clone: $CARGO_TARGET_DIR, default ~/.cache/denokv/target.
 # DENOKV_SKIP_DEB_E2E=1 skips the package test (it needs root and adds a release build).
 set -euo pipefail
@@ -60,6 +62,14 @@ fi
 for wal in pwrite io-uring; do
   python3 tests/crash/sigkill-cycles.py --cycles 5 -- --wal-writes "$wal"
 done
+
+step "power cuts: the FUSE layer's own tests, 3 cycles per WAL flavour, the negative control"
+tests/powerloss/run-tests.sh
+for wal in pwrite io-uring; do
+  tests/powerloss/run.sh --cycles 3 --wal-writes "$wal"
+done
+# Without an fsync per commit, acknowledged writes must be lost: proves the test can fail.
+tests/powerloss/run.sh --cycles 3 --sync-mode normal --cut drop --expect-loss
 
 # It adds a release build (fat LTO) and, on an empty cache, cargo-deb and a debootstrap; about a
 # minute when ~/.cache/denokv is warm (see the README, "The package test"). Before the e2e suites,

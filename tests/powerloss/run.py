@@ -289,7 +289,8 @@ class Run:
 
 
 def main():
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "..", "..", "target"))
+    target = os.environ.get(
+        "CARGO_TARGET_DIR", os.path.join(os.path.expanduser("~"), ".cache", "denokv", "target"))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     ap.add_argument("--wal-writes", choices=("pwrite", "io-uring"), default="pwrite")
     ap.add_argument("--sync-mode", choices=("full", "normal"), default="full")
