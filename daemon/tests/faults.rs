@@ -26,6 +26,46 @@ fn metric(s: &Server, line_start: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {line_start} in\n{body}"))
 }
 
+/// Writes `k0`, `k1`, … one at a time until one is not answered 200 (at most 10): the keys
+/// acknowledged before, the refused one and its answer.
+async fn write_until_refused(c: &Client, s: &Server) -> (Vec<String>, String, Reply) {
+    let mut acknowledged = Vec::new();
+    loop {
+        let k = format!("k{}", acknowledged.len());
+        let r = set_key(c, H2, &s.url(""), &k, "v").await.unwrap();
+        if r.status != 200 {
+            return (acknowledged, k, r);
+        }
+        acknowledged.push(k);
+        assert!(acknowledged.len() < 10, "no write failed");
+    }
+}
+
+/// After the server stopped on its own with exit code 1 (saying why): every key of `keys` is
+/// there once the database is opened again.
+async fn stopped_and_recovered(s: &mut Server, db: &Path, keys: &[String], what: &str) {
+    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(20)));
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{what}: {status:?}; log:\n{}",
+        s.log_text()
+    );
+    let log = s.log_text();
+    assert!(
+        log.contains("stopping the server") && log.contains("wal_sync failed"),
+        "{log}"
+    );
+    let s = Launch::new(db).start();
+    let c = Client::new();
+    for k in keys {
+        assert!(
+            get_key(&c, H2, &s.url(""), k).await.is_some(),
+            "{what}: {k}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_wal_sync_is_answered_as_unknown_and_stops_the_server() {
     // ENOSPC from a sync: thin-provisioned and network volumes report a full disk late.
@@ -39,20 +79,9 @@ async fn a_failed_wal_sync_is_answered_as_unknown_and_stops_the_server() {
                 &format!("sync:{errno}:after=4:times=1"),
             )
             .start();
-        let c = Client::new();
         // The fifth WAL sync of the committer fails (the count includes its own start-up).
-        let mut acknowledged = Vec::new();
-        let doubtful = loop {
-            let k = format!("k{}", acknowledged.len());
-            let r = set_key(&c, H2, &s.url(""), &k, "v").await.unwrap();
-            if r.status != 200 {
-                break (k, r);
-            }
-            acknowledged.push(k);
-            assert!(acknowledged.len() < 10, "{wal}: no sync failed");
-        };
-        let (doubtful, r) = doubtful;
-        assert!(acknowledged.len() >= 2, "{wal}: {acknowledged:?}");
+        let (mut written, doubtful, r) = write_until_refused(&Client::new(), &s).await;
+        assert!(written.len() >= 2, "{wal}: {written:?}");
         // Not a 5xx: Deno would send the write again.
         assert_eq!(r.status, 409, "{wal}: {}", r.text());
         assert!(
@@ -60,22 +89,10 @@ async fn a_failed_wal_sync_is_answered_as_unknown_and_stops_the_server() {
             "{}",
             r.text()
         );
-        let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(20)));
-        assert_eq!(
-            status.code(),
-            Some(1),
-            "{wal}: exits non-zero by itself: {status:?}"
-        );
-        let log = s.log_text();
-        assert!(log.contains("stopping the server"), "{log}");
-        assert!(log.contains("wal_sync failed"), "{log}");
-
         // Recovery decides: here the sync had in fact happened, so the write is there, and
         // answering "not committed" (a retry) would have applied it twice.
-        let s = Launch::new(&db).start();
-        for k in acknowledged.iter().chain([&doubtful]) {
-            assert!(get_key(&c, H2, &s.url(""), k).await.is_some(), "{wal}: {k}");
-        }
+        written.push(doubtful);
+        stopped_and_recovered(&mut s, &db, &written, &format!("{wal} {errno}")).await;
     }
 }
 
@@ -103,25 +120,10 @@ async fn a_real_fsync_failure_of_the_wal_stops_the_server() {
         .args(&["--wal-writes", "pwrite"])
         .wrapper(&wrapper, true)
         .start();
-    let c = Client::new();
-    let mut acknowledged = Vec::new();
-    let (doubtful, r) = loop {
-        let k = format!("k{}", acknowledged.len());
-        let r = set_key(&c, H2, &s.url(""), &k, "v").await.unwrap();
-        if r.status != 200 {
-            break (k, r);
-        }
-        acknowledged.push(k);
-        assert!(acknowledged.len() < 10, "no fsync failed");
-    };
+    let (mut written, doubtful, r) = write_until_refused(&Client::new(), &s).await;
     assert_eq!(r.status, 409, "{}", r.text());
-    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(20)));
-    assert_eq!(status.code(), Some(1), "{status:?}; log:\n{}", s.log_text());
-    assert!(s.log_text().contains("wal_sync failed"), "{}", s.log_text());
-    let s = Launch::new(&db).start();
-    for k in acknowledged.iter().chain([&doubtful]) {
-        assert!(get_key(&c, H2, &s.url(""), k).await.is_some(), "{k}");
-    }
+    written.push(doubtful);
+    stopped_and_recovered(&mut s, &db, &written, "strace").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
