@@ -284,25 +284,34 @@ async fn a_full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_by_itself()
         set_expiring(&c, &s, &format!("expiring{i}"), 1500).await;
     }
     let value = "x".repeat(30_000);
-    let mut acknowledged = Vec::new();
-    let mut full = None;
-    for i in 0..1000 {
-        let k = format!("fill{i}");
-        let r = set_key(&c, H2, &s.url(""), &k, &value).await.unwrap();
-        match r.status {
-            200 => acknowledged.push(k),
-            507 => {
-                full = Some(r.text());
-                break;
+    // Eight writers at once (their writes share commit batches), each until it is refused.
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (url, value) = (s.url(""), value.clone());
+        writers.push(tokio::spawn(async move {
+            let c = Client::new();
+            let mut acknowledged = Vec::new();
+            for i in 0..1000 {
+                let k = format!("fill{w}-{i}");
+                let r = set_key(&c, H2, &url, &k, &value).await.unwrap();
+                match r.status {
+                    200 => acknowledged.push(k),
+                    507 => return (acknowledged, r.text()),
+                    other => panic!("write {k}: {other} {}", r.text()),
+                }
             }
-            other => panic!("write {i}: {other} {}", r.text()),
-        }
+            panic!("writer {w}: the 3 MiB disk never filled up");
+        }));
     }
-    let full = full.expect("the 3 MiB disk filled up");
-    assert_eq!(
-        full,
-        "The server's disk is full: the write was not committed. Try again later."
-    );
+    let mut acknowledged = Vec::new();
+    for w in writers {
+        let (acked, full) = w.await.unwrap();
+        assert_eq!(
+            full,
+            "The server's disk is full: the write was not committed. Try again later."
+        );
+        acknowledged.extend(acked);
+    }
     assert!(acknowledged.len() > 10, "{}", acknowledged.len());
 
     // Reads keep working.
