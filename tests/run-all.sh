@@ -44,6 +44,11 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The unit check verifies ExecStart against the built binary, and the monitoring check scrapes a
+# running server: build it first.
+step "cargo build (the server, for the unit and monitoring checks)"
+cargo build -p denokv --bins --locked
+
 step "systemd units: verify, security exposure, sysusers and tmpfiles"
 tests/systemd/check-units.sh
 

@@ -678,15 +678,25 @@ async fn le64_sum_min_max_and_v8_sum() {
     );
 }
 
+/// Sleeps until the wall clock (which expiries are compared with) is past `at_ms`.
+async fn sleep_until_past(at_ms: i64) {
+    let left = at_ms + 50 - denokv::kv::now_ms();
+    if left > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(left as u64)).await;
+    }
+}
+
 #[tokio::test]
 async fn expiry_and_versionstamped_keys() {
     let s = Server::start(&[]);
     let c = Client::new();
     let now = denokv::kv::now_ms();
+    // Long enough to read the key back before its expiry even on a loaded machine.
+    let expiry = now + 2000;
     let (gone, stays) = (key("gone"), key("stays"));
     let w = write(vec![
         pb::Mutation {
-            expire_at_ms: now + 200,
+            expire_at_ms: expiry,
             ..set(&gone, b"x", pb::ValueEncoding::VeBytes)
         },
         pb::Mutation {
@@ -696,7 +706,7 @@ async fn expiry_and_versionstamped_keys() {
     ]);
     commit(&c, Proto::H2, &s, w).await;
     assert!(get(&c, Proto::H2, &s, &gone).await.is_some());
-    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    sleep_until_past(expiry).await;
     assert!(
         get(&c, Proto::H2, &s, &gone).await.is_none(),
         "expired keys are never returned"
@@ -809,10 +819,11 @@ async fn sum_min_max_clear_an_expiry_unless_they_set_one() {
     // SPEC §10 D13: upstream always clears; we keep that unless the mutation carries an expiry.
     let s = Server::start(&[]);
     let c = Client::new();
-    let now = denokv::kv::now_ms();
+    // Both commits land long before the expiry, even on a loaded machine.
+    let expiry = denokv::kv::now_ms() + 2000;
     let (cleared, kept) = (key("cleared"), key("kept"));
     let expiring = |k: &Bytes| pb::Mutation {
-        expire_at_ms: now + 300,
+        expire_at_ms: expiry,
         ..le64_op(k, pb::MutationType::MSum, 1)
     };
     commit(
@@ -827,7 +838,7 @@ async fn sum_min_max_clear_an_expiry_unless_they_set_one() {
         expiring(&kept),
     ]);
     commit(&c, Proto::H2, &s, w).await;
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    sleep_until_past(expiry).await;
     let e = get(&c, Proto::H2, &s, &cleared)
         .await
         .expect("a sum without expiry cleared the expiry");

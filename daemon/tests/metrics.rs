@@ -404,6 +404,14 @@ fn the_listener_answers_only_get_metrics() {
     assert_eq!(status, 404);
     let (status, _, _) = http_get(addr, "/metricsx");
     assert_eq!(status, 404);
+    for method in ["POST", "PUT", "DELETE", "HEAD", "OPTIONS"] {
+        let (status, _, body) = http_request(addr, method, "/metrics");
+        assert_eq!(status, 405, "{method} /metrics");
+        assert!(
+            !body.contains("# TYPE"),
+            "{method} /metrics served the metrics"
+        );
+    }
     let (status, content_type, body) = http_get(addr, "/metrics?x=1");
     assert_eq!(status, 200);
     assert_eq!(content_type, "text/plain; version=0.0.4");

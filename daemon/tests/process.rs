@@ -6,6 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
 
 const SHORT: &str = "short-token";
@@ -280,17 +281,19 @@ async fn io_uring_wal_writes_replace_the_pwrites_and_fsyncs_of_each_commit() {
     assert_eq!(get(&plain, "io_uring_enter"), 0, "{plain:?}");
 }
 
-/// Writers that record a key only after its write was acknowledged.
+/// Writers that record a key only after its write was acknowledged, and when each writer
+/// stopped on a failure (a refused connection, an error answer).
 async fn write_load(
     url: String,
     writers: usize,
     acked: Arc<Mutex<Vec<String>>>,
+    failed_at: Arc<Mutex<Vec<Instant>>>,
     stop_after: Duration,
 ) {
     let c = Arc::new(Client::new());
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let (c, url, acked) = (c.clone(), url.clone(), acked.clone());
+        let (c, url, acked, failed_at) = (c.clone(), url.clone(), acked.clone(), failed_at.clone());
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let p = if w % 2 == 0 { Proto::H1 } else { Proto::H2 };
@@ -301,13 +304,108 @@ async fn write_load(
                 let k = format!("w{w}-{i}");
                 match set_key(&c, p, &url, &k, &k).await {
                     Some(r) if r.status == 200 => acked.lock().unwrap().push(k),
-                    _ => break,
+                    _ => {
+                        failed_at.lock().unwrap().push(Instant::now());
+                        break;
+                    }
                 }
             }
         }));
     }
     for t in tasks {
         t.await.unwrap();
+    }
+}
+
+/// A request body that hyper sends as it is handed over: the test holds it back.
+struct HeldBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// A write of `[key] = key` whose request head and first half of body are sent, on a
+/// connection of its own, and whose second half waits for `finish`: a request the server
+/// certainly has in flight meanwhile.
+struct HeldWrite {
+    key: String,
+    rest: Bytes,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    /// The status and the complete body, or why there was none.
+    answer: tokio::task::JoinHandle<Result<(u16, Bytes), String>>,
+}
+
+impl HeldWrite {
+    async fn start(addr: std::net::SocketAddr, p: Proto, key: &str) -> HeldWrite {
+        use denokv::proto as pb;
+        use prost::Message;
+        let body = pb::AtomicWrite {
+            mutations: vec![set_bytes(&common::key(key), key.as_bytes())],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let req = http::Request::post(format!("http://{addr}/v2/atomic_write"))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("x-denokv-version", "3")
+            .header("x-denokv-database-id", NIL_ID)
+            .body(HeldBody(rx))
+            .unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let sent = match p {
+            Proto::H1 => {
+                let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(conn);
+                tokio::spawn(async move { send.send_request(req).await })
+            }
+            Proto::H2 => {
+                let exec = hyper_util::rt::TokioExecutor::new();
+                let (mut send, conn) = hyper::client::conn::http2::handshake(exec, io)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                tokio::spawn(async move { send.send_request(req).await })
+            }
+        };
+        let answer = tokio::spawn(async move {
+            let resp = sent.await.unwrap().map_err(|e| format!("no answer: {e}"))?;
+            let status = resp.status().as_u16();
+            // A reset stream or a truncated chunked body is an error here, not an end.
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map_err(|e| format!("the answer's body did not end cleanly: {e}"))?;
+            Ok((status, body.to_bytes()))
+        });
+        let half = body.len() / 2;
+        tx.send(Bytes::copy_from_slice(&body[..half]))
+            .await
+            .unwrap();
+        HeldWrite {
+            key: key.to_string(),
+            rest: Bytes::copy_from_slice(&body[half..]),
+            tx,
+            answer,
+        }
+    }
+
+    /// Sends the rest of the body and ends it; the answer, as `answer` holds it.
+    async fn finish(self) -> Result<(u16, Bytes), String> {
+        // The server may have cut the connection already: then the answer says so.
+        let _ = self.tx.send(self.rest).await;
+        drop(self.tx);
+        self.answer.await.unwrap()
     }
 }
 
@@ -340,18 +438,54 @@ async fn acknowledged_writes_survive(stop: Stop, extra: &[&str]) {
     let db = dir.path().join("db.sqlite");
     let mut s = Server::start_on(&db, extra, &[]);
     let acked = Arc::new(Mutex::new(Vec::new()));
+    let failed_at = Arc::new(Mutex::new(Vec::new()));
     let load = tokio::spawn(write_load(
         s.url(""),
         32,
         acked.clone(),
+        failed_at.clone(),
         Duration::from_secs(10),
     ));
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stopped_at = Instant::now();
     match stop {
         Stop::Kill => s.kill(),
         Stop::Term => {
-            let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
-            assert!(status.success(), "{status:?}");
+            // Requests the server has in flight when SIGTERM comes, on both protocols: each
+            // must get its whole answer during the drain.
+            let mut held = Vec::new();
+            for p in BOTH {
+                held.push(HeldWrite::start(s.addr, p, &format!("held-{p:?}")).await);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut s = tokio::task::spawn_blocking(move || {
+                s.signal(nix::sys::signal::Signal::SIGTERM);
+                s.wait_for_log("draining connections", Duration::from_secs(10));
+                s
+            })
+            .await
+            .unwrap();
+            // The cores act on the shutdown right after that line.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for h in held {
+                let key = h.key.clone();
+                let (status, body) = h
+                    .finish()
+                    .await
+                    .unwrap_or_else(|e| panic!("{key}: in flight at SIGTERM, {e}"));
+                assert_eq!(status, 200, "{key}: {}", String::from_utf8_lossy(&body));
+                let out =
+                    <denokv::proto::AtomicWriteOutput as prost::Message>::decode(body).unwrap();
+                assert_eq!(out.versionstamp.len(), 10, "{key}: {out:?}");
+                acked.lock().unwrap().push(key);
+            }
+            let status = tokio::task::spawn_blocking(move || {
+                let status = s.wait_exit(Duration::from_secs(20));
+                (status, s.log_text())
+            })
+            .await
+            .unwrap();
+            assert!(status.0.success(), "{:?}; log:\n{}", status.0, status.1);
         }
     }
     load.await.unwrap();
@@ -361,6 +495,13 @@ async fn acknowledged_writes_survive(stop: Stop, extra: &[&str]) {
         "the load made too little progress to prove anything: {}",
         acked.len()
     );
+    // Writers stop on the first failure: none may come before the server was stopped.
+    for t in failed_at.lock().unwrap().iter() {
+        assert!(
+            *t >= stopped_at,
+            "a writer failed before the server was stopped"
+        );
+    }
     assert_all_present(&db, &acked).await;
 }
 
@@ -377,6 +518,41 @@ async fn sigkill_loses_no_acknowledged_write_with_io_uring_wal_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_and_exits_zero() {
     acknowledged_writes_survive(Stop::Term, &[]).await;
+}
+
+/// A connection still busy when the drain timeout runs out is cut off: the server says so
+/// and does not exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_times_out_cuts_off_and_exits_one() {
+    let s = Server::start(&["--drain-timeout", "1"]);
+    // Never finished: it keeps its connection open through the drain.
+    let held = HeldWrite::start(s.addr, Proto::H1, "never-finished").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (s, status) = tokio::task::spawn_blocking(move || {
+        let mut s = s;
+        let status = s.stop();
+        s.wait_for_log("Error: ", Duration::from_secs(5));
+        (s, status)
+    })
+    .await
+    .unwrap();
+    let log = s.log_text();
+    assert_eq!(status.code(), Some(1), "{status:?}; log:\n{log}");
+    assert!(started.elapsed() < Duration::from_secs(8), "{log}");
+    assert!(
+        log.contains("1 connections still open after the drain timeout: cut off"),
+        "{log}"
+    );
+    let last = log.lines().last().unwrap();
+    assert!(
+        last.starts_with("Error: the drain timed out: 1 connections were still open after 1 s"),
+        "{log}"
+    );
+    assert!(
+        held.finish().await.is_err(),
+        "the cut-off request has no answer"
+    );
 }
 
 #[test]

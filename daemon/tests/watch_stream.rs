@@ -44,6 +44,15 @@ impl Frames {
         }
     }
 
+    /// Reads the rest of the stream: `Ok` at a proper end (HTTP/2 END_STREAM, the last chunk of
+    /// an HTTP/1.1 chunked body), the error if the stream was reset or cut short.
+    async fn end(&mut self) -> Result<(), hyper::Error> {
+        while let Some(frame) = self.body.frame().await {
+            frame?;
+        }
+        Ok(())
+    }
+
     /// The next data frame, skipping pings; fails after `limit`.
     async fn data(&mut self, limit: Duration) -> pb::WatchOutput {
         tokio::time::timeout(limit, async {
@@ -179,19 +188,35 @@ async fn watch_limits() {
     frames.data(Duration::from_secs(5)).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_end_cleanly_on_shutdown() {
+    // The default drain timeout (10 s): ended streams let the server stop long before it.
     let mut s = Server::start(&[]);
     let c = Client::new();
-    let mut frames = open_watch(&c, Proto::H2, &s, &[key("x")]).await;
-    frames.data(Duration::from_secs(5)).await;
-    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
-    assert!(status.success(), "{status:?}");
-    let end = tokio::time::timeout(Duration::from_secs(5), async {
-        while frames.next().await.is_some() {}
-    })
-    .await;
-    assert!(end.is_ok(), "the watch stream did not end");
+    let mut streams = Vec::new();
+    for p in BOTH {
+        let mut frames = open_watch(&c, p, &s, &[key("x")]).await;
+        frames.data(Duration::from_secs(5)).await;
+        streams.push((p, frames));
+    }
+    let started = std::time::Instant::now();
+    let (status, log) = tokio::task::spawn_blocking(move || (s.stop(), s.log_text()))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}; log:\n{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain waited for the watch streams: {:?}",
+        started.elapsed()
+    );
+    for (p, mut frames) in streams {
+        let end = tokio::time::timeout(Duration::from_secs(5), frames.end()).await;
+        match end {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{p:?}: the watch stream was cut, not ended: {e}"),
+            Err(_) => panic!("{p:?}: the watch stream did not end"),
+        }
+    }
 }
 
 trait Label {

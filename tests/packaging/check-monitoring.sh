@@ -1,15 +1,51 @@
 #!/usr/bin/env bash
 # Checks the shipped monitoring files: the alert rules load in Prometheus (promtool), the
-# Grafana dashboard is valid JSON, and every denokv_* metric either of them names is one the
-# server exports (daemon/src/metrics.rs), so a renamed metric cannot silently empty a panel.
+# Grafana dashboard is valid JSON, and every denokv_* metric either of them names is one a
+# running server exports (the families in a scrape of the built binary's /metrics), so a
+# renamed metric cannot silently empty a panel or an alert.
+# Needs the built server: $DENOKV_BIN, else $CARGO_TARGET_DIR/debug/denokv (cargo build -p denokv).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 command -v promtool >/dev/null || { echo "check-monitoring: promtool missing (apt-get install prometheus)"; exit 1; }
+bin="${DENOKV_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/denokv/target}/debug/denokv}"
+[ -x "$bin" ] || { echo "check-monitoring: no server binary at $bin (cargo build -p denokv, or set DENOKV_BIN)" >&2; exit 1; }
 promtool check rules packaging/prometheus/denokv-alerts.yml
-python3 - <<'PY'
-import json, re, sys
-exported = set(re.findall(r'"(denokv_[a-z_]+)"', open("daemon/src/metrics.rs").read()))
+
+scratch="$(mktemp -d)"
+server=""
+cleanup() {
+  if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+RUST_LOG=info "$bin" --sqlite-path "$scratch/db.sqlite" serve --access-token check-monitoring-token \
+  --addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --threads 1 2>"$scratch/log" &
+server=$!
+
+python3 - "$scratch/log" "$server" <<'PY'
+import json, os, re, sys, time, urllib.error, urllib.request
+log_path, pid = sys.argv[1], int(sys.argv[2])
+deadline = time.time() + 30
+metrics = serving = None
+while time.time() < deadline and not (metrics and serving):
+    log = open(log_path).read()
+    metrics = re.search(r"Metrics on http://(\S+)/metrics", log)
+    serving = re.search(r"Listening on http://(\S+)", log)
+    if not os.path.exists(f"/proc/{pid}"):
+        break
+    time.sleep(0.1)
+if not (metrics and serving):
+    sys.exit("check-monitoring: the server logged no metrics or serving address:\n" + open(log_path).read())
+# Labelled families show once they have a child: answer one request first.
+try:
+    urllib.request.urlopen(f"http://{serving.group(1)}/nope", timeout=10)
+except urllib.error.HTTPError:
+    pass
+scrape = urllib.request.urlopen(f"http://{metrics.group(1)}/metrics", timeout=10).read().decode()
+exported = set(re.findall(r"^# TYPE (denokv_[a-z_]+) ", scrape, re.M))
+if not exported:
+    sys.exit("check-monitoring: the scrape has no denokv_* family:\n" + scrape)
 dash = json.load(open("packaging/grafana/denokv-dashboard.json"))
 used = set()
 for text in [json.dumps(dash), open("packaging/prometheus/denokv-alerts.yml").read()]:
@@ -17,6 +53,7 @@ for text in [json.dumps(dash), open("packaging/prometheus/denokv-alerts.yml").re
 used.discard("denokv_")
 missing = sorted(m for m in used if m not in exported)
 if missing:
-    sys.exit(f"check-monitoring: metrics used but not exported: {missing}")
-print(f"check-monitoring: dashboard has {len(dash['panels'])} panels; {len(used)} metrics used, all exported")
+    sys.exit(f"check-monitoring: metrics used but not in a scrape of the server: {missing}")
+print(f"check-monitoring: dashboard has {len(dash['panels'])} panels; {len(used)} metrics used, "
+      f"all in a scrape of the running server ({len(exported)} denokv_* families)")
 PY

@@ -224,6 +224,23 @@ ct() {
     env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 HOME=/root \
     DEBIAN_FRONTEND=noninteractive TERM=dumb "$@"
 }
+# ct_rc CMD...: the exit status of CMD in the container (its output discarded), or "none" when
+# the container could not be entered. Negative checks compare it with the one status that
+# means "no" (grep 1, getent 2, test 1): a failing nsenter must not pass for a "no".
+ct_rc() {
+  local out
+  out="$(ct sh -c '"$@" >/dev/null 2>&1; echo "rc=$?"' sh "$@" 2>/dev/null)" || true
+  case "$out" in
+    rc=*) echo "${out#rc=}" ;;
+    *) echo none ;;
+  esac
+}
+# ct_journal ARGS...: journalctl ARGS in the container; dies if journalctl fails.
+ct_journal() {
+  local out
+  out="$(ct journalctl --no-pager -o cat "$@")" || die "journalctl $* failed in the container"
+  printf '%s\n' "$out"
+}
 # Until systemd's socket is up, systemctl cannot connect; then wait for the boot to finish.
 state=""
 for _ in $(seq 1 240); do
@@ -280,11 +297,17 @@ expect "Seccomp" "$(awk '$1 == "Seccomp:" { print $2 }' <<<"$status")" 2
 expect "NoNewPrivs" "$(awk '$1 == "NoNewPrivs:" { print $2 }' <<<"$status")" 1
 expect "CapEff" "$(awk '$1 == "CapEff:" { print $2 }' <<<"$status")" 0000000000000000
 expect "the service's user" "$(ct stat -c %U "/proc/$pid")" denokv
-if ct grep -q '^ *0 *0 *4294967295$' "/proc/$pid/uid_map"; then die "PrivateUsers=yes is not in force"; fi
-if [ "$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo 0)" = 0 ]; then
+# grep: 1 is "no match"; 2 (unreadable) or "none" (nsenter failed) prove nothing.
+expect "grep for the identity map in the service's uid_map (1: not mapped)" \
+  "$(ct_rc grep -q '^ *0 *0 *4294967295$' "/proc/$pid/uid_map")" 1
+io_uring_disabled="$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo 0)"
+if [ "$io_uring_disabled" = 0 ]; then
   prop denokv.service StatusText | grep -q 'io_uring' || die "io_uring is not used under the unit's syscall filter"
+  io_uring="io_uring works"
+else
+  io_uring="io_uring NOT checked (kernel.io_uring_disabled=$io_uring_disabled on this host)"
 fi
-ok "hardening in force: seccomp, NoNewPrivs, no capabilities, user denokv in a private user namespace; io_uring works"
+ok "hardening in force: seccomp, NoNewPrivs, no capabilities, user denokv in a private user namespace; $io_uring"
 
 expect "the token's mode" "$(ct stat -c '%a %U %G' /etc/denokv/access-token)" "600 root root"
 token="$(ct cat /etc/denokv/access-token)"
@@ -293,7 +316,7 @@ expect "/var/lib/denokv" "$(ct stat -c '%a %U %G' /var/lib/denokv)" "700 denokv 
 ct getent passwd denokv | grep -q ':/var/lib/denokv:/usr/sbin/nologin$' || die "no denokv system user"
 # shellcheck disable=SC2016 # ${Conffiles} is dpkg-query's, not the shell's
 ct dpkg-query -W -f='${Conffiles}\n' denokv | grep -q '/etc/default/denokv' || die "/etc/default/denokv is not a conffile"
-if ct grep -Ev '^[[:space:]]*(#|$)' /etc/default/denokv; then die "/etc/default/denokv sets something"; fi
+expect "grep for settings in /etc/default/denokv (1: none)" "$(ct_rc grep -Ev '^[[:space:]]*(#|$)' /etc/default/denokv)" 1
 ok "token 600 root:root (64 hex digits), /var/lib/denokv 700 denokv, user denokv, /etc/default/denokv all comments"
 
 # --- 6. a real client ---------------------------------------------------------------------
@@ -332,7 +355,9 @@ expect "ActiveState after stop" "$(prop denokv.service ActiveState)" inactive
 expect "Result after stop" "$(prop denokv.service Result)" success
 expect "ExecMainCode after stop (1: exited)" "$(prop denokv.service ExecMainCode)" 1
 expect "ExecMainStatus after stop" "$(prop denokv.service ExecMainStatus)" 0
-if ct journalctl -u denokv.service --no-pager -o cat | grep -E 'SIGKILL|Killing process|timed out|Failed with result'; then
+journal="$(ct_journal -u denokv.service)" || exit 1
+grep -q 'stopped' <<<"$journal" || die "no 'stopped' line from the server in the journal"
+if grep -E 'SIGKILL|Killing process|timed out|Failed with result' <<<"$journal"; then
   die "the journal shows a kill or a failure"
 fi
 ok "systemctl stop: exit status 0, Result=success, no SIGKILL in the journal"
@@ -413,17 +438,22 @@ client "$token" read http://127.0.0.1:4600 k2 v2 >&2 || die "k2 after remove and
 ok "install after remove: the same token and data"
 
 ct apt purge -y denokv >"$work/purge.log" 2>&1 || { cat "$work/purge.log" >&2; die "apt purge"; }
-if ct getent passwd denokv; then die "apt purge kept the user"; fi
-if ct getent group denokv; then die "apt purge kept the group"; fi
+# getent: 2 is "not found"; test: 1 is "false".
+expect "getent passwd denokv after purge (2: no such user)" "$(ct_rc getent passwd denokv)" 2
+expect "getent group denokv after purge (2: no such group)" "$(ct_rc getent group denokv)" 2
 for path in /var/lib/denokv /etc/denokv /etc/default/denokv /etc/systemd/system/multi-user.target.wants/denokv.service; do
-  if ct test -e "$path"; then die "apt purge kept $path"; fi
+  expect "test -e $path after purge (1: absent)" "$(ct_rc test -e "$path")" 1
 done
-if ct dpkg-query -W denokv 2>/dev/null | grep -q .; then
-  ct dpkg -l denokv | grep -q '^un\|^pn' || die "denokv is still known to dpkg after purge"
-fi
+case "$(ct_rc dpkg-query -W denokv)" in
+  1) ;; # unknown to dpkg
+  0) ct dpkg -l denokv | grep -q '^un\|^pn' || die "denokv is still known to dpkg after purge" ;;
+  *) die "dpkg-query failed in the container" ;;
+esac
 ok "apt purge: user, group, database, token, settings and unit links gone"
 
 # (The watchdog check's SIGABRT is expected; a SIGKILL never is.)
-if grep -E 'SIGKILL' <(ct journalctl --no-pager -o cat 2>/dev/null); then die "a SIGKILL in the container's journal"; fi
+journal="$(ct_journal)" || exit 1
+[ -n "$journal" ] || die "the container's journal is empty"
+if grep -E 'SIGKILL' <<<"$journal"; then die "a SIGKILL in the container's journal"; fi
 log "took $((SECONDS - START)) s"
 echo "deb-e2e: $passed passed, 0 failed"

@@ -4,8 +4,9 @@
 #   systemd-analyze security   the service's exposure is at most 2.0 ("OK")
 #   systemd-sysusers, systemd-tmpfiles   the snippets create the user and the directories
 # (in a scratch root). Needs the Debian package `systemd`; runs without systemd as PID 1.
-# ExecStart must name an existing file for verify: the built binary ($DENOKV_BIN, else
-# $CARGO_TARGET_DIR/debug/denokv), or /bin/true when there is none.
+# ExecStart must name an existing executable for verify: the built binary ($DENOKV_BIN, else
+# $CARGO_TARGET_DIR/debug/denokv; a debug build is enough). Without one the check fails: build
+# first (cargo build -p denokv).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -17,7 +18,7 @@ for tool in systemd-analyze systemd-sysusers systemd-tmpfiles; do
 done
 
 bin="${DENOKV_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/denokv/target}/debug/denokv}"
-[ -x "$bin" ] || bin=/bin/true
+[ -x "$bin" ] || { echo "check-units: no server binary at $bin (cargo build -p denokv, or set DENOKV_BIN)" >&2; exit 1; }
 
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
@@ -39,6 +40,7 @@ security="$(systemd-analyze security --offline=true --threshold="$MAX_EXPOSURE" 
 echo "$security" | grep "Overall exposure level"
 
 # Settings the daemon relies on, which verify cannot know about.
+# shellcheck disable=SC2016 # $MAINPID is systemd's, not the shell's
 for setting in 'Type=notify' 'NotifyAccess=main' 'WatchdogSec=' 'ExecReload=/bin/kill -HUP $MAINPID' \
   'LoadCredential=access-token:/etc/denokv/access-token' 'StateDirectory=denokv' \
   'SystemCallFilter=io_uring_setup io_uring_enter io_uring_register sched_setaffinity'; do

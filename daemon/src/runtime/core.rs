@@ -36,8 +36,8 @@ pub struct CoreSetup {
 }
 
 /// Runs the core until shutdown, then lets open connections finish (bounded by the drain
-/// timeout).
-pub fn run(setup: CoreSetup) -> anyhow::Result<()> {
+/// timeout). Returns how many connections the drain timeout cut off.
+pub fn run(setup: CoreSetup) -> anyhow::Result<usize> {
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build()?;
@@ -53,7 +53,7 @@ pub fn driver_name() -> &'static str {
     }
 }
 
-async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
+async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
     // Inside the runtime: `is_legacy` reads its thread-local and panics outside of it.
     tracing::debug!(
         "core {} runs on {}",
@@ -115,17 +115,17 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<()> {
     while open.get() > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
-    if open.get() > 0 {
+    let cut_off = open.get();
+    if cut_off > 0 {
         tracing::warn!(
-            "core {}: {} connections still open after the drain timeout",
+            "core {}: {cut_off} connections still open after the drain timeout: cut off",
             setup.index,
-            open.get()
         );
     }
     if let Some(beater) = heartbeat {
         beater.retire();
     }
-    Ok(())
+    Ok(cut_off)
 }
 
 /// Accepts connections on one listener until shutdown; the listener closes when this returns.

@@ -263,7 +263,15 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     if let Some(reason) = crate::fatal::reason() {
         anyhow::bail!("stopped after a failure: {reason}");
     }
-    cores_result?;
+    // A request cut off by the drain timeout may have gone unanswered: not a clean stop.
+    let cut_off = cores_result?;
+    if cut_off > 0 {
+        anyhow::bail!(
+            "the drain timed out: {cut_off} connections were still open after {} s and were \
+             cut off; requests in flight on them may have gone unanswered",
+            opts.drain_timeout.as_secs()
+        );
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -375,12 +383,18 @@ pub fn raise_open_files_limit() -> nix::Result<(u64, u64)> {
     Ok((soft, hard))
 }
 
-/// Waits for every core; logs each failure and returns the first.
-fn join_cores(cores: Vec<JoinHandle<anyhow::Result<()>>>) -> anyhow::Result<()> {
-    let mut first = Ok(());
+/// Waits for every core; logs each failure and returns the first, else how many connections
+/// the drain timeout cut off in all.
+fn join_cores(cores: Vec<JoinHandle<anyhow::Result<usize>>>) -> anyhow::Result<usize> {
+    let mut first = Ok(0);
     for (i, thread) in cores.into_iter().enumerate() {
         let error = match thread.join() {
-            Ok(Ok(())) => continue,
+            Ok(Ok(cut_off)) => {
+                if let Ok(total) = &mut first {
+                    *total += cut_off;
+                }
+                continue;
+            }
             Ok(Err(e)) => e.context(format!("core {i} failed")),
             Err(_) => anyhow::anyhow!("core {i} panicked"),
         };

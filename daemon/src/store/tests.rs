@@ -18,11 +18,17 @@ struct TestStore {
     _external: external::ExternalCommits,
 }
 
+/// Both ways the committer writes the WAL: every store test runs with each. (`SyncMode::Full`:
+/// with `Normal` the io_uring flavour is never used.)
+const WAL_WRITES: [WalWrites; 2] = [WalWrites::Pwrite, WalWrites::IoUring];
+
 impl TestStore {
-    fn new() -> Self {
+    fn new(wal: WalWrites) -> Self {
+        // Shown with the output of a failing test.
+        eprintln!("store with WAL writes {wal:?}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let conn = schema::open_writer(&path, SyncMode::Normal, WalWrites::IoUring).unwrap();
+        let conn = schema::open_writer(&path, SyncMode::Full, wal).unwrap();
         let watches = Arc::new(WatchRegistry::default());
         let (committer, thread) = committer::spawn(conn, watches.clone()).unwrap();
         let external = external::ExternalCommits::spawn(&path, watches.clone()).unwrap();
@@ -85,374 +91,489 @@ fn committed(o: Result<WriteOutcome, StoreError>) -> Versionstamp {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_each_get_their_own_increasing_versionstamp() {
-    let s = TestStore::new();
-    let mut tasks = Vec::new();
-    for i in 0..400 {
-        let c = s.committer.clone();
-        tasks.push(tokio::spawn(async move {
-            let key = format!("k{i}");
-            (
-                key.clone(),
-                committed(c.write(write(vec![set(&key, "v")])).await),
-            )
-        }));
-    }
-    let mut stamps = Vec::new();
-    for t in tasks {
-        let (key, stamp) = t.await.unwrap();
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let mut tasks = Vec::new();
+        for i in 0..400 {
+            let c = s.committer.clone();
+            tasks.push(tokio::spawn(async move {
+                let key = format!("k{i}");
+                (
+                    key.clone(),
+                    committed(c.write(write(vec![set(&key, "v")])).await),
+                )
+            }));
+        }
+        let mut stamps = Vec::new();
+        for t in tasks {
+            let (key, stamp) = t.await.unwrap();
+            assert_eq!(
+                s.get(key.as_bytes()).unwrap().versionstamp,
+                stamp,
+                "the row carries its write's versionstamp"
+            );
+            stamps.push(stamp);
+        }
+        stamps.sort();
+        stamps.dedup();
+        assert_eq!(stamps.len(), 400, "every write has its own versionstamp");
+        let conn = rusqlite::Connection::open(&s.path).unwrap();
+        let dv: i64 = conn
+            .query_row("SELECT version FROM data_version", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(
-            s.get(key.as_bytes()).unwrap().versionstamp,
-            stamp,
-            "the row carries its write's versionstamp"
+            dv as u64,
+            stamps.last().unwrap().version(),
+            "data_version is the last commit's version"
         );
-        stamps.push(stamp);
+        s.stop();
     }
-    stamps.sort();
-    stamps.dedup();
-    assert_eq!(stamps.len(), 400, "every write has its own versionstamp");
-    let conn = rusqlite::Connection::open(&s.path).unwrap();
-    let dv: i64 = conn
-        .query_row("SELECT version FROM data_version", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(
-        dv as u64,
-        stamps.last().unwrap().version(),
-        "data_version is the last commit's version"
-    );
-    s.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versionstamps_advance_by_one_to_nine() {
-    let s = TestStore::new();
-    let mut last = 0;
-    for _ in 0..50 {
-        let v = committed(s.committer.write(AtomicWrite::default()).await).version();
-        assert!((last + 1..=last + 9).contains(&v), "{last} -> {v}");
-        last = v;
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let mut last = 0;
+        for _ in 0..50 {
+            let v = committed(s.committer.write(AtomicWrite::default()).await).version();
+            assert!((last + 1..=last + 9).contains(&v), "{last} -> {v}");
+            last = v;
+        }
+        s.stop();
     }
-    s.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_write_in_a_batch_leaves_no_trace() {
-    let s = TestStore::new();
-    committed(
-        s.committer
-            .write(write(vec![set("text", "not a number")]))
-            .await,
-    );
-    // Queue many writes at once so they share batches; every third one fails mid-way.
-    let mut tasks = Vec::new();
-    for i in 0..90 {
-        let c = s.committer.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut muts = vec![set(&format!("a{i}"), "x")];
-            if i % 3 == 0 {
-                muts.push(Mutation {
-                    key: Bytes::from_static(b"text"),
-                    kind: MutationKind::Le64(Le64Op::Sum, 1),
-                    expire_at_ms: None,
-                });
-            }
-            muts.push(set(&format!("b{i}"), "y"));
-            (i, c.write(write(muts)).await)
-        }));
-    }
-    for t in tasks {
-        let (i, result) = t.await.unwrap();
-        if i % 3 == 0 {
-            match result {
-                Err(StoreError::Invalid(e)) => assert_eq!(
-                    e.message(),
-                    "Failed to perform 'sum' mutation on a non-U64 value in the database"
-                ),
-                other => panic!("expected an invalid write, got {other:?}"),
-            }
-            assert!(
-                s.get(format!("a{i}").as_bytes()).is_none(),
-                "mutation before the failure was rolled back"
-            );
-            assert!(s.get(format!("b{i}").as_bytes()).is_none());
-        } else {
-            committed(result);
-            assert!(s.get(format!("a{i}").as_bytes()).is_some());
-            assert!(s.get(format!("b{i}").as_bytes()).is_some());
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        committed(
+            s.committer
+                .write(write(vec![set("text", "not a number")]))
+                .await,
+        );
+        // Queue many writes at once so they share batches; every third one fails mid-way.
+        let mut tasks = Vec::new();
+        for i in 0..90 {
+            let c = s.committer.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut muts = vec![set(&format!("a{i}"), "x")];
+                if i % 3 == 0 {
+                    muts.push(Mutation {
+                        key: Bytes::from_static(b"text"),
+                        kind: MutationKind::Le64(Le64Op::Sum, 1),
+                        expire_at_ms: None,
+                    });
+                }
+                muts.push(set(&format!("b{i}"), "y"));
+                (i, c.write(write(muts)).await)
+            }));
         }
+        for t in tasks {
+            let (i, result) = t.await.unwrap();
+            if i % 3 == 0 {
+                match result {
+                    Err(StoreError::Invalid(e)) => assert_eq!(
+                        e.message(),
+                        "Failed to perform 'sum' mutation on a non-U64 value in the database"
+                    ),
+                    other => panic!("expected an invalid write, got {other:?}"),
+                }
+                assert!(
+                    s.get(format!("a{i}").as_bytes()).is_none(),
+                    "mutation before the failure was rolled back"
+                );
+                assert!(s.get(format!("b{i}").as_bytes()).is_none());
+            } else {
+                committed(result);
+                assert!(s.get(format!("a{i}").as_bytes()).is_some());
+                assert!(s.get(format!("b{i}").as_bytes()).is_some());
+            }
+        }
+        s.stop();
     }
-    s.stop();
+}
+
+/// A batch of five committed as one transaction (the direct committer commits what it is
+/// given as one batch): the second write fails half-way, its neighbours commit.
+#[test]
+fn a_failing_write_in_a_shared_batch_leaves_no_trace() {
+    for wal in WAL_WRITES {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let conn = schema::open_writer(&path, SyncMode::Full, wal).unwrap();
+        let mut c = committer::DirectCommitter::with_metrics(conn, metrics.clone()).unwrap();
+        committed(
+            c.commit(&[write(vec![set("text", "not a number")])])
+                .remove(0),
+        );
+        let before = global_version(&path);
+        let failing = write(vec![set("a", "x"), sum("text", 1), set("b", "y")]);
+        let batch = [
+            write(vec![set("before", "1")]),
+            failing,
+            write(vec![set("after", "1")]),
+            // Sees neither the failed write's rows nor its version.
+            write(vec![sum("counter", 1)]),
+            write(vec![set("last", "1")]),
+        ];
+        let answers = c.commit(&batch);
+        // One transaction: one batch of five in the histogram (one before it).
+        assert_eq!(metrics.commit_batch_size.get_sample_count(), 2, "{wal:?}");
+        assert_eq!(metrics.commit_batch_size.get_sample_sum(), 6.0, "{wal:?}");
+        match &answers[1] {
+            Err(StoreError::Invalid(e)) => assert_eq!(
+                e.message(),
+                "Failed to perform 'sum' mutation on a non-U64 value in the database"
+            ),
+            other => panic!("{wal:?}: expected an invalid write, got {other:?}"),
+        }
+        let stamps: Vec<u64> = [0, 2, 3, 4]
+            .iter()
+            .map(|&i| match &answers[i] {
+                Ok(WriteOutcome::Committed(v)) => v.version(),
+                other => panic!("{wal:?}: write {i}: expected a commit, got {other:?}"),
+            })
+            .collect();
+        assert!(
+            stamps.windows(2).all(|w| w[0] < w[1]),
+            "{wal:?}: {stamps:?}"
+        );
+        assert_eq!(
+            global_version(&path) as u64,
+            stamps[3],
+            "{wal:?}: the version is the last committed write's"
+        );
+        assert!(stamps[0] > before as u64);
+        let entries = Reader::open(&path)
+            .unwrap()
+            .read_keys(
+                &[
+                    Bytes::from_static(b"a"),
+                    Bytes::from_static(b"b"),
+                    Bytes::from_static(b"text"),
+                    Bytes::from_static(b"before"),
+                    Bytes::from_static(b"after"),
+                    Bytes::from_static(b"counter"),
+                    Bytes::from_static(b"last"),
+                ],
+                crate::kv::now_ms(),
+            )
+            .unwrap();
+        assert!(
+            entries[0].is_none(),
+            "{wal:?}: the failed write's first set"
+        );
+        assert!(entries[1].is_none(), "{wal:?}");
+        assert_eq!(
+            entries[2].as_ref().unwrap().value,
+            bytes_value("not a number")
+        );
+        for (i, e) in entries[3..].iter().enumerate() {
+            assert!(
+                e.is_some(),
+                "{wal:?}: a neighbour of the failed write ({i})"
+            );
+        }
+        assert_eq!(entries[5].as_ref().unwrap().value.as_u64(), Some(1));
+    }
 }
 
 #[tokio::test]
 async fn checks_report_every_failing_index_and_do_not_advance_the_version() {
-    let s = TestStore::new();
-    let v1 = committed(
-        s.committer
-            .write(write(vec![set("a", "1"), set("b", "1")]))
-            .await,
-    );
-    let check = |k: &str, v: Option<Versionstamp>| Check {
-        key: Bytes::copy_from_slice(k.as_bytes()),
-        versionstamp: v,
-    };
-    let w = AtomicWrite {
-        checks: vec![
-            check("a", Some(v1)),                      // holds
-            check("b", None),                          // fails: b exists
-            check("c", None),                          // holds
-            check("a", Some(Versionstamp::new(1, 7))), // fails
-        ],
-        mutations: vec![set("a", "2")],
-        ..Default::default()
-    };
-    assert_eq!(
-        s.committer.write(w).await.unwrap(),
-        WriteOutcome::ChecksFailed(vec![1, 3])
-    );
-    assert_eq!(s.get(b"a").unwrap().value, bytes_value("1"));
-    let v2 = committed(s.committer.write(AtomicWrite::default()).await);
-    assert!(
-        v2.version() - v1.version() <= 9,
-        "the failed write did not advance the version"
-    );
-    s.stop();
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let v1 = committed(
+            s.committer
+                .write(write(vec![set("a", "1"), set("b", "1")]))
+                .await,
+        );
+        let check = |k: &str, v: Option<Versionstamp>| Check {
+            key: Bytes::copy_from_slice(k.as_bytes()),
+            versionstamp: v,
+        };
+        let w = AtomicWrite {
+            checks: vec![
+                check("a", Some(v1)),                      // holds
+                check("b", None),                          // fails: b exists
+                check("c", None),                          // holds
+                check("a", Some(Versionstamp::new(1, 7))), // fails
+            ],
+            mutations: vec![set("a", "2")],
+            ..Default::default()
+        };
+        let before = global_version(&s.path);
+        assert_eq!(before as u64, v1.version());
+        assert_eq!(
+            s.committer.write(w).await.unwrap(),
+            WriteOutcome::ChecksFailed(vec![1, 3])
+        );
+        assert_eq!(s.get(b"a").unwrap().value, bytes_value("1"));
+        assert_eq!(
+            global_version(&s.path),
+            before,
+            "the failed write advanced the global version"
+        );
+        s.stop();
+    }
 }
 
 #[tokio::test]
 async fn mutations_see_earlier_mutations_of_the_same_write() {
-    let s = TestStore::new();
-    let sum = |n| Mutation {
-        key: Bytes::from_static(b"n"),
-        kind: MutationKind::Le64(Le64Op::Sum, n),
-        expire_at_ms: None,
-    };
-    let set_n = Mutation {
-        key: Bytes::from_static(b"n"),
-        kind: MutationKind::Set(Value::le64(1)),
-        expire_at_ms: None,
-    };
-    committed(s.committer.write(write(vec![set_n, sum(2), sum(3)])).await);
-    assert_eq!(s.get(b"n").unwrap().value.as_u64(), Some(6));
-    s.stop();
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let sum = |n| Mutation {
+            key: Bytes::from_static(b"n"),
+            kind: MutationKind::Le64(Le64Op::Sum, n),
+            expire_at_ms: None,
+        };
+        let set_n = Mutation {
+            key: Bytes::from_static(b"n"),
+            kind: MutationKind::Set(Value::le64(1)),
+            expire_at_ms: None,
+        };
+        committed(s.committer.write(write(vec![set_n, sum(2), sum(3)])).await);
+        assert_eq!(s.get(b"n").unwrap().value.as_u64(), Some(6));
+        s.stop();
+    }
 }
 
 #[tokio::test]
 async fn suffix_versionstamped_key_is_written_at_prefix_plus_stamp() {
-    let s = TestStore::new();
-    let m = Mutation {
-        key: Bytes::from_static(b"\x02jobs\x00"),
-        kind: MutationKind::SetSuffixVersionstamped(bytes_value("job")),
-        expire_at_ms: None,
-    };
-    let stamp = committed(s.committer.write(write(vec![m])).await);
-    let mut key = b"\x02jobs\x00".to_vec();
-    key.extend_from_slice(&stamp.key_suffix());
-    assert_eq!(s.get(&key).unwrap().versionstamp, stamp);
-    s.stop();
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let m = Mutation {
+            key: Bytes::from_static(b"\x02jobs\x00"),
+            kind: MutationKind::SetSuffixVersionstamped(bytes_value("job")),
+            expire_at_ms: None,
+        };
+        let stamp = committed(s.committer.write(write(vec![m])).await);
+        let mut key = b"\x02jobs\x00".to_vec();
+        key.extend_from_slice(&stamp.key_suffix());
+        assert_eq!(s.get(&key).unwrap().versionstamp, stamp);
+        s.stop();
+    }
 }
 
 #[tokio::test]
 async fn expired_rows_are_invisible_and_swept() {
-    let s = TestStore::new();
-    let now = crate::kv::now_ms();
-    let mut m = set("soon", "x");
-    m.expire_at_ms = Some(now + 300);
-    let mut later = set("later", "x");
-    later.expire_at_ms = Some(now + 3_600_000);
-    committed(s.committer.write(write(vec![m, later])).await);
-    assert!(s.get(b"soon").is_some());
-    let range = ReadRange {
-        start: Bytes::new(),
-        end: Bytes::from_static(b"\xff"),
-        limit: 10,
-        reverse: false,
-    };
-    // Expired rows are hidden at read time, before the sweep runs...
-    let entries = s
-        .reader()
-        .read_ranges(std::slice::from_ref(&range), now + 301)
-        .unwrap();
-    assert_eq!(entries[0].len(), 1);
-    assert_eq!(&entries[0][0].key[..], b"later");
-    // ...and a "must be absent" check passes on an expired row.
-    let watch = s.watches.subscribe(&[Bytes::from_static(b"soon")]);
-    // The sweep deletes the row shortly after its expiry and wakes its watchers. (A wake-up may
-    // also come from the commit above, which notifies after answering.)
-    let conn = rusqlite::Connection::open(&s.path).unwrap();
-    let rows = || -> i64 {
-        conn.query_row("SELECT count(*) FROM kv WHERE k = x'736f6f6e'", [], |r| {
-            r.get(0)
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let now = crate::kv::now_ms();
+        let mut m = set("soon", "x");
+        m.expire_at_ms = Some(now + 300);
+        let mut later = set("later", "x");
+        later.expire_at_ms = Some(now + 3_600_000);
+        committed(s.committer.write(write(vec![m, later])).await);
+        assert!(s.get(b"soon").is_some());
+        let range = ReadRange {
+            start: Bytes::new(),
+            end: Bytes::from_static(b"\xff"),
+            limit: 10,
+            reverse: false,
+        };
+        // Expired rows are hidden at read time, before the sweep runs...
+        let entries = s
+            .reader()
+            .read_ranges(std::slice::from_ref(&range), now + 301)
+            .unwrap();
+        assert_eq!(entries[0].len(), 1);
+        assert_eq!(&entries[0][0].key[..], b"later");
+        // ...and a "must be absent" check passes on an expired row.
+        let watch = s.watches.subscribe(&[Bytes::from_static(b"soon")]);
+        // The sweep deletes the row shortly after its expiry and wakes its watchers. (A wake-up may
+        // also come from the commit above, which notifies after answering.)
+        let conn = rusqlite::Connection::open(&s.path).unwrap();
+        let rows = || -> i64 {
+            conn.query_row("SELECT count(*) FROM kv WHERE k = x'736f6f6e'", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while rows() > 0 {
+                watch.changed().await;
+            }
         })
-        .unwrap()
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        while rows() > 0 {
-            watch.changed().await;
-        }
-    })
-    .await
-    .expect("the sweep deleted the expired row and woke the watcher");
-    s.stop();
+        .await
+        .expect("the sweep deleted the expired row and woke the watcher");
+        s.stop();
+    }
 }
 
 #[tokio::test]
 async fn absent_check_passes_on_an_expired_row() {
-    let s = TestStore::new();
-    let mut m = set("k", "x");
-    m.expire_at_ms = Some(crate::kv::now_ms() - 1000);
-    committed(s.committer.write(write(vec![m])).await);
-    let w = AtomicWrite {
-        checks: vec![Check {
-            key: Bytes::from_static(b"k"),
-            versionstamp: None,
-        }],
-        mutations: vec![set("k", "y")],
-        ..Default::default()
-    };
-    committed(s.committer.write(w).await);
-    assert_eq!(s.get(b"k").unwrap().value, bytes_value("y"));
-    s.stop();
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let mut m = set("k", "x");
+        m.expire_at_ms = Some(crate::kv::now_ms() - 1000);
+        committed(s.committer.write(write(vec![m])).await);
+        let w = AtomicWrite {
+            checks: vec![Check {
+                key: Bytes::from_static(b"k"),
+                versionstamp: None,
+            }],
+            mutations: vec![set("k", "y")],
+            ..Default::default()
+        };
+        committed(s.committer.write(w).await);
+        assert_eq!(s.get(b"k").unwrap().value, bytes_value("y"));
+        s.stop();
+    }
 }
 
 #[tokio::test]
 async fn watchers_are_woken_by_commits_of_their_keys_only() {
-    let s = TestStore::new();
-    let watch = s.watches.subscribe(&[Bytes::from_static(b"w")]);
-    committed(s.committer.write(write(vec![set("other", "x")])).await);
-    let quiet = tokio::time::timeout(std::time::Duration::from_millis(100), watch.changed()).await;
-    assert!(quiet.is_err(), "an unrelated key woke the watcher");
-    committed(s.committer.write(write(vec![set("w", "x")])).await);
-    tokio::time::timeout(std::time::Duration::from_secs(1), watch.changed())
-        .await
-        .expect("woken");
-    s.stop();
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let watch = s.watches.subscribe(&[Bytes::from_static(b"w")]);
+        committed(s.committer.write(write(vec![set("other", "x")])).await);
+        let quiet =
+            tokio::time::timeout(std::time::Duration::from_millis(100), watch.changed()).await;
+        assert!(quiet.is_err(), "an unrelated key woke the watcher");
+        committed(s.committer.write(write(vec![set("w", "x")])).await);
+        tokio::time::timeout(std::time::Duration::from_secs(1), watch.changed())
+            .await
+            .expect("woken");
+        s.stop();
+    }
 }
 
 #[tokio::test]
 async fn enqueues_are_stored_like_upstream() {
-    let s = TestStore::new();
-    let e = Enqueue {
-        payload: Bytes::from_static(b"\xff\x0f\x49\x02"),
-        deadline_ms: 1000,
-        keys_if_undelivered: vec![Bytes::from_static(b"\x02a\x00")],
-        backoff_schedule: vec![],
-    };
-    committed(
-        s.committer
-            .write(AtomicWrite {
-                enqueues: vec![e],
-                ..Default::default()
-            })
-            .await,
-    );
-    let conn = rusqlite::Connection::open(&s.path).unwrap();
-    let (ts, id, backoff, dead): (i64, String, String, String) = conn
-        .query_row(
-            "SELECT ts, id, backoff_schedule, keys_if_undelivered FROM queue",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .unwrap();
-    assert_eq!(ts, 1000);
-    assert!(uuid::Uuid::parse_str(&id).is_ok());
-    assert_eq!(backoff, "[100,1000,5000,30000,60000]");
-    assert_eq!(dead, "[[2,97,0]]");
-    s.stop();
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let e = Enqueue {
+            payload: Bytes::from_static(b"\xff\x0f\x49\x02"),
+            deadline_ms: 1000,
+            keys_if_undelivered: vec![Bytes::from_static(b"\x02a\x00")],
+            backoff_schedule: vec![],
+        };
+        committed(
+            s.committer
+                .write(AtomicWrite {
+                    enqueues: vec![e],
+                    ..Default::default()
+                })
+                .await,
+        );
+        let conn = rusqlite::Connection::open(&s.path).unwrap();
+        let (ts, id, backoff, dead): (i64, String, String, String) = conn
+            .query_row(
+                "SELECT ts, id, backoff_schedule, keys_if_undelivered FROM queue",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(ts, 1000);
+        assert!(uuid::Uuid::parse_str(&id).is_ok());
+        assert_eq!(backoff, "[100,1000,5000,30000,60000]");
+        assert_eq!(dead, "[[2,97,0]]");
+        s.stop();
+    }
 }
 
 #[tokio::test]
 async fn reads_honour_bounds_reverse_and_limits() {
-    let s = TestStore::new();
-    committed(
-        s.committer
-            .write(write((0..10).map(|i| set(&format!("k{i}"), "v")).collect()))
-            .await,
-    );
-    let mut r = s.reader();
-    let range = |start: &str, end: &str, limit, reverse| ReadRange {
-        start: Bytes::copy_from_slice(start.as_bytes()),
-        end: Bytes::copy_from_slice(end.as_bytes()),
-        limit,
-        reverse,
-    };
-    let keys = |rs: Vec<Vec<Entry>>| -> Vec<Vec<String>> {
-        rs.into_iter()
-            .map(|es| {
-                es.into_iter()
-                    .map(|e| String::from_utf8(e.key.to_vec()).unwrap())
-                    .collect()
-            })
-            .collect()
-    };
-    let now = crate::kv::now_ms();
-    let got = keys(
-        r.read_ranges(
-            &[
-                range("k2", "k5", 10, false),
-                range("k2", "k5", 2, true),
-                range("k5", "k2", 5, false),
-            ],
-            now,
-        )
-        .unwrap(),
-    );
-    assert_eq!(got, vec![vec!["k2", "k3", "k4"], vec!["k4", "k3"], vec![]]);
-    s.stop();
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        committed(
+            s.committer
+                .write(write((0..10).map(|i| set(&format!("k{i}"), "v")).collect()))
+                .await,
+        );
+        let mut r = s.reader();
+        let range = |start: &str, end: &str, limit, reverse| ReadRange {
+            start: Bytes::copy_from_slice(start.as_bytes()),
+            end: Bytes::copy_from_slice(end.as_bytes()),
+            limit,
+            reverse,
+        };
+        let keys = |rs: Vec<Vec<Entry>>| -> Vec<Vec<String>> {
+            rs.into_iter()
+                .map(|es| {
+                    es.into_iter()
+                        .map(|e| String::from_utf8(e.key.to_vec()).unwrap())
+                        .collect()
+                })
+                .collect()
+        };
+        let now = crate::kv::now_ms();
+        let got = keys(
+            r.read_ranges(
+                &[
+                    range("k2", "k5", 10, false),
+                    range("k2", "k5", 2, true),
+                    range("k5", "k2", 5, false),
+                ],
+                now,
+            )
+            .unwrap(),
+        );
+        assert_eq!(got, vec![vec!["k2", "k3", "k4"], vec!["k4", "k3"], vec![]]);
+        s.stop();
+    }
 }
 
 #[tokio::test]
 async fn commits_by_another_process_wake_watchers() {
-    let s = TestStore::new();
-    let watch = s.watches.subscribe(&[Bytes::from_static(b"ext")]);
-    // Some other writer of the same file, as the Deno CLI would be: it advances the version.
-    let other = rusqlite::Connection::open(&s.path).unwrap();
-    other
-        .execute_batch(
-            "BEGIN IMMEDIATE;
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let watch = s.watches.subscribe(&[Bytes::from_static(b"ext")]);
+        // Some other writer of the same file, as the Deno CLI would be: it advances the version.
+        let other = rusqlite::Connection::open(&s.path).unwrap();
+        other
+            .execute_batch(
+                "BEGIN IMMEDIATE;
              UPDATE data_version SET version = version + 1000 WHERE k = 0;
              INSERT INTO kv (k, v, v_encoding, version)
                VALUES (x'657874', x'01', 3, (SELECT version FROM data_version WHERE k = 0));
              COMMIT;",
-        )
-        .unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(3), watch.changed())
-        .await
-        .expect("the watcher was woken by another connection's commit");
-    s.stop();
+            )
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(3), watch.changed())
+            .await
+            .expect("the watcher was woken by another connection's commit");
+        s.stop();
+    }
 }
 
 #[tokio::test]
 async fn suffix_versionstamped_writes_notify_the_written_key() {
     // SPEC §10 D8c: upstream notifies the prefix instead of the key it wrote.
-    let s = TestStore::new();
-    let before = committed(s.committer.write(AtomicWrite::default()).await).version();
-    let prefix = Bytes::from_static(b"\x02jobs\x00");
-    // The next commit's version is one of the nine that follow: watch all their keys.
-    let candidates: Vec<Bytes> = (1..=9)
-        .map(|i| {
-            let mut k = prefix.to_vec();
-            k.extend_from_slice(&Versionstamp::new(before + i, 0).key_suffix());
-            Bytes::from(k)
-        })
-        .collect();
-    let written = s.watches.subscribe(&candidates);
-    let at_prefix = s.watches.subscribe(std::slice::from_ref(&prefix));
-    let m = Mutation {
-        key: prefix.clone(),
-        kind: MutationKind::SetSuffixVersionstamped(bytes_value("job")),
-        expire_at_ms: None,
-    };
-    committed(s.committer.write(write(vec![m])).await);
-    tokio::time::timeout(std::time::Duration::from_secs(1), written.changed())
-        .await
-        .expect("the written key's watcher was woken");
-    let quiet =
-        tokio::time::timeout(std::time::Duration::from_millis(100), at_prefix.changed()).await;
-    assert!(
-        quiet.is_err(),
-        "the prefix was not written and must not be notified"
-    );
-    s.stop();
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        let before = committed(s.committer.write(AtomicWrite::default()).await).version();
+        let prefix = Bytes::from_static(b"\x02jobs\x00");
+        // The next commit's version is one of the nine that follow: watch all their keys.
+        let candidates: Vec<Bytes> = (1..=9)
+            .map(|i| {
+                let mut k = prefix.to_vec();
+                k.extend_from_slice(&Versionstamp::new(before + i, 0).key_suffix());
+                Bytes::from(k)
+            })
+            .collect();
+        let written = s.watches.subscribe(&candidates);
+        let at_prefix = s.watches.subscribe(std::slice::from_ref(&prefix));
+        let m = Mutation {
+            key: prefix.clone(),
+            kind: MutationKind::SetSuffixVersionstamped(bytes_value("job")),
+            expire_at_ms: None,
+        };
+        committed(s.committer.write(write(vec![m])).await);
+        tokio::time::timeout(std::time::Duration::from_secs(1), written.changed())
+            .await
+            .expect("the written key's watcher was woken");
+        let quiet =
+            tokio::time::timeout(std::time::Duration::from_millis(100), at_prefix.changed()).await;
+        assert!(
+            quiet.is_err(),
+            "the prefix was not written and must not be notified"
+        );
+        s.stop();
+    }
 }
 
 /// A store on a file synced at every commit, with the committer driven on this thread (so
@@ -549,6 +670,26 @@ fn a_failed_sync_at_commit_is_never_answered_as_not_committed() {
             "{wal:?}"
         );
         assert!(entries[1].is_some());
+    }
+}
+
+/// With io_uring WAL writes, every commit after the first (which syncs through SQLite, and the
+/// directory with it) is synced by the fdatasync in its io_uring submission.
+#[test]
+fn every_io_uring_commit_carries_its_fdatasync() {
+    for (wal, per_commit) in [(WalWrites::Pwrite, 0), (WalWrites::IoUring, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = direct(&dir.path().join("db.sqlite"), wal);
+        committed(c.commit(&[write(vec![set("first", "1")])]).remove(0));
+        let before = wal_vfs::uring_syncs_on_this_thread();
+        for i in 0..5 {
+            committed(c.commit(&mixed_batch()).remove(0));
+            assert_eq!(
+                wal_vfs::uring_syncs_on_this_thread(),
+                before + per_commit * (i + 1),
+                "{wal:?}: commit {i}"
+            );
+        }
     }
 }
 

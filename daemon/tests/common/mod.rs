@@ -497,6 +497,11 @@ impl Client {
 /// A blocking HTTP/1.1 GET (for the metrics listener): the status, the `Content-Type` and the
 /// body.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    http_request(addr, "GET", path)
+}
+
+/// [`http_get`] with another method (and no request body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
@@ -504,7 +509,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
         .unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = Vec::new();

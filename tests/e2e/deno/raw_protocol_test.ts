@@ -3,6 +3,7 @@
 // failed_checks, raw watch frames, and both HTTP/1.1 and h2c transports.
 // Server only.
 
+import { DatabaseSync } from "node:sqlite";
 import { assert, e2eTest, fmt, sleep, type TestCtx, withTimeout } from "./server.ts";
 import {
   AW_CHECK_FAILURE,
@@ -48,6 +49,34 @@ function expectError(r: RawResponse, status: number, text: string | RegExp, what
 }
 
 const K = (...parts: Deno.KvKeyPart[]) => encodeKey(parts);
+
+/** The global version (`data_version`, row 0) in the server's SQLite file. */
+function globalVersion(dbPath: string): bigint {
+  const db = new DatabaseSync(dbPath, { readOnly: true });
+  try {
+    const row = db.prepare("SELECT version FROM data_version WHERE k = 0").get() as { version: number | bigint };
+    return BigInt(row.version);
+  } finally {
+    db.close();
+  }
+}
+
+/** The version in a versionstamp (its first 8 bytes, big-endian). */
+function stampVersion(vs: Uint8Array): bigint {
+  return new DataView(vs.buffer, vs.byteOffset, 8).getBigUint64(0);
+}
+
+/** The client ports of the TCP connections established to the server's `port` (from the
+ * server's side, in /proc/net/tcp: both ends are on this machine). */
+async function peersOf(port: number): Promise<number[]> {
+  const peers: number[] = [];
+  for (const line of (await Deno.readTextFile("/proc/net/tcp")).split("\n").slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 4 || f[3] !== "01") continue; // 01: ESTABLISHED
+    if (parseInt(f[1].split(":")[1], 16) === port) peers.push(parseInt(f[2].split(":")[1], 16));
+  }
+  return peers;
+}
 
 e2eTest("raw: metadata exchange (HTTP/1.1 and h2c)", async (ctx) => {
   for (const http2 of [false, true]) {
@@ -124,7 +153,11 @@ e2eTest("raw: data-path header validation", async (ctx) => {
 }, opts);
 
 e2eTest("raw: request body over 2 MiB gets 413 (h2c), client can go on", async (ctx) => {
-  const { c } = await setup(ctx, true);
+  const { s, c } = await setup(ctx, true);
+  const first = await c.read([{ start: K("a"), end: concat(K("a"), [0]), limit: 1 }]);
+  assert.equal(first.status, SR_SUCCESS);
+  const before = await peersOf(s.port);
+  assert.equal(before.length, 1, `one HTTP/2 connection to the server: ${before}`);
   let hugeStatus: number | string;
   try {
     const r = await c.call("atomic_write", new Uint8Array(2 * 1024 * 1024 + 10));
@@ -135,7 +168,8 @@ e2eTest("raw: request body over 2 MiB gets 413 (h2c), client can go on", async (
   }
   assert.equal(hugeStatus, 413, "body over 2 MiB");
   const next = await c.read([{ start: K("a"), end: concat(K("a"), [0]), limit: 1 }]);
-  assert.equal(next.status, SR_SUCCESS, "request after the 413 on the same HTTP/2 connection");
+  assert.equal(next.status, SR_SUCCESS, "request after the 413");
+  assert.deepStrictEqual(await peersOf(s.port), before, "the request after the 413 went on the same HTTP/2 connection");
 }, opts);
 
 /** Minimal HTTP/1.1 exchange on one TCP connection (no pooling surprises). */
@@ -280,9 +314,10 @@ e2eTest("raw: snapshot_read semantics and limits", async (ctx) => {
 }, opts);
 
 e2eTest("raw: atomic_write reports ALL failed checks (SPEC §10 D7)", async (ctx) => {
-  const { c } = await setup(ctx);
+  const { s, c } = await setup(ctx);
   const w = await c.write({ mutations: [{ key: K("x"), type: M_SET, value: bytesValue("1") }] });
   const vs = w.out!.versionstamp;
+  assert.equal(globalVersion(s.dbPath), stampVersion(vs), "the global version is the last write's");
   const bogus = new Uint8Array(10).fill(0x7f);
   const r = await c.write({
     checks: [
@@ -299,9 +334,8 @@ e2eTest("raw: atomic_write reports ALL failed checks (SPEC §10 D7)", async (ctx
   assert.equal(r.out!.versionstamp.length, 0, "no versionstamp on check failure");
   assert.deepStrictEqual(r.out!.failedChecks, [0, 2, 4]);
   assert.equal(await c.get(K("z")), null);
-  // the version did not advance: the next write's versionstamp is the next one after vs
-  const next = await c.write({ mutations: [{ key: K("n"), type: M_SET, value: bytesValue("1") }] });
-  assert.ok(hex(next.out!.versionstamp) > hex(vs));
+  // the version did not advance
+  assert.equal(globalVersion(s.dbPath), stampVersion(vs), "a write whose checks failed advanced the global version");
   // invalid versionstamp length in a check
   expectError(await c.call("atomic_write", encodeAtomicWrite({ checks: [{ key: K("x"), versionstamp: new Uint8Array(9) }] })), 400, "Invalid versionstamp.", "9-byte check versionstamp");
 }, opts);
@@ -397,9 +431,10 @@ e2eTest("raw: expired rows are absent for reads, checks and sums (SPEC §10 D4)"
 }, opts);
 
 e2eTest("raw: failed mutation leaves no trace and does not advance the version (SPEC §10 D1)", async (ctx) => {
-  const { c } = await setup(ctx);
+  const { s: server, c } = await setup(ctx);
   const a = await c.write({ mutations: [{ key: K("s"), type: M_SET, value: bytesValue("str") }] });
   const vsA = a.out!.versionstamp;
+  assert.equal(globalVersion(server.dbPath), stampVersion(vsA), "the global version is the last write's");
   const bad = await c.write({
     mutations: [
       { key: K("k1"), type: M_SET, value: bytesValue("1") },
@@ -410,6 +445,7 @@ e2eTest("raw: failed mutation leaves no trace and does not advance the version (
   assert.equal(await c.get(K("k1")), null);
   const s = await c.get(K("s"));
   assert.deepStrictEqual(s?.versionstamp, vsA);
+  assert.equal(globalVersion(server.dbPath), stampVersion(vsA), "a failed write advanced the global version");
   // min/max with a non-LE64 operand
   expectError(
     (await c.write({ mutations: [{ key: K("mm"), type: M_MIN, value: bytesValue("x") }] })).res,
@@ -423,6 +459,7 @@ e2eTest("raw: failed mutation leaves no trace and does not advance the version (
     "Some of the parameters are not valid V8 values",
     "sum bytes operand",
   );
+  assert.equal(globalVersion(server.dbPath), stampVersion(vsA), "a refused write advanced the global version");
   // V8 sum bounds (only third-party clients send them): 10n + 5n with max 12n
   const v8big = (n: number) => new Uint8Array([0xff, 0x0f, 0x5a, 0x10, n, 0, 0, 0, 0, 0, 0, 0]);
   await c.write({ mutations: [{ key: K("b"), type: M_SET, value: { data: v8big(10), encoding: VE_V8 } }] });

@@ -31,6 +31,8 @@ use super::SyncMode;
 
 pub use self::faults::{inject as inject_faults, inject_from_env as inject_faults_from_env};
 pub use self::faults::{Op as FaultOp, Plan as FaultPlan};
+#[cfg(test)]
+pub use self::uring::syncs_on_this_thread as uring_syncs_on_this_thread;
 
 /// How the writer's WAL reaches the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -142,7 +142,13 @@ impl UringWriter {
             for cqe in self.ring.completion() {
                 match cqe.user_data() {
                     WRITE => write = Some(cqe.result()),
-                    _ => sync = Some(cqe.result()),
+                    _ => {
+                        #[cfg(test)]
+                        if cqe.result() >= 0 {
+                            SYNCS.with(|n| n.set(n.get() + 1));
+                        }
+                        sync = Some(cqe.result());
+                    }
                 }
                 left -= 1;
             }
@@ -153,6 +159,19 @@ impl UringWriter {
 
 const WRITE: u64 = 1;
 const SYNC: u64 = 2;
+
+#[cfg(test)]
+thread_local! {
+    /// The fdatasyncs that io_uring completed for this thread's writers: tests prove with it
+    /// that a commit's submission carries its sync.
+    static SYNCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many io_uring fdatasyncs have succeeded on the calling thread.
+#[cfg(test)]
+pub fn syncs_on_this_thread() -> u64 {
+    SYNCS.with(|n| n.get())
+}
 
 pub enum FlushError {
     Write(std::io::Error),
@@ -237,6 +256,49 @@ mod tests {
         assert_eq!(&bytes[..11], b"hello World");
         assert_eq!(bytes[100], b'!');
         assert_eq!(bytes.len(), 101);
+    }
+
+    #[test]
+    fn a_flush_with_sync_submits_the_write_and_an_fdatasync_that_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        std::fs::write(&path, b"").unwrap();
+        let mut w = writer(open(path.to_str().unwrap(), libc::O_WRONLY));
+        let before = syncs_on_this_thread();
+        w.write(b"frame", 0).unwrap();
+        assert!(w.flush(false).is_ok());
+        assert_eq!(
+            syncs_on_this_thread(),
+            before,
+            "no sync asked for, none made"
+        );
+        w.write(b"frame", 5).unwrap();
+        assert!(w.flush(true).is_ok());
+        assert_eq!(syncs_on_this_thread(), before + 1, "the commit's fdatasync");
+        assert_eq!(std::fs::read(&path).unwrap(), b"frameframe");
+    }
+
+    #[test]
+    fn the_sync_rides_in_the_same_submission_as_the_write() {
+        // A pipe takes the write and fails the fdatasync (EINVAL): a flush that wrote and
+        // did not sync would succeed.
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) into a two-element array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just created and are owned here.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut w = writer(write);
+        w.write(b"frame", 0).unwrap();
+        match w.flush(true) {
+            Err(e @ FlushError::Sync(_)) => assert_eq!(e.code(), ffi::SQLITE_IOERR_FSYNC),
+            Err(FlushError::Write(e)) => panic!("the write to a pipe failed: {e}"),
+            Ok(()) => panic!("a flush with sync did not sync"),
+        }
+        let mut got = [0u8; 5];
+        // SAFETY: read(2) into a live five-byte buffer from a descriptor we own.
+        let n = unsafe { libc::read(read.as_raw_fd(), got.as_mut_ptr() as *mut c_void, 5) };
+        assert_eq!(n, 5);
+        assert_eq!(&got, b"frame", "the write ran before the sync");
     }
 
     #[test]
