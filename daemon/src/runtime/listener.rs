@@ -159,6 +159,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_reliability_doc_states_the_wait() {
+        let doc = include_str!("../../../docs/RELIABILITY.md");
+        let wait = format!("waits up to {} s for a port", PORT_RELEASE_WAIT.as_secs());
+        assert!(doc.contains(&wait), "docs/RELIABILITY.md lacks {wait:?}");
+    }
+
+    #[test]
     fn a_port_served_by_a_live_server_fails_at_once() {
         // A live HTTP server on the port: no waiting.
         let live = TcpListener::bind("127.0.0.1:0").unwrap();
