@@ -337,3 +337,36 @@ async fn other_processes_commits_reach_watchers_under_steady_load() {
     }
     assert!(writes > 100, "the load wrote only {writes} times");
 }
+
+#[tokio::test]
+async fn writes_to_other_keys_send_no_frames() {
+    // The Deno client does not surface a repeated frame, so this is checked on the wire.
+    let s = Server::start(&[]);
+    let c = Client::new();
+    let (a, other) = (key("watched-a"), key("other"));
+    for p in BOTH {
+        let mut frames = open_watch(&c, p, &s, std::slice::from_ref(&a)).await;
+        frames.data(Duration::from_secs(5)).await;
+        for i in 0..5 {
+            set(&c, &s, &other, format!("{i}").as_bytes()).await;
+        }
+        let spurious = tokio::time::timeout(Duration::from_millis(700), async {
+            loop {
+                match frames.next().await {
+                    Some(Frame::Ping) => continue,
+                    Some(Frame::Data(_)) => return true,
+                    None => return false,
+                }
+            }
+        })
+        .await;
+        assert!(
+            !matches!(spurious, Ok(true)),
+            "{p:?}: a frame came for writes to other keys"
+        );
+        let stamp = set(&c, &s, &a, p.label()).await;
+        let next = frames.data(Duration::from_secs(5)).await;
+        let entry = next.keys[0].entry_if_changed.as_ref().unwrap();
+        assert_eq!(entry.versionstamp, stamp, "{p:?}");
+    }
+}
