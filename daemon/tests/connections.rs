@@ -373,3 +373,49 @@ fn h2_streams_past_the_cap_are_refused_and_the_connection_goes_on() {
         }
     }
 }
+
+#[test]
+fn out_of_descriptors_accept_backs_off_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Launch::new(&dir.path().join("db.sqlite"))
+        .args(&["--threads", "1", "--first-byte-timeout", "60"])
+        .wrapper(&["prlimit", "--nofile=64:64"], false)
+        .start();
+    let mut existing = connect(s.addr);
+    assert_eq!(get(&mut existing), 404);
+    // More connections than descriptors: the last ones wait in the backlog.
+    let mut extra = Vec::new();
+    for _ in 0..80 {
+        let mut c = connect(s.addr);
+        c.write_all(GET).unwrap();
+        extra.push(c);
+    }
+    s.wait_for_log("accept failed", Duration::from_secs(5));
+    // Two seconds out of descriptors (the old loop warned every 50 ms: 40 lines).
+    std::thread::sleep(Duration::from_secs(2));
+    let warnings = s.log_text().matches("accept failed").count();
+    assert!(
+        warnings <= 2,
+        "{warnings} accept warnings:\n{}",
+        s.log_text()
+    );
+    assert_eq!(get(&mut existing), 404, "an open connection keeps working");
+    drop(extra);
+    let start = Instant::now();
+    loop {
+        let mut c = connect(s.addr);
+        c.write_all(GET).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = [0u8; 16];
+        if matches!(c.read(&mut buf), Ok(n) if n > 0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no new connection served after the extra ones closed; log:\n{}",
+            s.log_text()
+        );
+    }
+    s.wait_for_log("accept works again", Duration::from_secs(5));
+    assert!(metric(&s, "denokv_accept_errors_total") > 0.0);
+}
