@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::http::auth::TokenSource;
 pub use crate::http::auth::MIN_TOKEN_LEN;
+use crate::runtime::limits::Limits;
 use crate::runtime::ServeOptions;
 use crate::store::{SyncMode, WalWrites};
 
@@ -130,6 +131,45 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_DRAIN_TIMEOUT", default_value = "10")]
     pub drain_timeout: u64,
 
+    /// Seconds a new connection may stay silent before its first byte; then it is closed.
+    #[arg(long, env = "DENOKV_FIRST_BYTE_TIMEOUT", default_value = "10", value_parser = seconds)]
+    pub first_byte_timeout: u64,
+
+    /// Seconds from the first byte of a request head to its end (HTTP/1.1: every request;
+    /// HTTP/2: the preface and the first request's headers); then the connection is closed.
+    #[arg(long, env = "DENOKV_HEAD_TIMEOUT", default_value = "10", value_parser = seconds)]
+    pub head_timeout: u64,
+
+    /// Seconds a keep-alive connection with no request or stream open (a watch stream is
+    /// open) stays open.
+    #[arg(long, env = "DENOKV_IDLE_TIMEOUT", default_value = "120", value_parser = seconds)]
+    pub idle_timeout: u64,
+
+    /// Seconds between HTTP/2 pings the server sends on each connection.
+    #[arg(long, env = "DENOKV_H2_KEEPALIVE_INTERVAL", default_value = "20", value_parser = seconds)]
+    pub h2_keepalive_interval: u64,
+
+    /// Seconds an HTTP/2 ping may go unanswered before the connection is closed.
+    #[arg(long, env = "DENOKV_H2_KEEPALIVE_TIMEOUT", default_value = "20", value_parser = seconds)]
+    pub h2_keepalive_timeout: u64,
+
+    /// Client connections open at once, on all cores; more are closed at accept.
+    #[arg(long, env = "DENOKV_MAX_CONNECTIONS", default_value = "10000", value_parser = at_least_one)]
+    pub max_connections: usize,
+
+    /// Client connections open at once from one IP address; more are closed at accept.
+    #[arg(
+        long,
+        env = "DENOKV_MAX_CONNECTIONS_PER_IP",
+        default_value = "1000",
+        value_parser = at_least_one
+    )]
+    pub max_connections_per_ip: usize,
+
+    /// Concurrent streams per HTTP/2 connection; more are refused (REFUSED_STREAM).
+    #[arg(long, env = "DENOKV_MAX_H2_STREAMS", default_value = "256", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_h2_streams: u32,
+
     /// Accepted for compatibility with upstream denokv; writes are always group-committed.
     #[arg(long, env = "DENO_KV_ATOMIC_WRITE_BATCH_TIMEOUT_MS")]
     pub atomic_write_batch_timeout_ms: Option<u64>,
@@ -148,6 +188,21 @@ pub struct ServeArgs {
 pub enum MetricsAddr {
     Off,
     On(SocketAddr),
+}
+
+/// A timeout in whole seconds, at least 1 (0 would close every connection at once).
+fn seconds(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("give whole seconds, at least 1".to_string()),
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("give a number, at least 1".to_string()),
+    }
 }
 
 fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
@@ -215,6 +270,16 @@ impl ServeArgs {
             sync_mode: self.sync_mode,
             wal_writes: self.wal_writes,
             drain_timeout: Duration::from_secs(self.drain_timeout),
+            limits: Limits {
+                first_byte_timeout: Duration::from_secs(self.first_byte_timeout),
+                head_timeout: Duration::from_secs(self.head_timeout),
+                idle_timeout: Duration::from_secs(self.idle_timeout),
+                h2_keepalive_interval: Duration::from_secs(self.h2_keepalive_interval),
+                h2_keepalive_timeout: Duration::from_secs(self.h2_keepalive_timeout),
+                max_connections: self.max_connections,
+                max_connections_per_ip: self.max_connections_per_ip,
+                max_h2_streams: self.max_h2_streams,
+            },
         })
     }
 }

@@ -21,6 +21,9 @@ use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+pub use crate::runtime::connection::Expiry;
+pub use crate::runtime::limits::Refusal;
+
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
@@ -161,6 +164,10 @@ pub struct Metrics {
     pub enqueues: IntCounter,
     pub read_rows: IntCounter,
     pub open_connections: IntGauge,
+    connections_refused: [IntCounter; Refusal::COUNT],
+    connections_closed: [IntCounter; Expiry::COUNT],
+    /// Failed accepts (out of descriptors, say): each retry of a backed-off accept counts.
+    pub accept_errors: IntCounter,
     pub watch_streams: IntGauge,
     pub committer_queue_depth: IntGauge,
     database_size: IntGauge,
@@ -247,6 +254,26 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(commit_failures.clone()));
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "denokv_connections_refused_total",
+                "Connections closed at accept because a cap was reached, by reason: \
+                 max_connections or max_connections_per_ip.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        reg(Box::new(connections_refused.clone()));
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "denokv_connections_closed_total",
+                "Connections the server closed because a deadline ran out, by reason: \
+                 first_byte_timeout, head_timeout or idle_timeout.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        reg(Box::new(connections_closed.clone()));
 
         let process_cpu = Counter::new(
             "process_cpu_seconds_total",
@@ -299,6 +326,14 @@ impl Metrics {
             open_connections: gauge(
                 "denokv_open_connections",
                 "Client connections open on the serving port.",
+            ),
+            connections_refused: Refusal::ALL
+                .map(|r| connections_refused.with_label_values(&[r.name()])),
+            connections_closed: Expiry::ALL
+                .map(|e| connections_closed.with_label_values(&[e.name()])),
+            accept_errors: counter(
+                "denokv_accept_errors_total",
+                "Accepts that failed (e.g. out of file descriptors); retried with back-off.",
             ),
             watch_streams: gauge("denokv_watch_streams", "Watch streams open."),
             committer_queue_depth: gauge(
@@ -370,6 +405,16 @@ impl Metrics {
     /// The counter of committed mutations of one type.
     pub fn commit_failures(&self, phase: CommitPhase) -> &IntCounter {
         &self.commit_failures[phase as usize]
+    }
+
+    /// Connections refused at accept for `reason`.
+    pub fn connections_refused(&self, reason: Refusal) -> &IntCounter {
+        &self.connections_refused[reason as usize]
+    }
+
+    /// Connections closed because the deadline `expiry` ran out.
+    pub fn connections_closed(&self, expiry: Expiry) -> &IntCounter {
+        &self.connections_closed[expiry as usize]
     }
 
     pub fn mutations(&self, kind: MutationLabel) -> &IntCounter {

@@ -13,7 +13,9 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use monoio::io::IntoPollIo;
 
+use super::connection::{ConnState, Expiry, Tracked, Watched};
 use super::hyper_compat::{LocalExec, MonoioTimer};
+use super::limits::{Admission, Limits, Permit};
 use crate::health::Beater;
 use crate::http::auth::CoreTokens;
 use crate::http::{self, CoreContext, Shared};
@@ -29,6 +31,9 @@ pub struct CoreSetup {
     pub reader: Reader,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub drain_timeout: Duration,
+    pub limits: Limits,
+    /// Shared by every core: the connection caps.
+    pub admission: Arc<Admission>,
     /// Told this core's index once it accepts connections; dropped unsent if it cannot.
     pub ready: mpsc::Sender<usize>,
     /// Beaten every `period()` while the core's runtime runs (when the watchdog is on).
@@ -82,12 +87,16 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         // A client that shuts down its sending side after the request still gets the answer.
         .half_close(true)
         .timer(MonoioTimer)
-        .header_read_timeout(Duration::from_secs(30));
+        // Ours (`connection`) instead: hyper's also closes idle keep-alive connections.
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(MonoioTimer)
-        .max_concurrent_streams(1024)
-        .keep_alive_interval(Some(Duration::from_secs(60)));
+        // Streams past it get REFUSED_STREAM from the h2 crate; the client may retry them.
+        .max_concurrent_streams(setup.limits.max_h2_streams)
+        // Closes connections to peers that vanished (no FIN: a pulled cable, a dead NAT entry).
+        .keep_alive_interval(Some(setup.limits.h2_keepalive_interval))
+        .keep_alive_timeout(setup.limits.h2_keepalive_timeout);
     let builder = Rc::new(builder);
     let open = Rc::new(Cell::new(0usize));
     let heartbeat = setup.heartbeat.map(Rc::new);
@@ -99,9 +108,13 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         .map(|listener| {
             monoio::spawn(accept(
                 listener,
-                ctx.clone(),
-                builder.clone(),
-                open.clone(),
+                Serving {
+                    ctx: ctx.clone(),
+                    builder: builder.clone(),
+                    open: open.clone(),
+                    limits: setup.limits,
+                    admission: setup.admission.clone(),
+                },
                 setup.shutdown.clone(),
             ))
         })
@@ -128,24 +141,70 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
     Ok(cut_off)
 }
 
-/// Accepts connections on one listener until shutdown; the listener closes when this returns.
-async fn accept(
-    listener: monoio::net::TcpListener,
+/// What a core hands each connection it accepts.
+#[derive(Clone)]
+struct Serving {
     ctx: Rc<CoreContext>,
     builder: Rc<auto::Builder<LocalExec>>,
     open: Rc<Cell<usize>>,
+    limits: Limits,
+    admission: Arc<Admission>,
+}
+
+/// Back-off of a failing accept: from the first to the longest wait between tries.
+const ACCEPT_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_millis(500));
+
+/// Accepts connections on one listener until shutdown; the listener closes when this returns.
+async fn accept(
+    listener: monoio::net::TcpListener,
+    serving: Serving,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let metrics = serving.ctx.shared.metrics.clone();
+    // An episode of failing accepts (out of descriptors): when it began, and how many failed.
+    let mut failing: Option<(Instant, u64)> = None;
+    let mut backoff = ACCEPT_BACKOFF.0;
     loop {
         monoio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    monoio::spawn(connection(stream, ctx.clone(), builder.clone(), open.clone()));
+                Ok((stream, peer)) => {
+                    if let Some((since, failed)) = failing.take() {
+                        tracing::info!(
+                            "accept works again after {failed} failed attempts in {:.1} s",
+                            since.elapsed().as_secs_f64()
+                        );
+                        backoff = ACCEPT_BACKOFF.0;
+                    }
+                    match serving.admission.admit(peer.ip()) {
+                        Ok(permit) => {
+                            monoio::spawn(connection(stream, serving.clone(), permit));
+                        }
+                        Err(reason) => {
+                            // Counted, not logged: a flood would flood the log.
+                            metrics.connections_refused(reason).inc();
+                            tracing::debug!("refused a connection from {peer}: {}", reason.name());
+                            drop(stream);
+                        }
+                    }
                 }
                 Err(e) => {
-                    // Out of file descriptors or similar: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    monoio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors, say: pending connections wait in the listen
+                    // backlog while this backs off; existing connections are not affected.
+                    metrics.accept_errors.inc();
+                    match &mut failing {
+                        Some((_, failed)) => *failed += 1,
+                        None => {
+                            tracing::warn!(
+                                "accept failed: {e}; backing off (up to {} ms between tries) \
+                                 until it works again; new connections wait meanwhile",
+                                ACCEPT_BACKOFF.1.as_millis()
+                            );
+                            failing = Some((Instant::now(), 1));
+                        }
+                    }
+                    monoio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
                 }
             },
             _ = shutdown.wait_for(|stopping| *stopping) => break,
@@ -161,15 +220,18 @@ async fn beat(beater: Rc<Beater>) {
     }
 }
 
-async fn connection(
-    stream: monoio::net::TcpStream,
-    ctx: Rc<CoreContext>,
-    builder: Rc<auto::Builder<LocalExec>>,
-    open: Rc<Cell<usize>>,
-) {
+async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: Permit) {
+    let Serving {
+        ctx,
+        builder,
+        open,
+        limits,
+        ..
+    } = serving;
     open.set(open.get() + 1);
     let _guard = OpenGuard(open);
     let _counted = GaugeGuard::new(&ctx.shared.metrics.open_connections);
+    let metrics = ctx.shared.metrics.clone();
     let _ = stream.set_nodelay(true);
     let io = match stream.into_poll_io() {
         Ok(io) => io,
@@ -179,19 +241,60 @@ async fn connection(
         }
     };
     let mut shutdown = ctx.shutdown.clone();
-    let service = service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(http::handle(req, &ctx).await) }
-    });
-    let mut conn = pin!(builder.serve_connection(TokioIo::new(io), service));
-    monoio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!("connection ended with an error: {e}");
+    let state = ConnState::new();
+    let service = {
+        let state = state.clone();
+        service_fn(move |req: http::Request| {
+            let active = state.request_started(req.version() == hyper::Version::HTTP_2);
+            let ctx = ctx.clone();
+            async move {
+                let response = http::handle(req, &ctx).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, active)))
             }
-            return;
+        })
+    };
+    let io = TokioIo::new(Watched::new(io, state.clone()));
+    let mut conn = pin!(builder.serve_connection(io, service));
+    loop {
+        let deadline = state.deadline(&limits);
+        let timer = async {
+            match deadline {
+                Some((at, _)) => {
+                    monoio::time::sleep(at.saturating_duration_since(Instant::now())).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        monoio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!("connection ended with an error: {e}");
+                }
+                return;
+            }
+            _ = shutdown.wait_for(|stopping| *stopping) => break,
+            _ = state.changed() => continue,
+            _ = timer => {}
         }
-        _ = shutdown.wait_for(|stopping| *stopping) => {}
+        // The state may have moved on since the timer was set: only a deadline still due counts.
+        let Some((at, expiry)) = state.deadline(&limits) else {
+            continue;
+        };
+        if at > Instant::now() {
+            continue;
+        }
+        metrics.connections_closed(expiry).inc();
+        tracing::debug!("closing a connection: {}", expiry.name());
+        if expiry == Expiry::Idle {
+            // Nothing in flight: HTTP/1.1 closes at once, h2 says GOAWAY first.
+            conn.as_mut().graceful_shutdown();
+            monoio::select! {
+                _ = conn.as_mut() => {}
+                _ = monoio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        // Dropping the connection closes the socket.
+        return;
     }
     // Finish requests in flight; HTTP/2 clients get GOAWAY and retry elsewhere.
     conn.as_mut().graceful_shutdown();

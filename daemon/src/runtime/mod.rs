@@ -1,8 +1,10 @@
 //! The process: opens the store, starts the committer and one serving thread per core, tells
 //! systemd when it is ready, reloads on SIGHUP, and on SIGTERM or SIGINT shuts down in order.
 
+pub mod connection;
 mod core;
 mod hyper_compat;
+pub mod limits;
 mod listener;
 mod signals;
 
@@ -38,6 +40,8 @@ pub struct ServeOptions {
     pub sync_mode: SyncMode,
     pub wal_writes: WalWrites,
     pub drain_timeout: Duration,
+    /// Connection deadlines and caps.
+    pub limits: limits::Limits,
 }
 
 /// Serves until SIGTERM or SIGINT, then drains and returns. `logging`, when given, is re-read
@@ -55,13 +59,34 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         // SAFETY: kill(2) with our own pid and a valid signal number.
         unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
     });
-    match raise_open_files_limit() {
-        Ok((before, after)) if before != after => {
-            tracing::debug!("open files limit raised from {before} to {after}")
+    let open_files = match raise_open_files_limit() {
+        Ok((before, after)) => {
+            if before != after {
+                tracing::debug!("open files limit raised from {before} to {after}");
+            }
+            Some(after)
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+        Err(e) => {
+            tracing::warn!("cannot raise the open files limit: {e}");
+            None
+        }
+    };
+    // The database, io_uring rings, listeners and watch pollers need descriptors too.
+    const RESERVED_FDS: u64 = 64;
+    if let Some(limit) = open_files {
+        if opts.limits.max_connections as u64 + RESERVED_FDS > limit {
+            tracing::warn!(
+                "--max-connections {} is more than the open files limit ({limit}) allows: \
+                 accept backs off when descriptors run out; raise LimitNOFILE= or lower \
+                 --max-connections",
+                opts.limits.max_connections
+            );
+        }
     }
+    let admission = limits::Admission::new(
+        opts.limits.max_connections,
+        opts.limits.max_connections_per_ip,
+    );
     let watches = Arc::new(WatchRegistry::default());
     // Threads beat every quarter interval; the watchdog checks and pings every half.
     let mut monitor = watchdog.map(|interval| Monitor::new(interval / 4));
@@ -146,6 +171,8 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
                 shared: shared.clone(),
                 shutdown: shutdown_rx.clone(),
                 drain_timeout: opts.drain_timeout,
+                limits: opts.limits,
+                admission: admission.clone(),
                 ready: ready_tx.clone(),
                 heartbeat: monitor
                     .as_mut()
