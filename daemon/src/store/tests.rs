@@ -24,13 +24,17 @@ const WAL_WRITES: [WalWrites; 2] = [WalWrites::Pwrite, WalWrites::IoUring];
 
 impl TestStore {
     fn new(wal: WalWrites) -> Self {
+        Self::with_backup(wal, BackupOutbox::disabled())
+    }
+
+    fn with_backup(wal: WalWrites, backup: BackupOutbox) -> Self {
         // Shown with the output of a failing test.
-        eprintln!("store with WAL writes {wal:?}");
+        eprintln!("store with WAL writes {wal:?}, {backup:?}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
         let conn = schema::open_writer(&path, SyncMode::Full, wal).unwrap();
         let watches = Arc::new(WatchRegistry::default());
-        let (committer, thread) = committer::spawn(conn, watches.clone()).unwrap();
+        let (committer, thread) = committer::spawn(conn, watches.clone(), backup).unwrap();
         let external = external::ExternalCommits::spawn(&path, watches.clone()).unwrap();
         TestStore {
             _dir: dir,
