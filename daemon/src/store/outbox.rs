@@ -268,3 +268,6 @@ impl OutboxReader {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
