@@ -381,6 +381,41 @@ fn after_a_crash_every_commit_is_handed_over_once_in_order() {
     assert_eq!(reader.pending().unwrap().commits, 0);
 }
 
+/// A commit whose WAL sync failed has an unknown outcome, and SQLite's recovery brings it
+/// back at the next open: its entries must come back with it (they are in the same
+/// transaction), or the backup would miss a commit that the database has.
+#[test]
+fn a_commit_recovered_after_a_failed_sync_brings_its_entries_back() {
+    let (dir, path) = db();
+    let mut c = direct(&path, BackupOutbox::enabled());
+    let v1 = version_of(&c.commit(&[write(vec![set("k", "1")])])[0]);
+    wal_vfs::inject_faults(Some("sync:EIO:times=1".parse().unwrap()));
+    let (answers, fatal) = c.commit_checked(&[write(vec![set("k", "2")])]);
+    wal_vfs::inject_faults(None);
+    assert!(fatal.is_some(), "a failed sync at COMMIT is fatal");
+    assert!(
+        matches!(answers[0], Err(StoreError::OutcomeUnknown)),
+        "{answers:?}"
+    );
+    // The process would stop here without closing the writer: the files as it leaves them.
+    let (_crash, copy) = crash_copy(&path);
+    let got = Reader::open(&copy)
+        .unwrap()
+        .read_keys(&[key("k")], crate::kv::now_ms())
+        .unwrap();
+    assert_eq!(got[0].as_ref().unwrap().value.data, key("2"), "recovered");
+    let d = OutboxReader::open(&copy)
+        .unwrap()
+        .drain(10, usize::MAX)
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.first_version, v1);
+    assert_eq!(d.commits, 2, "the recovered commit's entries are there");
+    assert_eq!(&d.range.entries[1].value[..], b"2");
+    std::mem::forget(c);
+    drop(dir);
+}
+
 /// A database used with backup still is a Deno KV file: the schema checks pass, migrations
 /// are not re-run, the data reads back.
 #[test]
