@@ -1,7 +1,7 @@
-//! Compiles the KV Connect `.proto` files with `protox` (pure Rust, no `protoc`).
+//! Compiles the KV Connect and backup `.proto` files with `protox` (pure Rust, no `protoc`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/datapath.proto"];
+    let protos = ["proto/datapath.proto", "proto/backup.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

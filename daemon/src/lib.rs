@@ -17,3 +17,9 @@ pub mod proto {
     #![allow(clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/com.deno.kv.datapath.rs"));
 }
+
+/// The S3 backup protobuf messages (SPEC §8.2), generated from `proto/backup.proto`.
+pub mod backup_proto {
+    #![allow(clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/com.deno.kv.backup.rs"));
+}

@@ -106,6 +106,8 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             watches.clone(),
             heartbeat,
             metrics.clone(),
+            // The S3 backup is not built yet (docs/BACKUP.md): nothing fills the outbox.
+            store::BackupOutbox::disabled(),
         )?;
         tracing::info!(
             "Opened database at {}. Sync mode: {:?}. WAL writes: {}. Group commit: always on",

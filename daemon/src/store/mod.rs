@@ -4,6 +4,7 @@
 pub mod checkpointer;
 pub mod committer;
 pub mod external;
+pub mod outbox;
 pub mod reader;
 pub mod schema;
 mod sql;
@@ -15,6 +16,7 @@ use std::fmt;
 use crate::kv::KvError;
 
 pub use committer::CommitterHandle;
+pub use outbox::BackupOutbox;
 pub use reader::Reader;
 pub use schema::SyncMode;
 pub use wal_vfs::WalWrites;

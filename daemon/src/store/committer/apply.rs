@@ -9,6 +9,7 @@ use crate::kv::model::{AtomicWrite, Enqueue, MutationKind, WriteOutcome};
 use crate::kv::value::{StoredValue, Value};
 use crate::kv::versionstamp::Versionstamp;
 use crate::kv::KvError;
+use crate::store::outbox::Recorder;
 use crate::store::sql::{DELETE, ENQUEUE, LOOKUP_VALUE, LOOKUP_VERSION, UPSERT};
 
 /// Queue retry schedule stored when a message gives none (proto3 cannot tell empty from absent).
@@ -36,16 +37,17 @@ impl From<KvError> for ApplyError {
 
 /// Applies `write` inside its own savepoint, at the global `version`. Returns the outcome and
 /// the global version after it (advanced only when the write applies). The keys it changed
-/// are appended to `changed`.
+/// are appended to `changed`, and what it stored to `log` (backup on; see `outbox`).
 pub fn in_savepoint(
     conn: &Connection,
     write: &AtomicWrite,
     version: u64,
     now: i64,
     changed: &mut Vec<Bytes>,
+    log: Option<&mut Recorder>,
 ) -> Result<(WriteOutcome, u64), ApplyError> {
     conn.prepare_cached("SAVEPOINT write")?.execute([])?;
-    let result = apply(conn, write, version, now, changed);
+    let result = apply(conn, write, version, now, changed, log);
     if let Err(ApplyError::Invalid(_)) = result {
         conn.prepare_cached("ROLLBACK TO write")?.execute([])?;
     }
@@ -59,6 +61,7 @@ fn apply(
     version: u64,
     now: i64,
     changed: &mut Vec<Bytes>,
+    mut log: Option<&mut Recorder>,
 ) -> Result<(WriteOutcome, u64), ApplyError> {
     let mut failed = Vec::new();
     {
@@ -83,11 +86,17 @@ fn apply(
 
     let new_version = version + rand::rng().random_range(1..=9);
     let stamp = Versionstamp::new(new_version, 0);
+    if let Some(log) = log.as_deref_mut() {
+        log.begin();
+    }
     for m in &write.mutations {
         let expiry = m.expire_at_ms.unwrap_or(-1);
         match &m.kind {
             MutationKind::Set(value) => {
                 upsert(conn, &m.key, value, new_version, expiry)?;
+                if let Some(log) = log.as_deref_mut() {
+                    log.set(&m.key, value, expiry);
+                }
                 changed.push(m.key.clone());
             }
             MutationKind::SetSuffixVersionstamped(value) => {
@@ -96,21 +105,34 @@ fn apply(
                 key.extend_from_slice(&stamp.key_suffix());
                 let key = Bytes::from(key);
                 upsert(conn, &key, value, new_version, expiry)?;
+                if let Some(log) = log.as_deref_mut() {
+                    log.set(&key, value, expiry);
+                }
                 changed.push(key);
             }
             MutationKind::Delete => {
                 conn.prepare_cached(DELETE)?.execute([&m.key[..]])?;
+                if let Some(log) = log.as_deref_mut() {
+                    log.clear(&m.key);
+                }
                 changed.push(m.key.clone());
             }
             // sum/min/max clear an existing expiry unless the mutation sets one (SPEC §10 D13).
             MutationKind::Le64(op, operand) => {
                 let result = op.apply(lookup_value(conn, &m.key, now)?, *operand)?;
                 upsert(conn, &m.key, &result, new_version, expiry)?;
+                // The backup logs the result: the reader applies every entry as a set.
+                if let Some(log) = log.as_deref_mut() {
+                    log.set(&m.key, &result, expiry);
+                }
                 changed.push(m.key.clone());
             }
             MutationKind::V8Sum(sum) => {
                 let result = sum.apply(lookup_value(conn, &m.key, now)?)?;
                 upsert(conn, &m.key, &result, new_version, expiry)?;
+                if let Some(log) = log.as_deref_mut() {
+                    log.set(&m.key, &result, expiry);
+                }
                 changed.push(m.key.clone());
             }
         }

@@ -123,8 +123,16 @@ impl Committer {
                 // A batch of large writes takes a while: keep the watchdog fed.
                 self.beat();
                 let keys_before = changed.len();
-                match apply::in_savepoint(&self.conn, write, version, now, &mut changed) {
+                let log = self.outbox.as_mut();
+                match apply::in_savepoint(&self.conn, write, version, now, &mut changed, log) {
                     Ok((outcome, v)) => {
+                        // In the batch's transaction: the entries commit with the data.
+                        if let (WriteOutcome::Committed(_), Some(log)) =
+                            (&outcome, self.outbox.as_mut())
+                        {
+                            log.append(&self.conn, version, v, now)
+                                .map_err(Failure::applying)?;
+                        }
                         version = v;
                         if let WriteOutcome::ChecksFailed(_) = outcome {
                             tally.checks_failed += 1;

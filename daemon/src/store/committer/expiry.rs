@@ -121,6 +121,14 @@ impl Committer {
                 self.conn
                     .prepare_cached(SET_VERSION)?
                     .execute([(version + 1) as i64])?;
+                // The replica cannot expire rows itself: it gets the deletions (SPEC §8.7).
+                if let Some(log) = self.outbox.as_mut() {
+                    log.begin();
+                    for key in &deleted {
+                        log.clear(key);
+                    }
+                    log.append(&self.conn, version, version + 1, now)?;
+                }
             }
             Ok(deleted)
         })()

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use self::failure::Failure;
 use super::checkpointer::{self, CheckpointPoke};
+use super::outbox::{BackupOutbox, Recorder};
 use super::sql::GET_VERSION;
 use super::watch::WatchRegistry;
 use super::StoreError;
@@ -111,18 +112,21 @@ impl CommitterHandle {
 pub fn spawn(
     conn: Connection,
     watches: Arc<WatchRegistry>,
+    backup: BackupOutbox,
 ) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
-    spawn_with_heartbeat(conn, watches, None, Arc::new(Metrics::new()))
+    spawn_with_heartbeat(conn, watches, None, Arc::new(Metrics::new()), backup)
 }
 
 /// [`spawn`], and the committer beats `heartbeat` at every turn of its loop, waiting at most
 /// `heartbeat.period()` for work so that an idle committer still beats (the systemd watchdog).
-/// Commits and sweeps are recorded in `metrics`.
+/// Commits and sweeps are recorded in `metrics`. With `backup` on, every commit also appends
+/// its entries to the backup outbox (`store::outbox`).
 pub fn spawn_with_heartbeat(
     conn: Connection,
     watches: Arc<WatchRegistry>,
     heartbeat: Option<Beater>,
     metrics: Arc<Metrics>,
+    backup: BackupOutbox,
 ) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
     let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
     // Checkpoints run on their own thread (see checkpointer.rs), not inside our commits.
@@ -133,7 +137,7 @@ pub fn spawn_with_heartbeat(
         .map(std::path::PathBuf::from)
         .unwrap_or_default();
     let (checkpoints, checkpointer) = checkpointer::spawn(&path)?;
-    let mut committer = Committer::new(conn, watches, metrics)?;
+    let mut committer = Committer::new(conn, watches, metrics, backup)?;
     committer.checkpoints = Some(checkpoints);
     committer.heartbeat = heartbeat;
     let thread = std::thread::Builder::new()
@@ -176,6 +180,8 @@ struct Committer {
     /// Beaten at every turn of the loop (see `spawn_with_heartbeat`).
     heartbeat: Option<Beater>,
     metrics: Arc<Metrics>,
+    /// Backup on: records each commit's entries into the outbox.
+    outbox: Option<Recorder>,
 }
 
 impl Committer {
@@ -183,9 +189,12 @@ impl Committer {
         conn: Connection,
         watches: Arc<WatchRegistry>,
         metrics: Arc<Metrics>,
-    ) -> rusqlite::Result<Self> {
+        backup: BackupOutbox,
+    ) -> anyhow::Result<Self> {
+        let outbox = backup.recorder(&conn)?;
         let version: i64 = conn.query_row(GET_VERSION, [], |r| r.get(0))?;
         Ok(Committer {
+            outbox,
             conn,
             checkpoints: None,
             version: version as u64,
@@ -381,7 +390,23 @@ impl DirectCommitter {
             conn,
             Arc::new(WatchRegistry::default()),
             metrics,
+            BackupOutbox::disabled(),
         )?))
+    }
+
+    /// [`new`](Self::new), filling the backup outbox when `backup` is on.
+    pub fn with_backup(conn: Connection, backup: BackupOutbox) -> anyhow::Result<Self> {
+        Ok(DirectCommitter(Committer::new(
+            conn,
+            Arc::new(WatchRegistry::default()),
+            Arc::new(Metrics::new()),
+            backup,
+        )?))
+    }
+
+    /// Runs the expiry sweep now, on the calling thread.
+    pub fn sweep(&mut self) -> Result<(), Failure> {
+        self.0.sweep()
     }
 
     /// Commits `writes` as one batch (one transaction, a savepoint each).

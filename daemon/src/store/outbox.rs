@@ -1,0 +1,273 @@
+//! The backup outbox: the hand-over from the committer to the (future) S3 backup thread
+//! (docs/BACKUP.md, SPEC §8.7).
+//!
+//! The committer appends, inside the very transaction that commits the data, one row per
+//! commit holding the `BackupReplicationLogEntry`s the backup log must carry for it. The row
+//! is therefore durable exactly when the commit is: a write rolled back to its savepoint, a
+//! batch that fails or a crash before COMMIT leave no row, and no commit is ever without one.
+//! The backup thread drains the rows in order on a connection of its own and deletes them
+//! once shipped; after a crash it finds every commit not yet acknowledged still there.
+//!
+//! One row per commit, not per entry: one B-tree insert per commit keeps the committer's cost
+//! flat in the number of mutations, and the rowid (the commit's version) grows with every
+//! commit, so rows are appended at the end of the table. The entries are stored already
+//! encoded as a `BackupMutationRange` carrying only field 1: protobuf concatenation merges
+//! repeated fields, so a range of commits is the concatenation of their rows.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use prost::Message;
+use rusqlite::{params, Connection, OpenFlags};
+
+use crate::backup_proto::{BackupKvMutationKind, BackupMutationRange, BackupReplicationLogEntry};
+use crate::kv::value::Value;
+
+/// Our own table in the database file. The Deno CLI and the upstream server ignore tables
+/// they do not know; `migration_state` stays at 3 (SPEC §7.2).
+pub const TABLE: &str = "denokv_backup_outbox";
+
+/// `version`: the commit's version (rowid, so commit order is table order). `prev_version`:
+/// the global version just before the commit, so that a commit missing from the outbox (one
+/// made by another process, or by this server with backup off) shows as a gap.
+/// `entries`: an encoded `BackupMutationRange` with entries only (empty for a commit that
+/// changed no key, kept so that the chain of versions has no hole).
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS denokv_backup_outbox (
+       version INTEGER PRIMARY KEY,
+       prev_version INTEGER NOT NULL,
+       timestamp_ms INTEGER NOT NULL,
+       entries BLOB NOT NULL
+     )";
+const INSERT: &str =
+    "INSERT INTO denokv_backup_outbox (version, prev_version, timestamp_ms, entries)
+     VALUES (?1, ?2, ?3, ?4)";
+const OLDEST: &str = "SELECT version, prev_version, timestamp_ms, entries
+     FROM denokv_backup_outbox ORDER BY version LIMIT ?1";
+const ACKNOWLEDGE: &str = "DELETE FROM denokv_backup_outbox WHERE version <= ?1";
+const PENDING: &str =
+    "SELECT count(*), coalesce(sum(length(entries)), 0) FROM denokv_backup_outbox";
+
+/// The index of a commit's last entry: a consistent point for the reader (SPEC §8.6).
+pub const BOUNDARY: u16 = 0xffff;
+
+/// Whether the committer fills the outbox. Off by default: a database never used with backup
+/// is left byte for byte as the Deno CLI would.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackupOutbox {
+    enabled: bool,
+}
+
+impl BackupOutbox {
+    pub fn disabled() -> Self {
+        BackupOutbox { enabled: false }
+    }
+
+    pub fn enabled() -> Self {
+        BackupOutbox { enabled: true }
+    }
+
+    /// The committer's recorder, creating the table if needed; `None` when disabled.
+    pub(crate) fn recorder(self, conn: &Connection) -> anyhow::Result<Option<Recorder>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        conn.execute_batch(CREATE)
+            .with_context(|| format!("cannot create the backup outbox table {TABLE}"))?;
+        Ok(Some(Recorder::default()))
+    }
+}
+
+/// Collects one commit's entries while the committer applies it, then appends them.
+#[derive(Default)]
+pub struct Recorder {
+    entries: Vec<BackupReplicationLogEntry>,
+    buf: Vec<u8>,
+}
+
+impl Recorder {
+    /// Starts a commit (drops what a rolled-back write left).
+    pub fn begin(&mut self) {
+        self.entries.clear();
+    }
+
+    /// The commit stores `value` at `key`. `expiry` as stored (`-1`: none).
+    pub fn set(&mut self, key: &Bytes, value: &Value, expiry: i64) {
+        self.entries.push(BackupReplicationLogEntry {
+            versionstamp: Bytes::new(),
+            kind: BackupKvMutationKind::MkSet as i32,
+            key: key.clone(),
+            value: value.data.clone(),
+            value_encoding: value.encoding as i32,
+            expire_at_ms: expiry.max(0) as u64,
+        });
+    }
+
+    /// The commit deletes `key` (a delete, or the expiry sweep).
+    pub fn clear(&mut self, key: &Bytes) {
+        self.entries.push(BackupReplicationLogEntry {
+            versionstamp: Bytes::new(),
+            kind: BackupKvMutationKind::MkClear as i32,
+            key: key.clone(),
+            value: Bytes::new(),
+            value_encoding: 0,
+            expire_at_ms: 0,
+        });
+    }
+
+    /// Appends the recorded entries as the commit that took the global version from
+    /// `prev_version` to `version` at `timestamp_ms`, in the caller's transaction.
+    pub fn append(
+        &mut self,
+        conn: &Connection,
+        prev_version: u64,
+        version: u64,
+        timestamp_ms: i64,
+    ) -> rusqlite::Result<()> {
+        let last = self.entries.len().saturating_sub(1);
+        for (i, e) in self.entries.iter_mut().enumerate() {
+            // At most 1000 mutations (or a sweep chunk of 1000 keys) a commit: indexes fit.
+            let index = if i == last { BOUNDARY } else { i as u16 };
+            let mut stamp = [0u8; 12];
+            stamp[..8].copy_from_slice(&version.to_be_bytes());
+            stamp[10..].copy_from_slice(&index.to_be_bytes());
+            e.versionstamp = Bytes::copy_from_slice(&stamp);
+        }
+        self.buf.clear();
+        for e in &self.entries {
+            // Field 1 of BackupMutationRange, one per entry: what `encode` of the message
+            // would write, without moving the entries into one.
+            prost::encoding::message::encode(1, e, &mut self.buf);
+        }
+        conn.prepare_cached(INSERT)?.execute(params![
+            version as i64,
+            prev_version as i64,
+            timestamp_ms,
+            &self.buf[..]
+        ])?;
+        self.entries.clear();
+        Ok(())
+    }
+}
+
+/// Where a drained range ends: acknowledging it deletes every commit up to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position(pub u64);
+
+/// The oldest pending commits, ready to ship as one log object.
+#[derive(Debug)]
+pub struct Drained {
+    /// Whole commits in commit order; the last entry is a boundary (`…ffff`) unless every
+    /// commit in it changed no key (then it has no entries: nothing to ship, only to
+    /// acknowledge). `timestamp_ms` is the last commit's wall-clock time.
+    pub range: BackupMutationRange,
+    /// The version of the first commit, and the global version just before it. A
+    /// `prev_version` that is not the last shipped version means commits are missing.
+    pub first_version: u64,
+    pub prev_version: u64,
+    /// The last commit's version.
+    pub position: Position,
+    pub commits: usize,
+    /// Encoded size of `range`'s entries.
+    pub bytes: usize,
+}
+
+/// What waits in the outbox, for a metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub commits: u64,
+    pub bytes: u64,
+}
+
+/// The backup thread's side: its own connection to the database file.
+pub struct OutboxReader {
+    conn: Connection,
+}
+
+impl OutboxReader {
+    /// Opens the database at `path`, which must hold the outbox (the committer creates it).
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)
+            .with_context(|| format!("cannot open database {} for the backup", path.display()))?;
+        // The committer holds the write lock for a batch at a time: wait for it.
+        conn.busy_timeout(std::time::Duration::from_millis(5000))?;
+        let exists: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [TABLE],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            bail!(
+                "database {} has no backup outbox ({TABLE}): the server must run with backup on",
+                path.display()
+            );
+        }
+        Ok(OutboxReader { conn })
+    }
+
+    /// The oldest pending commits: at least one (if any is pending), then more while the
+    /// range stays within `max_commits` and `max_bytes` of entries. Never splits a commit,
+    /// and stops before a gap in the versions (so each range is contiguous). `None` when the
+    /// outbox is empty.
+    pub fn drain(&self, max_commits: usize, max_bytes: usize) -> anyhow::Result<Option<Drained>> {
+        let mut stmt = self.conn.prepare_cached(OLDEST)?;
+        let mut rows = stmt.query([max_commits.max(1) as i64])?;
+        let mut encoded = Vec::new();
+        let mut drained: Option<(u64, u64, u64, i64, usize)> = None;
+        while let Some(row) = rows.next()? {
+            let version = row.get::<_, i64>(0)? as u64;
+            let prev = row.get::<_, i64>(1)? as u64;
+            let timestamp: i64 = row.get(2)?;
+            let entries = row.get_ref(3)?.as_blob()?;
+            if let Some((first, first_prev, last, _, commits)) = drained {
+                if prev != last || encoded.len() + entries.len() > max_bytes {
+                    break;
+                }
+                drained = Some((first, first_prev, version, timestamp, commits + 1));
+            } else {
+                drained = Some((version, prev, version, timestamp, 1));
+            }
+            encoded.extend_from_slice(entries);
+        }
+        let Some((first_version, prev_version, last, timestamp, commits)) = drained else {
+            return Ok(None);
+        };
+        let mut range = BackupMutationRange::decode(&encoded[..])
+            .with_context(|| format!("the backup outbox holds a bad row before {last}"))?;
+        range.timestamp_ms = timestamp.max(0) as u64;
+        Ok(Some(Drained {
+            range,
+            first_version,
+            prev_version,
+            position: Position(last),
+            commits,
+            bytes: encoded.len(),
+        }))
+    }
+
+    /// Deletes every commit up to `position` (shipped), in a transaction of its own.
+    pub fn acknowledge(&self, position: Position) -> anyhow::Result<usize> {
+        let n = self
+            .conn
+            .prepare_cached(ACKNOWLEDGE)?
+            .execute([position.0 as i64])
+            .context("cannot acknowledge shipped backup entries")?;
+        Ok(n)
+    }
+
+    /// What waits to be shipped.
+    pub fn pending(&self) -> anyhow::Result<Pending> {
+        let (commits, bytes): (i64, i64) = self
+            .conn
+            .prepare_cached(PENDING)?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(Pending {
+            commits: commits as u64,
+            bytes: bytes as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
