@@ -5,16 +5,31 @@
 //! committer. Recording is an atomic add on a metric looked up once: labelled children are
 //! resolved at start (or once, on first use) and kept in arrays indexed by enums, so the data
 //! path never looks a label up by string. Gauges that describe state (queue depth, file sizes,
-//! process figures) are sampled when scraped. The listener is a plain blocking HTTP/1.1 loop on
-//! its own thread: a scrape never runs on a serving core.
+//! process figures) are sampled when scraped. The listener is hyper (HTTP/1.1) on a monoio
+//! runtime of its own thread: scrapes are served concurrently, and never on a serving core.
+//! monoio rather than a current-thread tokio runtime: the cores already run monoio with hyper
+//! (`runtime::hyper_compat`), so this adds no crate, where tokio's `rt` and `net` would add its
+//! runtime and a second mio.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use monoio::io::IntoPollIo;
+
+use crate::runtime::hyper_compat::MonoioTimer;
 
 use prometheus::{
     exponential_buckets, Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
@@ -489,17 +504,22 @@ impl Drop for GaugeGuard {
 /// What runs before each scrape to sample state into gauges.
 pub type Sampler = Box<dyn Fn(&Metrics) + Send>;
 
-/// The `/metrics` listener: one thread, one connection at a time. Stops when dropped.
+/// The `/metrics` listener: hyper (HTTP/1.1) on a monoio runtime of its own, on a thread of its
+/// own, so scrapes are served concurrently and never on a serving core. Stops when dropped.
 pub struct MetricsServer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// How long a scraper may take to send its request or read the answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest request head read.
-const MAX_HEAD: usize = 8192;
+/// Connections served at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a scraper may take to send its request head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may last in all (the head, the sampling, writing the answer).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's read buffer, which bounds the request head (hyper answers 431 past it); its minimum.
+const MAX_BUF: usize = 8192;
 
 impl MetricsServer {
     /// Binds `addr` and serves `GET /metrics` on a thread of its own.
@@ -510,31 +530,43 @@ impl MetricsServer {
     ) -> io::Result<MetricsServer> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        listener.set_nonblocking(true)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (started, start_result) = std::sync::mpsc::channel::<io::Result<()>>();
         let thread = std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    if stopping.load(Ordering::Acquire) {
-                        break;
+                let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .enable_timer()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
                     }
-                    match stream {
-                        Ok(stream) => {
-                            if let Err(e) = serve_one(stream, &metrics, &sampler) {
-                                tracing::debug!("metrics request failed: {e}");
-                            }
-                        }
+                };
+                rt.block_on(async move {
+                    // Inside the runtime: the listener registers with its driver.
+                    let listener = match monoio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
                         Err(e) => {
-                            tracing::warn!("metrics accept failed: {e}");
-                            std::thread::sleep(Duration::from_millis(50));
+                            let _ = started.send(Err(e));
+                            return;
                         }
-                    }
-                }
+                    };
+                    let _ = started.send(Ok(()));
+                    serve(listener, metrics, Rc::new(sampler), stopped).await;
+                });
             })?;
+        match start_result.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("the metrics thread ended at start")),
+        }
         Ok(MetricsServer {
             addr,
-            stop,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -546,81 +578,130 @@ impl MetricsServer {
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the blocking accept; if that fails, leave the thread to end with the process.
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
         }
-        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
-            }
+        // The runtime ends with the accept loop; connections still open are dropped with it.
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
-/// Answers one request and closes the connection.
-fn serve_one(mut stream: TcpStream, metrics: &Metrics, sampler: &Sampler) -> io::Result<()> {
+/// Accepts until told to stop, at most [`MAX_CONNECTIONS`] connections at once.
+async fn serve(
+    listener: monoio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    sampler: Rc<Sampler>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(MonoioTimer)
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_BUF)
+        // One request per connection, as scrapers expect of an exporter.
+        .keep_alive(false);
+    let builder = Rc::new(builder);
+    let open = Rc::new(Cell::new(0usize));
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if open.get() >= MAX_CONNECTIONS {
+                        tracing::debug!(
+                            "metrics: {MAX_CONNECTIONS} connections open; closed one from {peer}"
+                        );
+                        drop(stream);
+                        continue;
+                    }
+                    monoio::spawn(connection(
+                        stream,
+                        builder.clone(),
+                        metrics.clone(),
+                        sampler.clone(),
+                        Open::new(&open),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!("metrics accept failed: {e}");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.wait_for(|stopping| *stopping) => break,
+        }
+    }
+}
+
+/// Counts a connection as open while it lives.
+struct Open(Rc<Cell<usize>>);
+
+impl Open {
+    fn new(open: &Rc<Cell<usize>>) -> Open {
+        open.set(open.get() + 1);
+        Open(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+async fn connection(
+    stream: monoio::net::TcpStream,
+    builder: Rc<hyper::server::conn::http1::Builder>,
+    metrics: Arc<Metrics>,
+    sampler: Rc<Sampler>,
+    _open: Open,
+) {
+    let _ = stream.set_nodelay(true);
+    let io = match stream.into_poll_io() {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::debug!("metrics: cannot serve a connection: {e}");
+            return;
+        }
+    };
+    let service = service_fn(move |req: Request<Incoming>| {
+        let response = answer(&req, &metrics, &sampler);
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    match monoio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!("metrics request failed: {e}"),
+        Err(_) => tracing::debug!("metrics: a connection took longer than {CONNECTION_TIMEOUT:?}"),
+    }
+}
+
+/// `GET /metrics` (any query) gets the exposition; other paths 404, other methods 405.
+fn answer(req: &Request<Incoming>, metrics: &Metrics, sampler: &Sampler) -> Response<Full<Bytes>> {
     crate::fatal::debug::panic_point("metrics");
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_HEAD {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                b"",
-            );
-        }
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
+    let plain = |status: StatusCode, text: &'static str| {
+        let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        response
+    };
+    if req.uri().path() != "/metrics" {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
     }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if path != "/metrics" {
-        return respond(&mut stream, "404 Not Found", "text/plain", b"not found\n");
-    }
-    if method != "GET" {
-        return respond(
-            &mut stream,
-            "405 Method Not Allowed",
-            "text/plain",
-            b"use GET\n",
-        );
+    if req.method() != Method::GET {
+        let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return response;
     }
     sampler(metrics);
     metrics.sample_process();
-    let body = metrics.encode();
-    respond(&mut stream, "200 OK", CONTENT_TYPE, &body)
-}
-
-fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &[u8],
-) -> io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    stream.flush()?;
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    Ok(())
+    let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    response
 }

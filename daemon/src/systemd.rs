@@ -3,6 +3,8 @@
 //! handed over by socket activation (`$LISTEN_FDS`).
 //!
 //! Every function here is a no-op when the process does not run under systemd.
+//!
+//! Not the `sd-notify` crate: the README (Running under systemd) says what it lacks.
 
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -340,6 +342,8 @@ mod tests {
         assert_eq!(parse_watchdog(Some("1000000"), Some("7"), 7), Some(s));
         assert_eq!(parse_watchdog(Some("1000000"), Some("8"), 7), None);
         assert_eq!(parse_watchdog(Some("0"), None, 7), None);
+        // A WATCHDOG_PID that is not a number names no process of ours either.
+        assert_eq!(parse_watchdog(Some("1000000"), Some("x"), 7), None);
         assert_eq!(parse_watchdog(Some("x"), None, 7), None);
         assert_eq!(parse_watchdog(None, Some("7"), 7), None);
     }

@@ -447,6 +447,115 @@ fn the_listener_answers_only_get_metrics() {
     }
 }
 
+/// Connects to the metrics port and sends `head` (maybe nothing, maybe half a request).
+fn hold(addr: std::net::SocketAddr, head: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut t = std::net::TcpStream::connect(addr).unwrap();
+    t.write_all(head).unwrap();
+    t
+}
+
+/// Waits until the server closes `t` (EOF or reset); how long that took.
+fn closed_after(t: &mut std::net::TcpStream, limit: Duration) -> Duration {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    t.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match t.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return start.elapsed(),
+            Err(e) => panic!("still open after {:?}: {e}", start.elapsed()),
+        }
+    }
+}
+
+#[test]
+fn a_silent_or_slow_client_does_not_delay_a_scrape_and_is_closed_after_5_s() {
+    let s = Server::start(&[]);
+    let addr = s.metrics_addr.unwrap();
+    let opened = std::time::Instant::now();
+    let mut silent = hold(addr, b"");
+    let mut slow = hold(addr, b"GET /metr");
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let (status, _, body) = http_get(addr, "/metrics");
+        assert_eq!(status, 200);
+        assert!(body.contains("# TYPE denokv_build_info"));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "a scrape took {:?} while a silent client was connected",
+            start.elapsed()
+        );
+    }
+    // The header read deadline (5 s) closes both.
+    for t in [&mut silent, &mut slow] {
+        closed_after(t, Duration::from_secs(10));
+        let open_for = opened.elapsed();
+        assert!(
+            open_for >= Duration::from_millis(4500) && open_for < Duration::from_secs(7),
+            "closed after {open_for:?}"
+        );
+    }
+}
+
+#[test]
+fn concurrent_scrapes_all_succeed() {
+    let s = Server::start(&[]);
+    let addr = s.metrics_addr.unwrap();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
+    let scrapers: Vec<_> = (0..16)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                for _ in 0..4 {
+                    barrier.wait();
+                    let (status, content_type, body) = http_get(addr, "/metrics");
+                    assert_eq!(status, 200);
+                    assert_eq!(content_type, "text/plain; version=0.0.4");
+                    assert!(body.contains("# TYPE process_open_fds"));
+                }
+            })
+        })
+        .collect();
+    for t in scrapers {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn at_most_16_connections_at_once() {
+    let s = Server::start(&[]);
+    let addr = s.metrics_addr.unwrap();
+    let mut held: Vec<_> = (0..16).map(|_| hold(addr, b"")).collect();
+    // The 17th is closed at once.
+    let mut extra = hold(addr, b"");
+    let took = closed_after(&mut extra, Duration::from_secs(3));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // The 16 are still open.
+    for t in &held {
+        t.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 1];
+        let r = std::io::Read::read(&mut &*t, &mut buf);
+        assert_eq!(
+            r.map_err(|e| e.kind()).unwrap_err(),
+            std::io::ErrorKind::WouldBlock
+        );
+    }
+    // One fewer, and a scrape is served again.
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http_get(addr, "/metrics").0, 200);
+    // Connections still open do not hold up the shutdown.
+    let mut s = s;
+    let stopping = std::time::Instant::now();
+    let status = s.stop();
+    assert!(status.success(), "{status}: {}", s.log_text());
+    assert!(stopping.elapsed() < Duration::from_secs(3));
+    drop(held);
+}
+
 #[test]
 fn metrics_off_serves_none() {
     let s = Server::start(&["--metrics-addr", "off"]);

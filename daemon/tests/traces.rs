@@ -463,3 +463,115 @@ async fn without_an_otlp_endpoint_nothing_is_started_or_exported() {
         "something connected to the receiver"
     );
 }
+
+/// A hostile collector: each connection gets the next of these answers (after the request was
+/// read), then the connection is closed; `None` is a collector that reads and never answers.
+const HOSTILE_ANSWERS: [Option<&[u8]>; 4] = [
+    // A chunk size of usize::MAX and then the end (the old hand-written client panicked on it).
+    Some(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc"),
+    // A chunk size beyond usize::MAX.
+    Some(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\nx\r\n0\r\n\r\n",
+    ),
+    Some(b"\x00garbage\xff\r\n\r\n"),
+    None,
+];
+
+/// Runs a hostile collector on a thread; returns its address and the count of connections it
+/// answered (or held).
+fn hostile_collector() -> (std::net::SocketAddr, Arc<Mutex<usize>>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(Mutex::new(0usize));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for (i, stream) in listener.incoming().enumerate() {
+            let Ok(mut s) = stream else { return };
+            let answer = HOSTILE_ANSWERS[i % HOSTILE_ANSWERS.len()];
+            let count = count.clone();
+            std::thread::spawn(move || {
+                // Read the request head and whatever body came with it.
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let mut buf = [0u8; 64 * 1024];
+                let _ = s.read(&mut buf);
+                *count.lock().unwrap() += 1;
+                match answer {
+                    Some(bytes) => {
+                        let _ = s.write_all(bytes);
+                    }
+                    None => std::thread::sleep(Duration::from_secs(30)),
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[tokio::test]
+async fn a_hostile_collector_neither_crashes_nor_hangs_the_exporter() {
+    let (collector, served) = hostile_collector();
+    let dir = tempfile::tempdir().unwrap();
+    let timeout_ms = 700;
+    let mut s = Launch::new(&dir.path().join("db.sqlite"))
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            &format!("http://{collector}"),
+        )
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", &timeout_ms.to_string())
+        .env(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "x-api-key=hostile-test-secret",
+        )
+        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+        .start();
+    s.wait_for_log("Traces: OTLP/HTTP to", Duration::from_secs(5));
+    let c = Client::new();
+    let w = pb::AtomicWrite {
+        mutations: vec![set_bytes(&key("a"), b"v")],
+        ..Default::default()
+    };
+    // Keep making spans until every kind of answer was given at least twice.
+    let start = std::time::Instant::now();
+    while *served.lock().unwrap() < 2 * HOSTILE_ANSWERS.len() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the exporter stopped exporting after {} answers; log:\n{}",
+            served.lock().unwrap(),
+            s.log_text()
+        );
+        let r = c
+            .data(Proto::H1, &s, "atomic_write", w.encode_to_vec())
+            .await;
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still serving, and still alive (a panic on any thread aborts the process).
+    let r = c
+        .data(Proto::H1, &s, "snapshot_read", read_of(&[&key("a")]))
+        .await;
+    assert_eq!(r.status, 200);
+    let stopping = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = s.stop();
+        (status, s)
+    })
+    .await
+    .unwrap();
+    let (status, s) = status;
+    assert!(status.success(), "{status}; log:\n{}", s.log_text());
+    // The drain, then at most the export timeout (or the 5 s shutdown bound) for the last spans.
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let log = s.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        !log.contains("hostile-test-secret"),
+        "the headers were logged:\n{log}"
+    );
+    // A failed export is logged.
+    assert!(log.contains("ExportError"), "{log}");
+}

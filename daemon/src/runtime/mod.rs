@@ -3,7 +3,7 @@
 
 pub mod connection;
 mod core;
-mod hyper_compat;
+pub(crate) mod hyper_compat;
 pub mod limits;
 mod listener;
 mod signals;

@@ -1,93 +1,59 @@
-//! The OTLP exporter's HTTP client: a blocking HTTP/1.1 POST over a new connection
-//! (`Connection: close`), plain `http://` only. It runs on the batch span processor's own
-//! thread, which calls the exporter one batch at a time: no async runtime, no connection pool,
-//! no thread of its own. A general-purpose client (reqwest) would bring its own tokio runtime
-//! thread and some 35 crates (URL parsing with IDNA tables among them) for this one request
-//! every few seconds.
+//! The OTLP exporter's HTTP client: `ureq` (blocking, no TLS: plain `http://` only), called on
+//! the batch span processor's own thread, which exports one batch at a time. No async runtime
+//! and no thread of its own; the agent keeps the connection to the collector for the next
+//! export. A general-purpose async client (reqwest) would bring its own tokio runtime thread and
+//! some 35 crates for this one request every few seconds; ureq without its default features
+//! adds four (ureq, ureq-proto, base64, utf8-zero).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{Request, Response};
 use opentelemetry_http::{HttpClient, HttpError};
 
 /// Longest response kept (a collector's answer is a small protobuf message).
-const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+const MAX_RESPONSE: u64 = 4 * 1024 * 1024;
 
-/// Posts each export on a connection of its own, within `timeout` (connect to last byte).
+/// Longest response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Posts each export within `timeout` (resolving and connecting to the last byte of the answer).
 #[derive(Debug)]
 pub struct BlockingClient {
-    timeout: Duration,
+    agent: ureq::Agent,
 }
 
 impl BlockingClient {
     pub fn new(timeout: Duration) -> Self {
-        BlockingClient { timeout }
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            // The exporter looks at the status itself (and retries on some).
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_response_header_size(MAX_RESPONSE_HEAD)
+            // The endpoint is what OTEL_EXPORTER_OTLP_* says, never an http_proxy of the
+            // environment.
+            .proxy(None)
+            .build()
+            .new_agent();
+        BlockingClient { agent }
     }
 
     fn send(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let deadline = Instant::now() + self.timeout;
         let uri = request.uri().clone();
         if uri.scheme_str() != Some("http") {
             return Err(format!("{uri}: only http:// endpoints are supported").into());
         }
-        let authority = uri.authority().ok_or_else(|| format!("{uri}: no host"))?;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(80);
-        let mut stream = connect(host, port, deadline)?;
-        stream.set_nodelay(true)?;
-
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut head = Vec::with_capacity(256);
-        write!(
-            head,
-            "{} {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-length: {}\r\nconnection: close\r\n",
-            request.method(),
-            request.body().len()
-        )?;
-        for (name, value) in request.headers() {
-            if [header::HOST, header::CONTENT_LENGTH, header::CONNECTION].contains(name) {
-                continue;
-            }
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
-        head.extend_from_slice(b"\r\n");
-        stream.set_write_timeout(Some(remaining(deadline)?))?;
-        stream.write_all(&head)?;
-        stream.write_all(request.body())?;
-
-        // The answer ends when the collector closes the connection.
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            stream.set_read_timeout(Some(remaining(deadline)?))?;
-            let n = match stream.read(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if n == 0 {
-                break;
-            }
-            raw.extend_from_slice(&buf[..n]);
-            if raw.len() > MAX_RESPONSE {
-                return Err(opentelemetry_http::ResponseBodyTooLarge::new().into());
-            }
-            // Done once a complete Content-Length body is in, even if the peer keeps the
-            // connection open.
-            if let Ok(Some(_)) = parse(&raw, false) {
-                break;
-            }
-        }
-        parse(&raw, true)?.ok_or_else(|| "the collector closed the connection mid-answer".into())
+        let (parts, body) = request.into_parts();
+        let request = Request::from_parts(parts, &body[..]);
+        let response = self.agent.run(request).map_err(|e| format!("{uri}: {e}"))?;
+        let (parts, mut body) = response.into_parts();
+        let body = body
+            .with_config()
+            .limit(MAX_RESPONSE)
+            .read_to_vec()
+            .map_err(|e| format!("{uri}: reading the answer: {e}"))?;
+        Ok(Response::from_parts(parts, Bytes::from(body)))
     }
 }
 
@@ -107,153 +73,76 @@ impl HttpClient for BlockingClient {
         Box::pin(std::future::ready(result))
     }
 }
-
-fn remaining(deadline: Instant) -> Result<Duration, HttpError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err("timed out".into());
-    }
-    Ok(left)
-}
-
-fn connect(host: &str, port: u16, deadline: Instant) -> Result<TcpStream, HttpError> {
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .collect();
-    let mut last = None;
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, remaining(deadline)?) {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last = Some(format!("cannot connect to {addr}: {e}")),
-        }
-    }
-    Err(last
-        .unwrap_or_else(|| format!("{host} has no address"))
-        .into())
-}
-
-/// The response in `raw`: `None` while incomplete. `at_eof`: nothing more will come, so a body
-/// without a length ends here.
-fn parse(raw: &[u8], at_eof: bool) -> Result<Option<Response<Bytes>>, HttpError> {
-    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "response head is not text")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .strip_prefix("HTTP/1.")
-        .and_then(|rest| rest.get(2..5))
-        .and_then(|code| code.parse::<u16>().ok())
-        .and_then(|code| StatusCode::from_u16(code).ok())
-        .ok_or_else(|| format!("not an HTTP/1.x status line: {status_line:?}"))?;
-    let mut builder = Response::builder().status(status);
-    let (mut length, mut chunked) = (None, false);
-    for line in lines {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| format!("bad header line {line:?}"))?;
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.parse::<usize>().map_err(|_| "bad content-length")?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.to_ascii_lowercase().ends_with("chunked");
-        }
-        builder = builder.header(name.trim(), value);
-    }
-    let rest = &raw[end + 4..];
-    let body = if chunked {
-        match dechunk(rest)? {
-            Some(body) => body,
-            None if at_eof => return Err("chunked body cut short".into()),
-            None => return Ok(None),
-        }
-    } else if let Some(n) = length {
-        if rest.len() < n {
-            return if at_eof {
-                Err("body shorter than its content-length".into())
-            } else {
-                Ok(None)
-            };
-        }
-        rest[..n].to_vec()
-    } else if at_eof {
-        rest.to_vec()
-    } else {
-        return Ok(None);
-    };
-    Ok(Some(builder.body(Bytes::from(body))?))
-}
-
-/// A chunked body; `None` while the last chunk has not arrived.
-fn dechunk(mut rest: &[u8]) -> Result<Option<Vec<u8>>, HttpError> {
-    let mut body = Vec::new();
-    loop {
-        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-            return Ok(None);
-        };
-        let size_line = std::str::from_utf8(&rest[..eol]).map_err(|_| "bad chunk size")?;
-        let size_hex = size_line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16).map_err(|_| "bad chunk size")?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok(Some(body));
-        }
-        if rest.len() < size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&rest[..size]);
-        rest = &rest[size + 2..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
 
-    /// A one-shot server: reads one request (head and `content-length` body), answers
-    /// `answer` in pieces, then closes. Returns what it received.
-    fn serve_once(answer: &'static [u8]) -> (String, std::thread::JoinHandle<Vec<u8>>) {
+    /// Reads one request (head and `content-length` body) from `s`; returns it.
+    fn read_request(s: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the client closed mid-request");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                if got.len() >= end + 4 + len {
+                    return got;
+                }
+            }
+        }
+    }
+
+    /// A one-shot server: reads one request, answers with `answer(stream)`, then closes.
+    /// Returns what it received.
+    fn serve_with(
+        answer: impl FnOnce(&mut TcpStream) + Send + 'static,
+    ) -> (String, std::thread::JoinHandle<Vec<u8>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
         let thread = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            loop {
-                let n = s.read(&mut buf).unwrap();
-                got.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&got).to_string();
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let len: usize = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .unwrap()
-                        .parse()
-                        .unwrap();
-                    if got.len() >= end + 4 + len {
-                        break;
-                    }
-                }
-            }
-            for piece in answer.chunks(7) {
-                s.write_all(piece).unwrap();
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            let got = read_request(&mut s);
+            answer(&mut s);
             got
         });
         (url, thread)
     }
 
-    fn post(url: &str) -> Result<Response<Bytes>, HttpError> {
+    /// Answers `answer` in pieces, then closes.
+    fn serve_once(answer: &'static [u8]) -> (String, std::thread::JoinHandle<Vec<u8>>) {
+        serve_with(move |s| {
+            for piece in answer.chunks(7) {
+                // The client may hang up first (a hostile answer is refused early).
+                if s.write_all(piece).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    }
+
+    fn post_within(url: &str, timeout: Duration) -> Result<Response<Bytes>, HttpError> {
         let request = Request::post(url)
             .header("content-type", "application/x-protobuf")
             .header("x-api-key", "k1")
             .body(Bytes::from_static(b"\x0a\x00payload"))
             .unwrap();
-        BlockingClient::new(Duration::from_secs(5)).send(request)
+        BlockingClient::new(timeout).send(request)
+    }
+
+    fn post(url: &str) -> Result<Response<Bytes>, HttpError> {
+        post_within(url, Duration::from_secs(5))
     }
 
     #[test]
@@ -266,13 +155,13 @@ mod tests {
         assert_eq!(&resp.body()[..], b"ok");
         let got = String::from_utf8_lossy(&server.join().unwrap()).to_string();
         assert!(got.starts_with("POST /v1/traces HTTP/1.1\r\n"), "{got}");
+        let lower = got.to_ascii_lowercase();
         for line in [
             "content-length: 9",
-            "connection: close",
             "x-api-key: k1",
             "content-type: application/x-protobuf",
         ] {
-            assert!(got.contains(&format!("{line}\r\n")), "{line} in {got}");
+            assert!(lower.contains(&format!("{line}\r\n")), "{line} in {got}");
         }
         assert!(got.ends_with("\r\n\r\n\x0a\x00payload"), "{got}");
     }
@@ -299,11 +188,10 @@ mod tests {
     #[test]
     fn failures_are_errors() {
         let (url, server) = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort");
-        let err = post(&url).unwrap_err().to_string();
-        assert!(err.contains("content-length"), "{err}");
+        assert!(post(&url).is_err());
         server.join().unwrap();
         let (url, server) = serve_once(b"garbage\r\n\r\n");
-        assert!(post(&url).unwrap_err().to_string().contains("status line"));
+        assert!(post(&url).is_err());
         server.join().unwrap();
         // Nothing listens there any more.
         let port = TcpListener::bind("127.0.0.1:0")
@@ -311,8 +199,9 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let err = post(&format!("http://127.0.0.1:{port}/v1/traces")).unwrap_err();
-        assert!(err.to_string().contains("cannot connect"), "{err}");
+        let url = format!("http://127.0.0.1:{port}/v1/traces");
+        let err = post(&url).unwrap_err().to_string();
+        assert!(err.contains(&url), "{err}");
         assert!(post("https://127.0.0.1:1/v1/traces").is_err());
     }
 
@@ -320,12 +209,80 @@ mod tests {
     fn a_silent_collector_times_out() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
-        let request = Request::post(url).body(Bytes::from_static(b"x")).unwrap();
         let start = Instant::now();
-        let err = BlockingClient::new(Duration::from_millis(300))
-            .send(request)
-            .unwrap_err();
+        let err = post_within(&url, Duration::from_millis(300)).unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(3), "{err}");
+        assert!(err.to_string().contains("timeout"), "{err}");
         drop(listener);
+    }
+
+    /// A hostile collector: chunk sizes that overflow or promise more than will ever come,
+    /// garbage, an endless head, an endless body, a trickle. Each is an error, within the
+    /// timeout, never a panic (the old hand-written client's `size + 2` overflowed here).
+    #[test]
+    fn a_hostile_collector_is_an_error_in_time_never_a_panic() {
+        let timeout = Duration::from_millis(800);
+        let answers: [&'static [u8]; 7] = [
+            // usize::MAX, then a few bytes and the end of the connection.
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc",
+            // More than usize::MAX.
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551616\r\n\r\nabc",
+            b"HTTP/1.1 99999999999999999999 OK\r\n\r\n",
+            b"\x00\xff\r\n\r\n\r\n",
+        ];
+        for answer in answers {
+            let (url, server) = serve_once(answer);
+            let start = Instant::now();
+            let result = post_within(&url, timeout);
+            assert!(
+                result.is_err(),
+                "{:?} accepted",
+                String::from_utf8_lossy(answer)
+            );
+            assert!(start.elapsed() < timeout + Duration::from_secs(1));
+            server.join().unwrap();
+        }
+
+        // A huge chunk that keeps coming, fast: refused at the response size limit.
+        let (url, server) = serve_with(|s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let _ = s.write_all(b"ffffffffffffffff\r\n");
+            let block = [b'x'; 64 * 1024];
+            while s.write_all(&block).is_ok() {}
+        });
+        let start = Instant::now();
+        let err = post_within(&url, Duration::from_secs(5)).unwrap_err();
+        assert!(err.to_string().contains("limit"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5), "{err}");
+        server.join().unwrap();
+
+        // A head that never ends: refused at the head size limit.
+        let (url, server) = serve_with(|s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n");
+            while s.write_all(b"x-filler: 0123456789abcdef\r\n").is_ok() {}
+        });
+        assert!(post_within(&url, Duration::from_secs(5)).is_err());
+        server.join().unwrap();
+
+        // A trickle, a byte every 50 ms, forever: cut at the timeout.
+        let (url, server) = serve_with(|s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let _ = s.write_all(b"ffffffffffffffff\r\n");
+            while s.write_all(b"x").is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let start = Instant::now();
+        let err = post_within(&url, timeout).unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            took >= timeout && took < timeout + Duration::from_secs(1),
+            "{took:?} {err}"
+        );
+        assert!(err.to_string().contains("timeout"), "{err}");
+        server.join().unwrap();
     }
 }

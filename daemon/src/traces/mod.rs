@@ -8,8 +8,8 @@
 //! When traces are off nothing is started (no exporter thread, no client) and a request pays
 //! one atomic load: [`Span::server`] returns an empty handle whose methods do nothing.
 //!
-//! The exporter runs on the SDK's batch span processor thread with a small blocking HTTP client
-//! of ours ([`http_client`]), so no async runtime is needed anywhere (the serving threads run
+//! The exporter runs on the SDK's batch span processor thread with a blocking HTTP client
+//! (`ureq`, see [`http_client`]), so no async runtime is needed anywhere (the serving threads run
 //! monoio).
 
 mod http_client;
