@@ -236,21 +236,23 @@ impl Label for Proto {
 /// file, advancing the global version as every writer of the format does.
 fn write_as_another_process(db: &std::path::Path, k: &Bytes, v: &[u8]) {
     let conn = rusqlite::Connection::open(db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    let tx = conn.unchecked_transaction().unwrap();
-    tx.execute(
+    // SQLite's busy handler polls for the lock: against a server committing back to back it
+    // can lose every time for a while, so try for long.
+    conn.busy_timeout(Duration::from_secs(60)).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    conn.execute(
         "UPDATE data_version SET version = version + 1 WHERE k = 0",
         [],
     )
     .unwrap();
-    tx.execute(
+    conn.execute(
         "INSERT INTO kv (k, v, v_encoding, version) VALUES (?1, ?2, 3,
            (SELECT version FROM data_version WHERE k = 0))
          ON CONFLICT (k) DO UPDATE SET v = excluded.v, version = excluded.version",
         rusqlite::params![&k[..], v],
     )
     .unwrap();
-    tx.commit().unwrap();
+    conn.execute_batch("COMMIT").unwrap();
 }
 
 /// The value in the next data frame for the one watched key.
@@ -312,6 +314,8 @@ async fn other_processes_commits_reach_watchers_under_steady_load() {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 set_key(&c, Proto::H2, &url, &format!("load{w}-{n}"), "x").await;
+                // Steady, not saturating: leaves the other process gaps to take the lock in.
+                tokio::time::sleep(Duration::from_millis(2)).await;
                 n += 1;
             }
             n
