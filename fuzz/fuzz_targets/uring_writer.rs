@@ -2,6 +2,7 @@
 //! then a synced flush; the file must equal the same writes applied to a Vec.
 #![no_main]
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
@@ -16,8 +17,14 @@ enum Op {
 }
 
 thread_local! {
-    /// One file on tmpfs (fdatasync costs nothing there), truncated for every input.
-    static FILE: File = tempfile_on_shm();
+    /// One file on tmpfs (fdatasync costs nothing there), truncated for every input, and one
+    /// writer on it: a new io_uring per input would be most of the time spent. Every input
+    /// ends with a synced flush, which leaves the writer's buffer empty.
+    static STATE: RefCell<(File, UringWriter)> = RefCell::new({
+        let file = tempfile_on_shm();
+        let fd: OwnedFd = file.try_clone().unwrap().into();
+        (file, UringWriter::from_fd(fd).expect("io_uring is available"))
+    });
 }
 
 fn tempfile_on_shm() -> File {
@@ -39,18 +46,17 @@ fn tempfile_on_shm() -> File {
 }
 
 fuzz_target!(|ops: Vec<Op>| {
-    FILE.with(|file| {
+    STATE.with_borrow_mut(|(file, w)| {
         file.set_len(0).unwrap();
-        let fd: OwnedFd = file.try_clone().unwrap().into();
-        let mut w = UringWriter::from_fd(fd).expect("io_uring is available");
         let mut model = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             match *op {
                 Op::Write { offset, len, byte } => {
-                    // Offsets up to 256 KiB, lengths up to 16 KiB: SQLite writes frames of a
-                    // page plus header, but the writer must take any.
-                    let offset = u64::from(offset) * 4;
-                    let len = usize::from(len % 16_385);
+                    // Offsets up to 64 KiB, lengths up to a WAL frame (24-byte header and a
+                    // 4 KiB page) and a byte: SQLite writes whole frames, but the writer must
+                    // take any write.
+                    let offset = u64::from(offset);
+                    let len = usize::from(len % (24 + 4096 + 2));
                     // Vary the bytes so a misplaced copy shows.
                     let bytes: Vec<u8> =
                         (0..len).map(|j| byte.wrapping_add((i + j) as u8)).collect();
