@@ -36,7 +36,12 @@ fuzz_target!(|data: &[u8]| {
     let json: serde_json::Value = serde_json::from_slice(&out).expect("answer is JSON");
     let version = json["version"].as_i64().expect("version");
     assert!(version == 2 || version == 3);
-    let offered: serde_json::Value = serde_json::from_slice(data).expect("accepted body is JSON");
+    assert_eq!(json["token"], TOKEN);
+    // The server skips unknown fields without reading them, so it takes bodies that a full
+    // parse refuses (`{"x":1e99999,...}`, number out of range); check those no further.
+    let Ok(offered) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
     // serde also reads a struct from a JSON array of its fields: `[[2,3]]` is accepted too.
     let offered = match &offered {
         serde_json::Value::Array(fields) => &fields[0],
@@ -44,5 +49,4 @@ fuzz_target!(|data: &[u8]| {
     };
     let offered = offered.as_array().expect("offered versions");
     assert!(offered.iter().any(|v| v.as_i64() == Some(version)));
-    assert_eq!(json["token"], TOKEN);
 });
