@@ -197,7 +197,8 @@ impl Route {
 }
 
 /// The checks every data-path request passes first, in upstream's order (SPEC §1.4).
-fn check_data_path_headers(headers: &HeaderMap, tokens: &CoreTokens) -> Result<(), ApiError> {
+/// Public for the fuzz target `headers` (fuzz/).
+pub fn check_data_path_headers(headers: &HeaderMap, tokens: &CoreTokens) -> Result<(), ApiError> {
     let version = headers
         .get("x-denokv-version")
         .and_then(|v| v.to_str().ok());

@@ -16,7 +16,9 @@
 //! default VFS straight into SQLite's file object, so it runs the default code unchanged.
 
 mod faults;
-mod uring;
+/// Public only for the fuzz target `uring_writer` (fuzz/), which checks its frame buffering.
+#[doc(hidden)]
+pub mod uring;
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
