@@ -2,7 +2,8 @@
 # Runs every test of denokv on a fresh Debian machine with Rust:
 #   formatting and lints, the Rust unit and integration tests (against the real binary),
 #   SIGKILL crash cycles under load (tests/crash/sigkill-cycles.py), power cuts simulated by a
-#   FUSE layer (tests/powerloss/; needs root and /dev/fuse),
+#   FUSE layer (tests/powerloss/; needs root and /dev/fuse), a bounded run of every fuzz target
+#   (tests/fuzz/run.sh, nightly toolchain; installs cargo-fuzz),
 #   the end-to-end suites driven by the Deno CLI and the npm @deno/kv client, and the Debian
 #   package installed in a booted Debian container (tests/packaging/deb-e2e.sh; needs root).
 # Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm;
@@ -75,6 +76,11 @@ for wal in pwrite io-uring; do
 done
 # Without an fsync per commit, acknowledged writes must be lost: proves the test can fail.
 tests/powerloss/run.sh --cycles 3 --sync-mode normal --cut drop --expect-loss
+
+# A bounded run (10 s a target); by hand, longer: tests/fuzz/run.sh 600. Its own target dir:
+# nightly and sanitizer builds.
+step "fuzz: every cargo-fuzz target for 10 s"
+CARGO_TARGET_DIR="$HOME/.cache/denokv/target-fuzz" tests/fuzz/run.sh 10
 
 # It adds a release build (fat LTO) and, on an empty cache, cargo-deb and a debootstrap; about a
 # minute when ~/.cache/denokv is warm (see the README, "The package test"). Before the e2e suites,
