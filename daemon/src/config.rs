@@ -131,30 +131,31 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_DRAIN_TIMEOUT", default_value = "10")]
     pub drain_timeout: u64,
 
+    // Deadlines are whole seconds, at least 1 (0 would close every connection at once).
     /// Seconds a new connection may stay silent before its first byte; then it is closed.
-    #[arg(long, env = "DENOKV_FIRST_BYTE_TIMEOUT", default_value = "10", value_parser = seconds)]
+    #[arg(long, env = "DENOKV_FIRST_BYTE_TIMEOUT", default_value = "10", value_parser = clap::value_parser!(u64).range(1..))]
     pub first_byte_timeout: u64,
 
     /// Seconds from the first byte of a request head to its end (HTTP/1.1: every request;
     /// HTTP/2: the preface and the first request's headers); then the connection is closed.
-    #[arg(long, env = "DENOKV_HEAD_TIMEOUT", default_value = "10", value_parser = seconds)]
+    #[arg(long, env = "DENOKV_HEAD_TIMEOUT", default_value = "10", value_parser = clap::value_parser!(u64).range(1..))]
     pub head_timeout: u64,
 
     /// Seconds a keep-alive connection with no request or stream open (a watch stream is
     /// open) stays open.
-    #[arg(long, env = "DENOKV_IDLE_TIMEOUT", default_value = "120", value_parser = seconds)]
+    #[arg(long, env = "DENOKV_IDLE_TIMEOUT", default_value = "120", value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout: u64,
 
     /// Seconds between HTTP/2 pings the server sends on each connection.
-    #[arg(long, env = "DENOKV_H2_KEEPALIVE_INTERVAL", default_value = "20", value_parser = seconds)]
+    #[arg(long, env = "DENOKV_H2_KEEPALIVE_INTERVAL", default_value = "20", value_parser = clap::value_parser!(u64).range(1..))]
     pub h2_keepalive_interval: u64,
 
     /// Seconds an HTTP/2 ping may go unanswered before the connection is closed.
-    #[arg(long, env = "DENOKV_H2_KEEPALIVE_TIMEOUT", default_value = "20", value_parser = seconds)]
+    #[arg(long, env = "DENOKV_H2_KEEPALIVE_TIMEOUT", default_value = "20", value_parser = clap::value_parser!(u64).range(1..))]
     pub h2_keepalive_timeout: u64,
 
     /// Client connections open at once, on all cores; more are closed at accept.
-    #[arg(long, env = "DENOKV_MAX_CONNECTIONS", default_value = "10000", value_parser = at_least_one)]
+    #[arg(long, env = "DENOKV_MAX_CONNECTIONS", default_value = "10000", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections: usize,
 
     /// Client connections open at once from one IP address; more are closed at accept.
@@ -162,7 +163,7 @@ pub struct ServeArgs {
         long,
         env = "DENOKV_MAX_CONNECTIONS_PER_IP",
         default_value = "1000",
-        value_parser = at_least_one
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     pub max_connections_per_ip: usize,
 
@@ -188,21 +189,6 @@ pub struct ServeArgs {
 pub enum MetricsAddr {
     Off,
     On(SocketAddr),
-}
-
-/// A timeout in whole seconds, at least 1 (0 would close every connection at once).
-fn seconds(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("give whole seconds, at least 1".to_string()),
-    }
-}
-
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("give a number, at least 1".to_string()),
-    }
 }
 
 fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {

@@ -37,6 +37,7 @@ use prometheus::{
 };
 
 pub use crate::runtime::connection::Expiry;
+use crate::runtime::connection::Open;
 pub use crate::runtime::limits::Refusal;
 
 /// The `Content-Type` of the text exposition format.
@@ -630,22 +631,6 @@ async fn serve(
             },
             _ = stop.wait_for(|stopping| *stopping) => break,
         }
-    }
-}
-
-/// Counts a connection as open while it lives.
-struct Open(Rc<Cell<usize>>);
-
-impl Open {
-    fn new(open: &Rc<Cell<usize>>) -> Open {
-        open.set(open.get() + 1);
-        Open(open.clone())
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
     }
 }
 

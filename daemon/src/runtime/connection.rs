@@ -142,6 +142,23 @@ impl Drop for Active {
     }
 }
 
+/// Counts a connection in a per-thread tally while it lives (a core's, for its drain; the
+/// metrics listener's, for its cap).
+pub struct Open(Rc<Cell<usize>>);
+
+impl Open {
+    pub fn new(open: &Rc<Cell<usize>>) -> Open {
+        open.set(open.get() + 1);
+        Open(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// A response body that keeps its request counted as in flight until it is finished.
 pub struct Tracked {
     body: Body,

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use monoio::io::IntoPollIo;
 
-use super::connection::{ConnState, Expiry, Tracked, Watched};
+use super::connection::{ConnState, Expiry, Open, Tracked, Watched};
 use super::hyper_compat::{LocalExec, MonoioTimer};
 use super::limits::{Admission, Limits, Permit};
 use crate::health::Beater;
@@ -228,8 +228,7 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
         limits,
         ..
     } = serving;
-    open.set(open.get() + 1);
-    let _guard = OpenGuard(open);
+    let _open = Open::new(&open);
     let _counted = GaugeGuard::new(&ctx.shared.metrics.open_connections);
     let metrics = ctx.shared.metrics.clone();
     let _ = stream.set_nodelay(true);
@@ -299,12 +298,4 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
     // Finish requests in flight; HTTP/2 clients get GOAWAY and retry elsewhere.
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
-}
-
-struct OpenGuard(Rc<Cell<usize>>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
 }

@@ -192,12 +192,7 @@ impl OutboxReader {
             .with_context(|| format!("cannot open database {} for the backup", path.display()))?;
         // The committer holds the write lock for a batch at a time: wait for it.
         conn.busy_timeout(std::time::Duration::from_millis(5000))?;
-        let exists: bool = conn.query_row(
-            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [TABLE],
-            |r| r.get(0),
-        )?;
-        if !exists {
+        if !super::schema::table_exists(&conn, TABLE)? {
             bail!(
                 "database {} has no backup outbox ({TABLE}): the server must run with backup on",
                 path.display()

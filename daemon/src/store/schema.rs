@@ -112,13 +112,17 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
-    let exists: bool = conn.query_row(
-        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'migration_state'",
-        [],
+/// Whether the database holds a table called `name`.
+pub fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
         |r| r.get(0),
-    )?;
-    if !exists {
+    )
+}
+
+fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    if !table_exists(conn, "migration_state")? {
         return Ok(0);
     }
     let v: Option<i64> = conn
