@@ -182,6 +182,76 @@ pub struct ServeArgs {
     /// Serve a replica synced from S3 (not yet supported by this server).
     #[arg(long, conflicts_with = "read_only")]
     pub sync_from_s3: bool,
+
+    /// Back every committed write up to S3 (--s3-bucket, --s3-prefix): snapshots and a log
+    /// of every commit (docs/BACKUP.md).
+    #[arg(long, env = "DENOKV_BACKUP_TO_S3", conflicts_with_all = ["read_only", "sync_from_s3"])]
+    pub backup_to_s3: bool,
+
+    #[command(flatten)]
+    pub s3: S3Args,
+
+    /// Backup: every committed write is in S3 within this many milliseconds under steady load.
+    #[arg(long, env = "DENOKV_BACKUP_INTERVAL_MS", default_value = "1000", value_parser = clap::value_parser!(u64).range(10..))]
+    pub backup_interval_ms: u64,
+
+    /// Backup: take a new snapshot this often (a number with s, m, h or d).
+    #[arg(long, env = "DENOKV_BACKUP_SNAPSHOT_INTERVAL", default_value = "24h", value_parser = parse_duration)]
+    pub backup_snapshot_interval: Duration,
+
+    /// Backup: keep every point in time this far back restorable (a number with s, m, h or d).
+    #[arg(long, env = "DENOKV_BACKUP_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub backup_retention: Duration,
+}
+
+/// Where the S3 backup lives (SPEC §9.2): shared by `serve` and the S3 subcommands.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct S3Args {
+    /// S3 bucket of the backup.
+    #[arg(long, env = "DENO_KV_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Key prefix in the bucket; must end with a slash.
+    #[arg(long, env = "DENO_KV_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+
+    /// S3-compatible endpoint URL (path-style addressing); default: AWS.
+    #[arg(long, env = "DENO_KV_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+}
+
+impl S3Args {
+    pub fn location(&self) -> anyhow::Result<crate::backup::Location> {
+        crate::backup::Location::new(
+            self.s3_bucket.clone().unwrap_or_default(),
+            self.s3_prefix.clone(),
+            self.s3_endpoint.clone(),
+        )
+    }
+}
+
+/// `90s`, `30m`, `24h`, `7d` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with s, m, h or d (like 24h)"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    if n == 0 {
+        return Err(format!("{s:?}: must be more than zero"));
+    }
+    n.checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?}: too long"))
 }
 
 /// `--metrics-addr`: an address, or `off`.
@@ -238,6 +308,16 @@ impl ServeArgs {
                 db_path.display()
             );
         }
+        let backup = if self.backup_to_s3 {
+            Some(crate::backup::BackupConfig {
+                location: self.s3.location()?,
+                interval: Duration::from_millis(self.backup_interval_ms),
+                snapshot_interval: self.backup_snapshot_interval,
+                retention: self.backup_retention,
+            })
+        } else {
+            None
+        };
         let threads = match self.threads {
             Some(n) => n as usize,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -252,6 +332,7 @@ impl ServeArgs {
                 MetricsAddr::On(addr) => Some(addr),
             },
             read_only: self.read_only,
+            backup,
             threads,
             sync_mode: self.sync_mode,
             wal_writes: self.wal_writes,

@@ -1,5 +1,6 @@
 //! denokv: a self-hosted Deno KV server speaking the KV Connect protocol.
 
+pub mod backup;
 pub mod config;
 pub mod fatal;
 pub mod health;

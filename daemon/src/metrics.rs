@@ -392,6 +392,13 @@ impl Metrics {
         }
     }
 
+    /// Registers a metric kept elsewhere (the backup's), to be exposed with these.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry
+            .register(collector)
+            .expect("metric names and labels are valid and unique");
+    }
+
     /// Sets `denokv_build_info` and `denokv_sync_mode`.
     pub fn set_info(&self, sync_mode: &str) {
         self.build_info

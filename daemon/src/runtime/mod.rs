@@ -36,6 +36,8 @@ pub struct ServeOptions {
     /// Where to serve `/metrics`; `None`: not served.
     pub metrics_addr: Option<SocketAddr>,
     pub read_only: bool,
+    /// `--backup-to-s3`: the S3 backup's settings.
+    pub backup: Option<crate::backup::BackupConfig>,
     pub threads: usize,
     pub sync_mode: SyncMode,
     pub wal_writes: WalWrites,
@@ -106,8 +108,11 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             watches.clone(),
             heartbeat,
             metrics.clone(),
-            // The S3 backup is not built yet (docs/BACKUP.md): nothing fills the outbox.
-            store::BackupOutbox::disabled(),
+            if opts.backup.is_some() {
+                store::BackupOutbox::enabled()
+            } else {
+                store::BackupOutbox::disabled()
+            },
         )?;
         tracing::info!(
             "Opened database at {}. Sync mode: {:?}. WAL writes: {}. Group commit: always on",
@@ -127,6 +132,19 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             ""
         }
     );
+    let backup = match &opts.backup {
+        Some(config) => {
+            let backup_metrics = Arc::new(crate::backup::BackupMetrics::new(&metrics));
+            match crate::backup::Backup::start(&opts.db_path, config.clone(), backup_metrics) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    stop_committer(committer, committer_thread)?;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     // Wakes watch streams on commits of other processes (and on a read-only server, on all).
     let external = store::external::ExternalCommits::spawn(&opts.db_path, watches.clone())?;
     let shared = Arc::new(Shared {
@@ -210,6 +228,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         let _ = shutdown_tx.send(true);
         let cores_result = join_cores(cores);
         stop_committer(committer, committer_thread)?;
+        if let Some(backup) = backup {
+            let _ = backup.stop();
+        }
         return Err(cores_result.err().unwrap_or(e));
     }
 
@@ -287,6 +308,12 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let _ = shutdown_tx.send(true);
     let cores_result = join_cores(cores);
     stop_committer(committer, committer_thread)?;
+    // After the committer: the last commits are shipped too.
+    if let Some(backup) = backup {
+        if let Err(e) = backup.stop() {
+            tracing::error!("the backup stopped with an error: {e:#}");
+        }
+    }
     drop(external);
     drop(watchdog);
     if let Some(reason) = crate::fatal::reason() {

@@ -39,6 +39,33 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS denokv_backup_outbox (
        timestamp_ms INTEGER NOT NULL,
        entries BLOB NOT NULL
      )";
+/// The backup thread's progress, one row: which bucket and prefix it ships to, the last
+/// version shipped (an outbox row whose `prev_version` differs is a gap), and the snapshot
+/// generation it last started (its start version) and whether that generation is complete.
+const CREATE_STATE: &str = "CREATE TABLE IF NOT EXISTS denokv_backup_state (
+       k INTEGER PRIMARY KEY CHECK (k = 0),
+       location TEXT NOT NULL,
+       shipped_version INTEGER NOT NULL,
+       generation INTEGER NOT NULL,
+       generation_done INTEGER NOT NULL,
+       reset INTEGER NOT NULL
+     )";
+const STATE: &str =
+    "SELECT location, shipped_version, generation, generation_done, reset FROM denokv_backup_state";
+const START_GENERATION: &str = "INSERT OR REPLACE INTO denokv_backup_state
+       (k, location, shipped_version, generation, generation_done, reset)
+       VALUES (0, ?1, ?2, ?3, 0, ?4)";
+const SHIPPED: &str = "UPDATE denokv_backup_state SET shipped_version = ?1";
+const GENERATION_DONE: &str = "UPDATE denokv_backup_state SET generation_done = 1";
+const CURRENT_VERSION: &str = "SELECT version FROM data_version WHERE k = 0";
+const OLDEST_PENDING: &str =
+    "SELECT timestamp_ms FROM denokv_backup_outbox ORDER BY version LIMIT 1";
+/// A snapshot chunk: rows in key order after a key (expired rows too: the sweep's deletes
+/// follow in the log).
+const SNAPSHOT_FIRST: &str = "SELECT k, v, v_encoding, version, seq, expiration_ms FROM kv
+     ORDER BY k LIMIT ?1";
+const SNAPSHOT_NEXT: &str = "SELECT k, v, v_encoding, version, seq, expiration_ms FROM kv
+     WHERE k > ?1 ORDER BY k LIMIT ?2";
 const INSERT: &str =
     "INSERT INTO denokv_backup_outbox (version, prev_version, timestamp_ms, entries)
      VALUES (?1, ?2, ?3, ?4)";
@@ -73,6 +100,7 @@ impl BackupOutbox {
             return Ok(None);
         }
         conn.execute_batch(CREATE)
+            .and_then(|_| conn.execute_batch(CREATE_STATE))
             .with_context(|| format!("cannot create the backup outbox table {TABLE}"))?;
         Ok(Some(Recorder::default()))
     }
@@ -172,6 +200,29 @@ pub struct Drained {
     pub bytes: usize,
 }
 
+/// The backup thread's progress (see `CREATE_STATE`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShipState {
+    pub location: String,
+    pub shipped_version: u64,
+    pub generation: u64,
+    pub generation_done: bool,
+    /// The generation started last begins a new history: what is older is deleted once it
+    /// is complete.
+    pub reset: bool,
+}
+
+/// One row of the `kv` table, for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub encoding: i64,
+    pub version: u64,
+    pub seq: u16,
+    pub expiration_ms: i64,
+}
+
 /// What waits in the outbox, for a metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pending {
@@ -241,14 +292,125 @@ impl OutboxReader {
         }))
     }
 
-    /// Deletes every commit up to `position` (shipped), in a transaction of its own.
+    /// Deletes every commit up to `position` (shipped) and records it as the last version
+    /// shipped, in a transaction of its own.
     pub fn acknowledge(&self, position: Position) -> anyhow::Result<usize> {
-        let n = self
-            .conn
+        let tx = self.conn.unchecked_transaction()?;
+        let n = tx
             .prepare_cached(ACKNOWLEDGE)?
             .execute([position.0 as i64])
             .context("cannot acknowledge shipped backup entries")?;
+        tx.prepare_cached(SHIPPED)?.execute([position.0 as i64])?;
+        tx.commit()
+            .context("cannot acknowledge shipped backup entries")?;
         Ok(n)
+    }
+
+    /// Where the backup stands, if it ever started.
+    pub fn state(&self) -> anyhow::Result<Option<ShipState>> {
+        use rusqlite::OptionalExtension;
+        let state = self
+            .conn
+            .prepare_cached(STATE)?
+            .query_row([], |r| {
+                Ok(ShipState {
+                    location: r.get(0)?,
+                    shipped_version: r.get::<_, i64>(1)? as u64,
+                    generation: r.get::<_, i64>(2)? as u64,
+                    generation_done: r.get::<_, i64>(3)? != 0,
+                    reset: r.get::<_, i64>(4)? != 0,
+                })
+            })
+            .optional()?;
+        Ok(state)
+    }
+
+    /// Starts a snapshot generation for `location` at the current version S, which it
+    /// returns. With `reset` (a new history: first backup, or after a gap) every commit up to
+    /// S is in the snapshot about to be read, so its outbox rows are dropped and S counts as
+    /// shipped. Without, the logs go on as they were (their history stays whole).
+    pub fn start_generation(&self, location: &str, reset: bool) -> anyhow::Result<u64> {
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
+        let start = tx.query_row(CURRENT_VERSION, [], |r| r.get::<_, i64>(0))? as u64;
+        let shipped = if reset {
+            tx.prepare_cached(ACKNOWLEDGE)?.execute([start as i64])?;
+            start
+        } else {
+            tx.query_row(STATE, [], |r| r.get::<_, i64>(1))? as u64
+        };
+        tx.prepare_cached(START_GENERATION)?.execute(params![
+            location,
+            shipped as i64,
+            start as i64,
+            reset as i64
+        ])?;
+        tx.commit().context("cannot start a backup snapshot")?;
+        Ok(start)
+    }
+
+    /// Marks the generation started last as complete (uploaded, `differential` written).
+    pub fn finish_generation(&self) -> anyhow::Result<()> {
+        self.conn.execute(GENERATION_DONE, [])?;
+        Ok(())
+    }
+
+    /// The database's current version (the last commit's).
+    pub fn current_version(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .conn
+            .query_row(CURRENT_VERSION, [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// The commit time of the oldest pending commit, if any.
+    pub fn oldest_pending_ms(&self) -> anyhow::Result<Option<i64>> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .conn
+            .prepare_cached(OLDEST_PENDING)?
+            .query_row([], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Rows of the `kv` table in key order after `after` (from the start when `None`): at
+    /// least one if any is left, then more while within `max_rows` and `max_bytes`.
+    pub fn snapshot_rows(
+        &self,
+        after: Option<&[u8]>,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> anyhow::Result<Vec<SnapshotRow>> {
+        let mut stmt;
+        let mut rows = match after {
+            None => {
+                stmt = self.conn.prepare_cached(SNAPSHOT_FIRST)?;
+                stmt.query(params![max_rows as i64])?
+            }
+            Some(after) => {
+                stmt = self.conn.prepare_cached(SNAPSHOT_NEXT)?;
+                stmt.query(params![after, max_rows as i64])?
+            }
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(r) = rows.next()? {
+            let row = SnapshotRow {
+                key: r.get(0)?,
+                value: r.get(1)?,
+                encoding: r.get(2)?,
+                version: r.get::<_, i64>(3)? as u64,
+                seq: r.get::<_, i64>(4)? as u16,
+                expiration_ms: r.get(5)?,
+            };
+            bytes += row.key.len() + row.value.len() + 19;
+            out.push(row);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// What waits to be shipped.

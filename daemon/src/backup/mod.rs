@@ -1,0 +1,118 @@
+//! Continuous backup of a primary to S3 (SPEC §8, docs/BACKUP.md): the object names, the S3
+//! client, snapshot generations and the backup thread.
+
+pub mod generations;
+pub mod metrics;
+pub mod names;
+pub mod s3;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+
+pub use self::metrics::BackupMetrics;
+pub use self::s3::Location;
+pub use self::writer::LAG_WARNING;
+use crate::store::outbox::OutboxReader;
+
+/// What `serve --backup-to-s3` was given.
+#[derive(Clone, Debug)]
+pub struct BackupConfig {
+    pub location: Location,
+    /// Every committed write is in S3 within this time under steady load.
+    pub interval: Duration,
+    /// A new snapshot generation this often.
+    pub snapshot_interval: Duration,
+    /// Points in time kept restorable.
+    pub retention: Duration,
+}
+
+/// The running backup thread.
+pub struct Backup {
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+    stop: Arc<AtomicBool>,
+    problem: Arc<Mutex<Option<String>>>,
+}
+
+impl Backup {
+    /// Starts the thread. The database must hold the outbox (the committer, started with
+    /// backup on, creates it).
+    pub fn start(
+        db_path: &Path,
+        config: BackupConfig,
+        metrics: Arc<BackupMetrics>,
+    ) -> anyhow::Result<Backup> {
+        let outbox = OutboxReader::open(db_path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let problem = Arc::new(Mutex::new(None));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the backup thread's runtime")?;
+        let (stop2, problem2) = (stop.clone(), problem.clone());
+        let path: PathBuf = db_path.to_path_buf();
+        tracing::info!(
+            "Backup to {} (every write within {} ms; a snapshot every {} s; retention {} s)",
+            config.location.describe(),
+            config.interval.as_millis(),
+            config.snapshot_interval.as_secs(),
+            config.retention.as_secs()
+        );
+        let thread = std::thread::Builder::new()
+            .name("backup".into())
+            .spawn(move || {
+                let result = runtime.block_on(async move {
+                    let bucket =
+                        s3::Bucket::connect(config.location.clone(), Some(metrics.clone())).await;
+                    writer::Writer {
+                        config,
+                        bucket,
+                        outbox,
+                        metrics,
+                        stop: stop2,
+                        problem: problem2,
+                        check_shipped: true,
+                        warned_lag: Default::default(),
+                    }
+                    .run()
+                    .await
+                });
+                if let Err(e) = &result {
+                    // The backup cannot go on: a server that says nothing would let writes
+                    // pile up unprotected. Stop, and let systemd restart us.
+                    crate::fatal::stop(format!("the backup of {} failed: {e:#}", path.display()));
+                }
+                result
+            })
+            .context("cannot start the backup thread")?;
+        Ok(Backup {
+            thread: Some(thread),
+            stop,
+            problem,
+        })
+    }
+
+    /// What is wrong with the backup now (for systemd's status), if anything.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stops the thread after it ships what is pending (a few seconds at most); call after
+    /// the committer has stopped.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => anyhow::bail!("the backup thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
