@@ -36,6 +36,7 @@ pub fn parse() -> Cli {
                     .exit();
             }
         }
+        Command::Restore(_) => {}
     }
     cli
 }
@@ -66,6 +67,24 @@ pub struct Cli {
 pub enum Command {
     /// Serve the database over KV Connect (HTTP/1.1 and cleartext HTTP/2 on one port).
     Serve(ServeArgs),
+    /// Write a new database (the Deno CLI's format) from an S3 backup, as of its newest
+    /// point or of --versionstamp.
+    Restore(RestoreArgs),
+}
+
+#[derive(Parser, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub s3: S3Args,
+
+    /// The point to restore: a commit's versionstamp (20 hex characters), as `pitr list` or
+    /// a client's commit result gives it. Default: the newest point.
+    #[arg(long, value_parser = parse_versionstamp)]
+    pub versionstamp: Option<[u8; 10]>,
+}
+
+fn parse_versionstamp(s: &str) -> Result<[u8; 10], String> {
+    crate::backup::names::parse_hex(s).map_err(|_| format!("invalid versionstamp {s}"))
 }
 
 #[derive(Parser, Debug)]

@@ -7,7 +7,7 @@ pub mod external;
 pub mod outbox;
 pub mod reader;
 pub mod schema;
-mod sql;
+pub(crate) mod sql;
 pub mod wal_vfs;
 pub mod watch;
 
