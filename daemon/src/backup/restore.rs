@@ -43,9 +43,16 @@ impl Restored {
 
 /// Restores the backup at `location` into a new database file `out`, as of `target` (a
 /// 10-byte versionstamp) or of the newest point.
-pub fn restore(out: &Path, location: Location, target: Option<[u8; 10]>) -> anyhow::Result<Restored> {
+pub fn restore(
+    out: &Path,
+    location: Location,
+    target: Option<[u8; 10]>,
+) -> anyhow::Result<Restored> {
     if out.exists() {
-        bail!("{} exists: restore writes a new file, give a path that does not exist", out.display());
+        bail!(
+            "{} exists: restore writes a new file, give a path that does not exist",
+            out.display()
+        );
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -56,7 +63,11 @@ pub fn restore(out: &Path, location: Location, target: Option<[u8; 10]>) -> anyh
     })
 }
 
-async fn restore_from(bucket: &Bucket, out: &Path, target: Option<u64>) -> anyhow::Result<Restored> {
+async fn restore_from(
+    bucket: &Bucket,
+    out: &Path,
+    target: Option<u64>,
+) -> anyhow::Result<Restored> {
     let where_ = bucket.location().describe();
     let known = generations::list(bucket).await?;
     if known.is_empty() {
@@ -82,8 +93,9 @@ async fn restore_from(bucket: &Bucket, out: &Path, target: Option<u64>) -> anyho
     let result = write(bucket, &partial, &generation, target).await;
     match result {
         Ok(restored) => {
-            std::fs::rename(&partial, out)
-                .with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()))?;
+            std::fs::rename(&partial, out).with_context(|| {
+                format!("cannot rename {} to {}", partial.display(), out.display())
+            })?;
             Ok(restored)
         }
         Err(e) => {
@@ -145,7 +157,9 @@ async fn write(
             if names::version_of(&name.last) <= generation.start {
                 continue;
             }
-            if target.is_some_and(|t| names::version_of(&name.first) > t) {
+            if let Some(t) = target.filter(|&t| names::version_of(&name.first) > t) {
+                version = t;
+                reached = true;
                 break 'pages;
             }
             let body = bucket
@@ -160,8 +174,13 @@ async fn write(
                 if v <= generation.start {
                     continue;
                 }
-                if target.is_some_and(|t| v > t) {
-                    break;
+                if let Some(t) = target.filter(|&t| v > t) {
+                    // The logs go past the target: every commit up to it is applied (a
+                    // commit that changed no key has no entries, yet is a point).
+                    version = t;
+                    reached = true;
+                    tx.commit()?;
+                    break 'pages;
                 }
                 apply(&tx, e)?;
                 if e.versionstamp.len() == 12 && e.versionstamp[10..] == [0xff, 0xff] {
@@ -180,8 +199,7 @@ async fn write(
     }
     if !reached {
         bail!(
-            "versionstamp {} is not a point of the backup (see the log objects' boundaries; \
-             the newest restorable point before it is {})",
+            "versionstamp {} is newer than the newest point of the backup ({})",
             names::differential_text(target.unwrap_or_default()),
             names::differential_text(version)
         );
@@ -246,7 +264,10 @@ fn apply(
     e: &crate::backup_proto::BackupReplicationLogEntry,
 ) -> anyhow::Result<()> {
     if e.versionstamp.len() != 12 {
-        bail!("a log entry with a {}-byte versionstamp", e.versionstamp.len());
+        bail!(
+            "a log entry with a {}-byte versionstamp",
+            e.versionstamp.len()
+        );
     }
     if e.kind == BackupKvMutationKind::MkClear as i32 {
         tx.prepare_cached(sql::DELETE)?.execute([&e.key[..]])?;

@@ -106,9 +106,18 @@ impl Writer {
                     }
                 }
             };
+            // Until the next generation is due, or a minute (then retention and due snapshots
+            // are looked at again).
+            let until_due = known
+                .as_ref()
+                .ok()
+                .and_then(|g| g.last())
+                .map_or(Duration::MAX, |g| {
+                    self.config.snapshot_interval.saturating_sub(g.age())
+                });
             let result = match due {
                 Some((why, reset)) => self.generation(&why, reset).await,
-                None => self.ship_loop().await,
+                None => self.ship_loop(until_due.min(Duration::from_secs(60))).await,
             };
             match result {
                 Ok(()) => {}
@@ -168,12 +177,11 @@ impl Writer {
         self.stop.load(Ordering::Relaxed)
     }
 
-    /// Ships whatever is due until a new snapshot generation is due (returns `Ok`), the
-    /// server stops or a gap shows.
-    async fn ship_loop(&mut self) -> Result<(), Interrupt> {
+    /// Ships whatever is due for `limit` (returns `Ok`), or until the server stops or a gap
+    /// shows.
+    async fn ship_loop(&mut self, limit: Duration) -> Result<(), Interrupt> {
         let started = std::time::Instant::now();
-        // New generations are taken between ship loops; look again now and then.
-        while started.elapsed() < Duration::from_secs(60) {
+        while started.elapsed() < limit {
             if self.stopping() {
                 return Err(Interrupt::Stop);
             }
@@ -248,6 +256,8 @@ impl Writer {
         .await?;
         self.metrics.log_objects.inc();
         self.metrics.log_bytes.inc_by(body.len() as u64);
+        #[cfg(debug_assertions)]
+        debug_crash_after_upload();
         self.outbox.acknowledge(drained.position)?;
         self.update_lag()?;
         Ok(())
@@ -497,6 +507,26 @@ fn snapshot_range(rows: &[SnapshotRow]) -> BackupSnapshotRange {
 fn stamp12(vs: &[u8]) -> anyhow::Result<names::Versionstamp12> {
     vs.try_into()
         .with_context(|| format!("the outbox holds a {}-byte versionstamp", vs.len()))
+}
+
+/// Debug builds: `DENOKV_DEBUG_BACKUP_CRASH=after-upload:N` aborts the process right after
+/// the N-th log object is uploaded, before it is acknowledged (the crash the restart must
+/// recover from without shipping it twice).
+#[cfg(debug_assertions)]
+fn debug_crash_after_upload() {
+    use std::sync::atomic::AtomicU64;
+    static UPLOADS: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("DENOKV_DEBUG_BACKUP_CRASH") else {
+        return;
+    };
+    let n: u64 = spec
+        .strip_prefix("after-upload:")
+        .and_then(|n| n.parse().ok())
+        .expect("DENOKV_DEBUG_BACKUP_CRASH=after-upload:N");
+    if UPLOADS.fetch_add(1, Ordering::Relaxed) + 1 == n {
+        eprintln!("debug build, DENOKV_DEBUG_BACKUP_CRASH: aborting after upload {n}");
+        std::process::abort();
+    }
 }
 
 pub(super) fn now_ms() -> u64 {

@@ -60,7 +60,10 @@ impl Moto {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Moto {
@@ -73,12 +76,15 @@ impl Moto {
         format!("http://{}", self.addr)
     }
 
-    /// One plain HTTP request (moto does not check signatures): status and body.
+    /// One plain HTTP request: status and body. moto does not check signatures, but it
+    /// answers an anonymous GET of an object 403: the header names a (fake) signed caller.
     pub fn request(&self, method: &str, path: &str) -> (u16, Vec<u8>) {
         let mut s = TcpStream::connect(self.addr).unwrap();
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, \
+             SignedHeaders=host, Signature=00\r\n\r\n",
             self.addr
         )
         .unwrap();
@@ -91,7 +97,10 @@ impl Moto {
         let head = String::from_utf8_lossy(&out[..split]).to_string();
         let status = head.split(' ').nth(1).unwrap().parse().unwrap();
         let mut body = out[split + 4..].to_vec();
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             body = dechunk(&body);
         }
         (status, body)
