@@ -223,6 +223,11 @@ pub struct ServeArgs {
     /// Backup: keep every point in time this far back restorable (a number with s, m, h or d).
     #[arg(long, env = "DENOKV_BACKUP_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub backup_retention: Duration,
+
+    /// Backup: MiB of commits kept locally while S3 is unreachable; beyond, they are dropped
+    /// and a new snapshot is taken when S3 answers again.
+    #[arg(long, env = "DENOKV_BACKUP_MAX_PENDING_MB", default_value = "1024", value_parser = clap::value_parser!(u64).range(1..))]
+    pub backup_max_pending_mb: u64,
 }
 
 /// Where the S3 backup lives (SPEC §9.2): shared by `serve` and the S3 subcommands.
@@ -335,6 +340,7 @@ impl ServeArgs {
                 interval: Duration::from_millis(self.backup_interval_ms),
                 snapshot_interval: self.backup_snapshot_interval,
                 retention: self.backup_retention,
+                max_pending_bytes: self.backup_max_pending_mb << 20,
             })
         } else {
             None

@@ -232,10 +232,11 @@ fn metric(server: &Server, name: &str) -> f64 {
         .unwrap()
 }
 
-/// Waits until everything committed is in S3 (the lag gauges at zero).
+/// Waits until everything committed is in S3 (a snapshot taken, the lag gauges at zero).
 fn wait_shipped(server: &Server, limit: Duration) {
     let start = Instant::now();
-    while metric(server, "denokv_backup_lag_versions") > 0.0
+    while metric(server, "denokv_backup_last_snapshot_timestamp_seconds") == 0.0
+        || metric(server, "denokv_backup_lag_versions") > 0.0
         || metric(server, "denokv_backup_pending_commits") > 0.0
     {
         assert!(
@@ -629,4 +630,66 @@ async fn retention_deletes_what_no_retained_point_needs() {
     wait_shipped(&server, Duration::from_secs(20));
     // What is left still restores the newest point.
     restored_equals(&moto, "r/", dir.path(), "restored.sqlite", &rows(&db), None);
+}
+
+/// `n` sets of 60 KiB values, one at a time.
+async fn big_writes(url: &str, n: usize, tag: &str) {
+    let client = Client::new();
+    for i in 0..n {
+        let w = pb::AtomicWrite {
+            mutations: vec![set_bytes(
+                &key(&format!("big-{tag}-{i}")),
+                &vec![b'x'; 60 << 10],
+            )],
+            ..Default::default()
+        };
+        let reply = client
+            .try_data(Proto::H2, url, "atomic_write", w.encode_to_vec())
+            .await
+            .expect("the server answers");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_outage_bounds_the_pending_commits_then_starts_a_new_history() {
+    let moto = Moto::start(BUCKET);
+    let proxy = Proxy::start(moto.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("primary.sqlite");
+    let endpoint = format!("http://{}", proxy.addr);
+    let server = primary(&db, &endpoint, "b/", &["--backup-max-pending-mb", "1"]);
+    let url = server.url("");
+    big_writes(&url, 5, "before").await;
+    wait_shipped(&server, Duration::from_secs(20));
+
+    proxy.up.store(false, Ordering::Relaxed);
+    // 40 × 60 KiB: more than the 1 MiB bound.
+    big_writes(&url, 40, "during").await;
+    server.wait_for_log("paused recording", Duration::from_secs(10));
+    let pending = metric(&server, "denokv_backup_pending_bytes");
+    assert!(
+        pending <= (1 << 20) as f64,
+        "pending stays bounded: {pending}"
+    );
+    big_writes(&url, 5, "still-down").await;
+    assert_eq!(
+        metric(&server, "denokv_backup_pending_bytes"),
+        0.0,
+        "nothing recorded while paused"
+    );
+
+    proxy.up.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    while metric(&server, "denokv_backup_history_resets_total") < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no new history after the outage; log:\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    big_writes(&url, 3, "after").await;
+    wait_shipped(&server, Duration::from_secs(30));
+    restored_equals(&moto, "b/", dir.path(), "restored.sqlite", &rows(&db), None);
 }

@@ -31,6 +31,9 @@ pub struct BackupConfig {
     pub snapshot_interval: Duration,
     /// Points in time kept restorable.
     pub retention: Duration,
+    /// Bytes of commits the local outbox may hold while S3 is away; beyond, it is emptied
+    /// and the backup starts a new history when S3 answers.
+    pub max_pending_bytes: u64,
 }
 
 /// The running backup thread.
@@ -46,6 +49,7 @@ impl Backup {
     pub fn start(
         db_path: &Path,
         config: BackupConfig,
+        switch: crate::store::BackupOutbox,
         metrics: Arc<BackupMetrics>,
     ) -> anyhow::Result<Backup> {
         let outbox = OutboxReader::open(db_path)?;
@@ -78,6 +82,7 @@ impl Backup {
                         stop: stop2,
                         problem: problem2,
                         check_shipped: true,
+                        switch,
                         warned_lag: Default::default(),
                     }
                     .run()

@@ -72,6 +72,8 @@ pub(super) struct Writer {
     pub problem: Arc<std::sync::Mutex<Option<String>>>,
     /// After a start, the first range may already be in S3 (shipped, not acknowledged).
     pub check_shipped: bool,
+    /// The committer's switch: off while the outbox is over its bound.
+    pub switch: crate::store::BackupOutbox,
     /// The lag is above `LAG_WARNING` and was logged.
     pub warned_lag: std::cell::Cell<bool>,
 }
@@ -81,6 +83,11 @@ impl Writer {
     pub async fn run(mut self) -> anyhow::Result<()> {
         let location = self.location_id();
         let mut known = generations::list(&self.bucket).await;
+        if let Some(g) = known.as_ref().ok().and_then(|g| g.last()) {
+            self.metrics
+                .last_snapshot
+                .set((g.finished_ms / 1000) as i64);
+        }
         // A gap asks for a new generation that drops the history before it.
         let mut gap: Option<String> = None;
         loop {
@@ -124,12 +131,19 @@ impl Writer {
                 Err(Interrupt::Stop) => return self.final_ship().await,
                 Err(Interrupt::Fatal(e)) => return Err(e),
                 Err(Interrupt::Gap { shipped, next_prev }) => {
-                    tracing::warn!(
-                        "backup: commits {}..={next_prev} were made without the backup (by \
-                         another process, or by this server with backup off): taking a new \
-                         snapshot; the backup's history before it is dropped",
-                        shipped + 1
-                    );
+                    if self.switch.is_recording() {
+                        tracing::warn!(
+                            "backup: commits {}..={next_prev} were made without the backup (by \
+                             another process, or by this server with backup off): taking a new \
+                             snapshot; the backup's history before it is dropped",
+                            shipped + 1
+                        );
+                    } else {
+                        tracing::warn!(
+                            "backup: commits after {shipped} were dropped from the full outbox: \
+                             taking a new snapshot; the backup's history before it is dropped"
+                        );
+                    }
                     self.metrics.history_resets.inc();
                     gap = Some("commits were made without the backup".to_string());
                     continue;
@@ -196,6 +210,14 @@ impl Writer {
     /// whether it shipped something.
     async fn ship_due(&mut self, force: bool) -> Result<bool, Interrupt> {
         self.update_lag()?;
+        if !self.switch.is_recording() {
+            // The outbox overflowed: what it dropped can only be had from a new snapshot.
+            let shipped = self.outbox.state()?.map_or(0, |s| s.shipped_version);
+            return Err(Interrupt::Gap {
+                shipped,
+                next_prev: self.outbox.current_version()?,
+            });
+        }
         let Some(oldest) = self.outbox.oldest_pending_ms()? else {
             return Ok(false);
         };
@@ -333,15 +355,31 @@ impl Writer {
         } else if lag < LAG_WARNING / 2 && self.warned_lag.replace(false) {
             tracing::info!("backup: caught up (lag {:.1} s)", lag.as_secs_f64());
         }
-        let pending = self.outbox.pending()?;
+        let mut pending = self.outbox.pending()?;
+        if pending.bytes > self.config.max_pending_bytes && self.switch.is_recording() {
+            self.switch.set_recording(false);
+            let dropped = self.outbox.discard_all()?;
+            tracing::error!(
+                "backup: {} bytes of commits wait for S3, more than the bound of {} \
+                 (--backup-max-pending-mb): dropped {dropped} pending commits and paused \
+                 recording; when S3 answers again the backup takes a new snapshot and starts a \
+                 new history",
+                pending.bytes,
+                self.config.max_pending_bytes
+            );
+            pending = self.outbox.pending()?;
+        }
         self.metrics.pending_commits.set(pending.commits as i64);
         self.metrics.pending_bytes.set(pending.bytes as i64);
-        if let Some(state) = self.outbox.state()? {
-            let current = self.outbox.current_version()?;
-            self.metrics
-                .lag_versions
-                .set(current.saturating_sub(state.shipped_version) as i64);
-        }
+        // Before the first snapshot nothing is in S3.
+        let shipped = match self.outbox.state()? {
+            Some(s) if s.generation_done || s.shipped_version > 0 => s.shipped_version,
+            _ => 0,
+        };
+        let current = self.outbox.current_version()?;
+        self.metrics
+            .lag_versions
+            .set(current.saturating_sub(shipped) as i64);
         Ok(())
     }
 
@@ -351,6 +389,14 @@ impl Writer {
     /// `reset`, everything older in S3 is deleted afterwards (its history does not lead here).
     async fn generation(&mut self, why: &str, reset: bool) -> Result<(), Interrupt> {
         let location = self.location_id();
+        if !self.switch.is_recording() {
+            // Only once S3 answers: recording sooner would fill the outbox again.
+            self.retry("reach S3", || {
+                self.bucket.list(names::DIFFERENTIAL, None, 1)
+            })
+            .await?;
+            self.switch.set_recording(true);
+        }
         let start = self.outbox.start_generation(&location, reset)?;
         tracing::info!("backup: taking a snapshot from version {start} ({why})");
         let began = std::time::Instant::now();

@@ -96,6 +96,12 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     metrics.set_info(&format!("{:?}", opts.sync_mode).to_lowercase());
 
     notifier.status(&format!("Opening database {}", opts.db_path.display()));
+    // With backup on, the committer records every commit for the backup thread.
+    let outbox = if opts.backup.is_some() {
+        store::BackupOutbox::enabled()
+    } else {
+        store::BackupOutbox::disabled()
+    };
     let (committer, committer_thread) = if opts.read_only {
         tracing::info!("Opened read only database at {}", opts.db_path.display());
         (None, None)
@@ -108,11 +114,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             watches.clone(),
             heartbeat,
             metrics.clone(),
-            if opts.backup.is_some() {
-                store::BackupOutbox::enabled()
-            } else {
-                store::BackupOutbox::disabled()
-            },
+            outbox.clone(),
         )?;
         tracing::info!(
             "Opened database at {}. Sync mode: {:?}. WAL writes: {}. Group commit: always on",
@@ -135,7 +137,12 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let backup = match &opts.backup {
         Some(config) => {
             let backup_metrics = Arc::new(crate::backup::BackupMetrics::new(&metrics));
-            match crate::backup::Backup::start(&opts.db_path, config.clone(), backup_metrics) {
+            match crate::backup::Backup::start(
+                &opts.db_path,
+                config.clone(),
+                outbox.clone(),
+                backup_metrics,
+            ) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     stop_committer(committer, committer_thread)?;
