@@ -36,6 +36,9 @@ pub struct BackupConfig {
     pub max_pending_bytes: u64,
 }
 
+/// Told what is wrong with the backup (`None`: nothing any more), for systemd's status.
+pub type ProblemSink = Box<dyn Fn(Option<&str>) + Send>;
+
 /// The running backup thread.
 pub struct Backup {
     thread: Option<JoinHandle<anyhow::Result<()>>>,
@@ -51,6 +54,7 @@ impl Backup {
         config: BackupConfig,
         switch: crate::store::BackupOutbox,
         metrics: Arc<BackupMetrics>,
+        on_problem: ProblemSink,
     ) -> anyhow::Result<Backup> {
         let outbox = OutboxReader::open(db_path)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -83,6 +87,7 @@ impl Backup {
                         problem: problem2,
                         check_shipped: true,
                         switch,
+                        on_problem,
                         warned_lag: Default::default(),
                     }
                     .run()

@@ -72,6 +72,7 @@ pub(super) struct Writer {
     pub problem: Arc<std::sync::Mutex<Option<String>>>,
     /// After a start, the first range may already be in S3 (shipped, not acknowledged).
     pub check_shipped: bool,
+    pub on_problem: super::ProblemSink,
     /// The committer's switch: off while the outbox is over its bound.
     pub switch: crate::store::BackupOutbox,
     /// The lag is above `LAG_WARNING` and was logged.
@@ -337,7 +338,11 @@ impl Writer {
     }
 
     fn set_problem(&self, problem: Option<String>) {
-        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+        let mut current = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != problem {
+            (self.on_problem)(problem.as_deref());
+            *current = problem;
+        }
     }
 
     /// Sets the lag and pending gauges; warns once when the lag crosses `LAG_WARNING`.
@@ -352,8 +357,20 @@ impl Writer {
                 "backup: writes of the last {} s are not in S3 yet",
                 lag.as_secs()
             );
+            if self
+                .problem
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
+                self.set_problem(Some(format!(
+                    "writes of more than {} s are not in S3 yet",
+                    LAG_WARNING.as_secs()
+                )));
+            }
         } else if lag < LAG_WARNING / 2 && self.warned_lag.replace(false) {
             tracing::info!("backup: caught up (lag {:.1} s)", lag.as_secs_f64());
+            self.set_problem(None);
         }
         let mut pending = self.outbox.pending()?;
         if pending.bytes > self.config.max_pending_bytes && self.switch.is_recording() {
