@@ -44,6 +44,14 @@ tests/otlp/setup.sh
 step "Python venv for the S3 server of the backup tests (moto[server])"
 tests/s3/setup.sh
 
+# The upstream server, a black box for the file-compatibility and replica tests (cached).
+UPSTREAM_ROOT="$HOME/.cache/denokv/upstream"
+if [ ! -x "$UPSTREAM_ROOT/bin/denokv" ]; then
+  step "installing the upstream denokv server (cargo install denokv --locked)"
+  CARGO_TARGET_DIR="$HOME/.cache/denokv/target-upstream" cargo install denokv --locked --root "$UPSTREAM_ROOT"
+fi
+export DENOKV_UPSTREAM_BIN="$UPSTREAM_ROOT/bin/denokv"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

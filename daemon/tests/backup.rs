@@ -693,3 +693,102 @@ async fn a_long_outage_bounds_the_pending_commits_then_starts_a_new_history() {
     wait_shipped(&server, Duration::from_secs(30));
     restored_equals(&moto, "b/", dir.path(), "restored.sqlite", &rows(&db), None);
 }
+
+/// The upstream server's binary: `$DENOKV_UPSTREAM_BIN`, else where the test command installs
+/// it (`cargo install denokv --locked --root ~/.cache/denokv/upstream`).
+fn upstream_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("DENOKV_UPSTREAM_BIN") {
+        return p.into();
+    }
+    let p = std::path::PathBuf::from(std::env::var_os("HOME").unwrap())
+        .join(".cache/denokv/upstream/bin/denokv");
+    assert!(
+        p.exists(),
+        "no upstream denokv at {}: cargo install denokv --locked --root ~/.cache/denokv/upstream, \
+         or set DENOKV_UPSTREAM_BIN",
+        p.display()
+    );
+    p
+}
+
+/// A file that holds the backup's tables is still served by the upstream server, with the
+/// same rows as ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_upstream_server_serves_a_file_with_the_backup_tables() {
+    let moto = Moto::start(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("primary.sqlite");
+    let mut server = primary(&db, &moto.endpoint(), "u/", &[]);
+    load_for(&server.url(""), Duration::from_millis(500), 7).await;
+    wait_shipped(&server, Duration::from_secs(20));
+    server.stop();
+    let (_, want) = rows(&db);
+    assert!(!want.is_empty());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    for table in ["denokv_backup_outbox", "denokv_backup_state"] {
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1, "the file holds {table}");
+    }
+    drop(conn);
+
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut upstream = std::process::Command::new(upstream_bin())
+        .args(["--sqlite-path", db.to_str().unwrap(), "serve"])
+        .args([
+            "--access-token",
+            TOKEN,
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "upstream did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("http://127.0.0.1:{port}");
+    let read = pb::SnapshotRead {
+        ranges: vec![pb::ReadRange {
+            start: Bytes::from_static(&[0]),
+            end: Bytes::from_static(&[0xff]),
+            limit: 1000,
+            reverse: false,
+        }],
+    };
+    let reply = Client::new()
+        .try_data(Proto::H2, &url, "snapshot_read", read.encode_to_vec())
+        .await
+        .expect("upstream answers");
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let out = pb::SnapshotReadOutput::decode(reply.body.clone()).unwrap();
+    let got: Vec<(Vec<u8>, Vec<u8>, i64)> = out.ranges[0]
+        .values
+        .iter()
+        .map(|e| (e.key.to_vec(), e.value.to_vec(), e.encoding as i64))
+        .collect();
+    let want: Vec<(Vec<u8>, Vec<u8>, i64)> = want
+        .into_iter()
+        .filter(|r| r.0 < vec![0xff])
+        .map(|(k, v, e, ..)| (k, v, e))
+        .collect();
+    assert_eq!(got, want);
+}
