@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, Response};
 use prost::Message;
 
+use super::auth::Access;
 use super::body::ChannelBody;
 use super::error::ApiError;
 use super::{entry_to_pb, CoreContext};
@@ -20,8 +22,13 @@ const PING_INTERVAL: Duration = Duration::from_secs(5);
 const PING: Bytes = Bytes::from_static(&[0, 0, 0, 0]);
 
 /// Validates the request and starts the stream on this core.
-pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Body>, ApiError> {
+pub fn start(
+    req: pb::Watch,
+    ctx: &Rc<CoreContext>,
+    access: Arc<Access>,
+) -> Result<Response<super::Body>, ApiError> {
     let mut keys = validate::watch(req)?;
+    access.check_keys(keys.iter().map(|k| &k[..]))?;
     // The stream lives long: let go of the request body the keys were decoded from.
     crate::kv::model::detach_all(keys.iter_mut());
     // Subscribe before the first read so that no commit in between is missed.
@@ -32,6 +39,7 @@ pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Bo
     let open = GaugeGuard::new(&ctx.shared.metrics.watch_streams);
     monoio::spawn(stream(
         ctx.clone(),
+        access,
         keys,
         seen,
         subscription,
@@ -47,6 +55,7 @@ pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Bo
 
 async fn stream(
     ctx: Rc<CoreContext>,
+    mut access: Arc<Access>,
     keys: Vec<Bytes>,
     mut seen: Vec<Option<Versionstamp>>,
     subscription: crate::store::watch::Subscription,
@@ -59,15 +68,36 @@ async fn stream(
     if tx.send(PING).await.is_err() || tx.send(first).await.is_err() {
         return;
     }
+    let mut reloads = ctx.tokens.reloads();
     loop {
-        monoio::select! {
-            _ = subscription.changed() => {}
-            _ = monoio::time::sleep(PING_INTERVAL) => {
-                if tx.send(PING).await.is_err() { return; }
-                continue;
-            }
+        let wake = monoio::select! {
+            _ = subscription.changed() => Wake::Commit,
+            _ = monoio::time::sleep(PING_INTERVAL) => Wake::Ping,
+            r = reloads.changed() => if r.is_ok() { Wake::Reload } else { return },
             _ = tx.closed() => return,
             _ = shutdown.wait_for(|stopping| *stopping) => return,
+        };
+        if wake == Wake::Reload {
+            // The stream goes on only while its token is still there and still covers every
+            // key.
+            match ctx.tokens.current_entry(&access) {
+                Some(now) if keys.iter().all(|k| now.allows_key(k)) => access = now,
+                _ => {
+                    tracing::debug!(
+                        "watch stream closed: its access token ({}) was removed or no longer \
+                         covers its keys",
+                        access.name
+                    );
+                    return;
+                }
+            }
+            continue;
+        }
+        if wake == Wake::Ping {
+            if tx.send(PING).await.is_err() {
+                return;
+            }
+            continue;
         }
         match frame(&ctx, &keys, &mut seen, false) {
             Ok(Some(bytes)) => {
@@ -83,6 +113,13 @@ async fn stream(
             }
         }
     }
+}
+
+#[derive(PartialEq, Eq)]
+enum Wake {
+    Commit,
+    Ping,
+    Reload,
 }
 
 /// One core's watch reads of the current notification generation, by key set: when a commit
