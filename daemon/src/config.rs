@@ -184,8 +184,9 @@ pub struct ServeArgs {
     pub max_h2_streams: u32,
 
     /// Seconds the session token handed out by the metadata exchange (and its `expiresAt`)
-    /// is valid. Deno fetches new metadata every 60 s; keep this above 70.
-    #[arg(long, env = "DENOKV_SESSION_TOKEN_TTL", default_value = "900", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    /// is valid. Deno fetches new metadata every 60 s; keep this above 70. 0: hand out the
+    /// presented token itself, valid for a day, as upstream denokv does.
+    #[arg(long, env = "DENOKV_SESSION_TOKEN_TTL", default_value = "900", value_parser = clap::value_parser!(u64).range(0..=86400))]
     pub session_token_ttl: u64,
 
     /// Accepted for compatibility with upstream denokv; writes are always group-committed.

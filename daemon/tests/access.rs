@@ -428,6 +428,22 @@ impl DataFrames {
     }
 }
 
+#[tokio::test]
+async fn session_tokens_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_with_file(dir.path(), &standard_file(), &["--session-token-ttl", "0"]);
+    let c = Client::new();
+    let r = metadata(&c, Proto::H2, &srv, USERS).await;
+    let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(json["token"], USERS, "the presented token itself");
+    let secs_left = chrono_like_parse(json["expiresAt"].as_str().unwrap())
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+    assert!((86_300.0..=86_400.0).contains(&secs_left), "{secs_left}");
+}
+
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` to seconds since 1970.
 fn chrono_like_parse(s: &str) -> f64 {
     let n = |a: usize, b: usize| s[a..b].parse::<i64>().unwrap();

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use hmac::{Hmac, Mac};
@@ -290,13 +290,7 @@ impl Tokens {
         long_lived_only: bool,
         now: SystemTime,
     ) -> Result<Arc<Access>, ApiError> {
-        let value = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(ApiError::malformed_authorization)?;
-        let (scheme, token) = value
-            .split_once(' ')
-            .ok_or_else(ApiError::malformed_authorization)?;
+        let (scheme, token) = split_authorization(headers)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(ApiError::invalid_token());
         }
@@ -332,6 +326,21 @@ impl Tokens {
     fn by_id(&self, id: &[u8; 16]) -> Option<Arc<Access>> {
         self.entries.iter().find(|e| &e.id == id).cloned()
     }
+}
+
+/// The `Authorization` header's scheme and token, split at the first space.
+fn split_authorization(headers: &HeaderMap) -> Result<(&str, &str), ApiError> {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(ApiError::malformed_authorization)?
+        .split_once(' ')
+        .ok_or_else(ApiError::malformed_authorization)
+}
+
+/// The token of a request already authenticated.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    split_authorization(headers).ok().map(|(_, token)| token)
 }
 
 /// Says how many tokens there are, never what they are.
@@ -647,9 +656,6 @@ impl CoreTokens {
     }
 }
 
-/// How long session tokens are valid by default (`--session-token-ttl`).
-pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(900);
-
 /// Compares fixed-length digests without an early exit.
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
@@ -659,6 +665,7 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn headers(value: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();

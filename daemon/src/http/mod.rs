@@ -128,6 +128,12 @@ async fn serve(
         access.count_request();
         let body = read_limited(incoming, content_length).await?;
         span.set("http.request.body.size", body.len() as i64);
+        if ctx.shared.session_ttl.is_zero() {
+            // `--session-token-ttl 0`: the presented token itself, for a day, as upstream.
+            let token = auth::bearer_token(&parts.headers).unwrap_or_default();
+            let expires = SystemTime::now() + Duration::from_secs(24 * 3600);
+            return metadata::exchange(&body, token, expires, &ctx.shared.endpoint_url);
+        }
         let expires = SystemTime::now() + ctx.shared.session_ttl;
         let session = auth::issue_session(&access, expires);
         return metadata::exchange(&body, &session, expires, &ctx.shared.endpoint_url);
