@@ -952,6 +952,58 @@ mod tests {
         assert!(core.current_entry(&parent).is_none());
     }
 
+    /// The numbers and names the README's "Access tokens" section states.
+    #[test]
+    fn the_readme_states_what_the_code_does() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("## Access tokens").unwrap()..];
+        let section = &section[..section.find("## Running under systemd").unwrap()];
+        let flat = section.split_whitespace().collect::<Vec<_>>().join(" ");
+        let ttl = {
+            use clap::CommandFactory;
+            let cli = crate::config::Cli::command();
+            let serve = cli.find_subcommand("serve").unwrap();
+            let arg = serve
+                .get_arguments()
+                .find(|a| a.get_long() == Some("session-token-ttl"))
+                .unwrap();
+            arg.get_default_values()[0].to_string_lossy().into_owned()
+        };
+        for stated in [
+            format!("1 to {MAX_NAME_LEN} letters, digits, `_`, `-` or `.`"),
+            format!("At most {MAX_TOKENS} tokens a file"),
+            format!("(at most {MAX_TOKENS})"),
+            format!("at least {MIN_TOKEN_LEN} printable ASCII characters"),
+            format!("not starting with `{SESSION_PREFIX}`"),
+            format!("named `{GIVEN_TOKEN_NAME}`"),
+            format!("({ttl} by default;"),
+            "`denokv_token_requests_total{token}`".to_string(),
+            "`denokv_token_refusals_total{token,reason}`".to_string(),
+            format!(
+                "`reason`: `{}` or `{}`",
+                Refusal::ReadOnly.name(),
+                Refusal::Prefix.name()
+            ),
+        ] {
+            assert!(flat.contains(&stated), "the README lacks {stated:?}");
+        }
+        // The example file parses, with the names and scopes the text gives.
+        // Lines counted from the one after the fence.
+        let example = section.split("```\n").nth(1).unwrap();
+        let t = Tokens::parse(example, "README").unwrap();
+        assert_eq!(
+            t.names().collect::<Vec<_>>(),
+            ["admin", "reporting", "ada", "line-5"]
+        );
+        let ada = &t.entries[2];
+        use crate::kv::key::{encode, KeyPart::*};
+        assert!(ada.allows_key(&encode(&[String("users".into()), Int(42), String("name".into())])));
+        assert!(!ada.allows_key(&encode(&[String("users".into()), Int(420)])));
+        assert!(!ada.allows_key(&encode(&[String("users".into())])));
+        assert!(t.entries[0].prefixes.is_empty() && t.entries[3].prefixes.is_empty());
+        assert_eq!(t.entries[1].scope, Scope::Read);
+    }
+
     #[test]
     fn token_sources_load_and_describe_without_the_token() {
         let dir = tempfile::tempdir().unwrap();
