@@ -39,7 +39,12 @@ fn standard_file() -> String {
 
 fn start_with_file(dir: &Path, text: &str, extra: &[&str]) -> Server {
     let file = token_file(dir, text);
-    let mut args = vec!["--access-token-file", file.as_str(), "--addr", "127.0.0.1:0"];
+    let mut args = vec![
+        "--access-token-file",
+        file.as_str(),
+        "--addr",
+        "127.0.0.1:0",
+    ];
     args.extend_from_slice(extra);
     Launch::bare(&dir.join("db.sqlite")).args(&args).start()
 }
@@ -52,7 +57,14 @@ fn s(v: &str) -> KeyPart {
     KeyPart::String(v.into())
 }
 
-async fn call(c: &Client, p: Proto, srv: &Server, token: &str, route: &str, body: Vec<u8>) -> Reply {
+async fn call(
+    c: &Client,
+    p: Proto,
+    srv: &Server,
+    token: &str,
+    route: &str,
+    body: Vec<u8>,
+) -> Reply {
     let auth = format!("Bearer {token}");
     c.request(
         p,
@@ -104,15 +116,19 @@ fn set_body(keys: &[&Bytes]) -> Vec<u8> {
 
 fn watch_body(keys: &[&Bytes]) -> Vec<u8> {
     pb::Watch {
-        keys: keys.iter().map(|k| pb::WatchKey { key: (*k).clone() }).collect(),
+        keys: keys
+            .iter()
+            .map(|k| pb::WatchKey { key: (*k).clone() })
+            .collect(),
     }
     .encode_to_vec()
 }
 
 async fn exists(c: &Client, srv: &Server, key: &Bytes) -> bool {
-    let out: pb::SnapshotReadOutput = call(c, Proto::H2, srv, ADMIN, "snapshot_read", get_body(key))
-        .await
-        .decode();
+    let out: pb::SnapshotReadOutput =
+        call(c, Proto::H2, srv, ADMIN, "snapshot_read", get_body(key))
+            .await
+            .decode();
     !out.ranges[0].values.is_empty()
 }
 
@@ -122,7 +138,10 @@ async fn metadata(c: &Client, p: Proto, srv: &Server, token: &str) -> Reply {
         p,
         "POST",
         &srv.url("/"),
-        &[("authorization", auth.as_str()), ("content-type", "application/json")],
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ],
         r#"{"supportedVersions":[1,2,3]}"#,
     )
     .await
@@ -181,10 +200,8 @@ async fn a_read_token_reads_and_its_writes_are_refused() {
         let r = c
             .send(p, {
                 let mut req = data_request(&srv.url("/v2/watch"), watch_body(&[&key]));
-                req.headers_mut().insert(
-                    "authorization",
-                    format!("Bearer {READER}").parse().unwrap(),
-                );
+                req.headers_mut()
+                    .insert("authorization", format!("Bearer {READER}").parse().unwrap());
                 req
             })
             .await;
@@ -206,7 +223,10 @@ async fn a_read_token_reads_and_its_writes_are_refused() {
         "denokv_token_requests_total{token=\"line-5\"} 1",
         "denokv_http_requests_total{route=\"atomic_write\",status=\"403\"} 4",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
     }
     no_token_in(&metrics, "the metrics");
     no_token_in(&srv.log_text(), "the log");
@@ -226,7 +246,15 @@ async fn a_prefix_token_stays_inside_its_prefixes_on_every_path() {
     for p in BOTH {
         // Writes inside both prefixes, and the prefix key itself.
         let users_key = k(&[s("users")]);
-        let r = call(&c, p, &srv, USERS, "atomic_write", set_body(&[&inside, &shared, &users_key])).await;
+        let r = call(
+            &c,
+            p,
+            &srv,
+            USERS,
+            "atomic_write",
+            set_body(&[&inside, &shared, &users_key]),
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text());
         // Reads: get, list of the prefix and of a deeper one, several ranges at once.
         for body in [
@@ -238,10 +266,16 @@ async fn a_prefix_token_stays_inside_its_prefixes_on_every_path() {
             let r = call(&c, p, &srv, USERS, "snapshot_read", body).await;
             assert_eq!(r.status, 200, "{}", r.text());
         }
-        let listed: pb::SnapshotReadOutput =
-            call(&c, p, &srv, USERS, "snapshot_read", list_body(&[s("users")]))
-                .await
-                .decode();
+        let listed: pb::SnapshotReadOutput = call(
+            &c,
+            p,
+            &srv,
+            USERS,
+            "snapshot_read",
+            list_body(&[s("users")]),
+        )
+        .await
+        .decode();
         let users = encode(&[s("users")]);
         assert!(!listed.ranges[0].values.is_empty());
         assert!(listed.ranges[0]
@@ -304,7 +338,15 @@ async fn a_prefix_token_stays_inside_its_prefixes_on_every_path() {
             let r = call(&c, p, &srv, USERS, "atomic_write", body).await;
             assert_forbidden(&r, PREFIX_TEXT);
         }
-        let r = call(&c, p, &srv, USERS, "watch", watch_body(&[&inside, &outside])).await;
+        let r = call(
+            &c,
+            p,
+            &srv,
+            USERS,
+            "watch",
+            watch_body(&[&inside, &outside]),
+        )
+        .await;
         assert_forbidden(&r, PREFIX_TEXT);
         // Inside: an enqueue with dead-letter keys inside, a versionstamped key, a watch.
         let dead_letter_inside = pb::AtomicWrite {
@@ -320,7 +362,15 @@ async fn a_prefix_token_stays_inside_its_prefixes_on_every_path() {
             }],
             ..Default::default()
         };
-        let r = call(&c, p, &srv, USERS, "atomic_write", dead_letter_inside.encode_to_vec()).await;
+        let r = call(
+            &c,
+            p,
+            &srv,
+            USERS,
+            "atomic_write",
+            dead_letter_inside.encode_to_vec(),
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text());
         let resp = c
             .send(p, {
@@ -337,7 +387,10 @@ async fn a_prefix_token_stays_inside_its_prefixes_on_every_path() {
     }
     let (_, _, metrics) = srv.scrape();
     let refusals = "denokv_token_refusals_total{reason=\"prefix\",token=\"users\"} 28";
-    assert!(metrics.lines().any(|l| l == refusals), "no {refusals:?} in\n{metrics}");
+    assert!(
+        metrics.lines().any(|l| l == refusals),
+        "no {refusals:?} in\n{metrics}"
+    );
     no_token_in(&metrics, "the metrics");
     no_token_in(&srv.log_text(), "the log");
 }
@@ -366,16 +419,30 @@ async fn session_tokens_carry_the_scope_and_expire() {
         assert_forbidden(&r, PREFIX_TEXT);
     }
     let (read_session, _) = session_of(&c, &srv, READER).await;
-    let r = call(&c, Proto::H2, &srv, &read_session, "atomic_write", set_body(&[&inside])).await;
+    let r = call(
+        &c,
+        Proto::H2,
+        &srv,
+        &read_session,
+        "atomic_write",
+        set_body(&[&inside]),
+    )
+    .await;
     assert_forbidden(&r, READ_ONLY_TEXT);
     // A session token does not buy another session.
     let r = metadata(&c, Proto::H2, &srv, &session).await;
-    assert_eq!((r.status, r.text().as_str()), (401, "Invalid access token."));
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (401, "Invalid access token.")
+    );
     // After expiry: 401 (a 4xx: Deno refreshes its metadata and retries once).
     tokio::time::sleep(Duration::from_millis(2100)).await;
     for p in BOTH {
         let r = call(&c, p, &srv, &session, "snapshot_read", get_body(&inside)).await;
-        assert_eq!((r.status, r.text().as_str()), (401, "Invalid access token."));
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (401, "Invalid access token.")
+        );
         // The long-lived token is still accepted on the data path.
         let r = call(&c, p, &srv, USERS, "snapshot_read", get_body(&inside)).await;
         assert_eq!(r.status, 200);
@@ -384,7 +451,15 @@ async fn session_tokens_carry_the_scope_and_expire() {
     let other_dir = tempfile::tempdir().unwrap();
     let other = start_with_file(other_dir.path(), &standard_file(), &[]);
     let (foreign, _) = session_of(&c, &other, USERS).await;
-    let r = call(&c, Proto::H2, &srv, &foreign, "snapshot_read", get_body(&inside)).await;
+    let r = call(
+        &c,
+        Proto::H2,
+        &srv,
+        &foreign,
+        "snapshot_read",
+        get_body(&inside),
+    )
+    .await;
     assert_eq!(r.status, 401);
     no_token_in(&srv.log_text(), "the log");
 }
@@ -490,7 +565,10 @@ async fn a_reload_removes_a_token_at_once_without_dropping_connections() {
     srv.wait_for_log("reloaded on SIGHUP", Duration::from_secs(10));
     for t in [USERS, session.as_str()] {
         let r = call(&c, Proto::H2, &srv, t, "snapshot_read", get_body(&inside)).await;
-        assert_eq!((r.status, r.text().as_str()), (401, "Invalid access token."));
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (401, "Invalid access token.")
+        );
         assert_eq!(metadata(&c, Proto::H2, &srv, t).await.status, 401);
     }
     // The users watch stream ends (well before its 5 s ping); the admin one goes on.
@@ -502,8 +580,19 @@ async fn a_reload_removes_a_token_at_once_without_dropping_connections() {
         }
     })
     .await;
-    assert!(ended.is_ok(), "the removed token's watch stream is still open");
-    let r = call(&c, Proto::H2, &srv, ADMIN, "atomic_write", set_body(&[&inside])).await;
+    assert!(
+        ended.is_ok(),
+        "the removed token's watch stream is still open"
+    );
+    let r = call(
+        &c,
+        Proto::H2,
+        &srv,
+        ADMIN,
+        "atomic_write",
+        set_body(&[&inside]),
+    )
+    .await;
     assert_eq!(r.status, 200);
     // The admin stream goes on: it sends the change.
     admin_watch.until(2, Duration::from_secs(5)).await;
@@ -535,7 +624,11 @@ fn a_token_on_the_command_line_is_warned_about_and_never_logged() {
         .env("DENO_KV_ACCESS_TOKEN", TOKEN)
         .start();
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!from_env.log_text().contains(warning), "{}", from_env.log_text());
+    assert!(
+        !from_env.log_text().contains(warning),
+        "{}",
+        from_env.log_text()
+    );
     drop(from_env);
     let file = token_file(dir.path(), &standard_file());
     let from_file = Launch::bare(&db)

@@ -255,7 +255,8 @@ impl Tokens {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let access = parse_line(line, n).map_err(|e| anyhow::anyhow!("{origin}, line {n}: {e}"))?;
+            let access =
+                parse_line(line, n).map_err(|e| anyhow::anyhow!("{origin}, line {n}: {e}"))?;
             if let Some(j) = entries.iter().position(|e| e.digest == access.digest) {
                 bail!(
                     "{origin}, line {n}: the same token as on line {} (each token once)",
@@ -359,7 +360,8 @@ fn parse_line(line: &str, n: usize) -> Result<Access, String> {
         check_token(first)?;
         return Ok(Access::full(&format!("line-{n}"), first));
     }
-    const FORMAT: &str = "a line with white space is `name scope token [prefix…]`; a bare token has none";
+    const FORMAT: &str =
+        "a line with white space is `name scope token [prefix…]`; a bare token has none";
     let name = first;
     if name.len() > MAX_NAME_LEN
         || !name
@@ -441,7 +443,9 @@ fn mac(parts: &[&[u8]]) -> HmacSha256 {
 
 /// A token's id: a keyed hash, so it tells nothing about the token outside this process.
 fn token_id(token: &str) -> [u8; 16] {
-    let full = mac(&[b"denokv token id\0", token.as_bytes()]).finalize().into_bytes();
+    let full = mac(&[b"denokv token id\0", token.as_bytes()])
+        .finalize()
+        .into_bytes();
     full[..16].try_into().expect("16 of 32 bytes")
 }
 
@@ -636,7 +640,8 @@ impl CoreTokens {
     /// The metadata exchange: long-lived tokens only, so that a session token cannot renew
     /// itself.
     pub fn authenticate_long_lived(&self, headers: &HeaderMap) -> Result<Arc<Access>, ApiError> {
-        self.current().authenticate(headers, true, SystemTime::now())
+        self.current()
+            .authenticate(headers, true, SystemTime::now())
     }
 
     /// The token's entry in the current set (a reload may have changed or removed it), for
@@ -770,7 +775,10 @@ mod tests {
         .unwrap();
         let names: Vec<&str> = t.names().collect();
         assert_eq!(names, ["line-1", "line-4"]);
-        assert!(t.entries.iter().all(|e| e.scope == Scope::ReadWrite && e.prefixes.is_empty()));
+        assert!(t
+            .entries
+            .iter()
+            .all(|e| e.scope == Scope::ReadWrite && e.prefixes.is_empty()));
         let err = Tokens::parse("first-token-123\nsecret\n", "/etc/x").unwrap_err();
         let err = err.to_string();
         assert_eq!(
@@ -811,25 +819,68 @@ mod tests {
         assert!(reporting.prefixes.is_empty());
         assert!(reporting.allows_key(b"anything"));
         let all = t.find("all-token-01234").unwrap();
-        assert!(all.allows_range(&[0], &[0xff]), "the empty prefix holds every key");
+        assert!(
+            all.allows_range(&[0], &[0xff]),
+            "the empty prefix holds every key"
+        );
     }
 
     #[test]
     fn malformed_lines_name_the_file_and_line_never_the_token() {
-        let err = |text: &str| Tokens::parse(text, "/etc/denokv/tokens").unwrap_err().to_string();
+        let err = |text: &str| {
+            Tokens::parse(text, "/etc/denokv/tokens")
+                .unwrap_err()
+                .to_string()
+        };
         let cases = [
-            ("ada readwrite SECRETSECRET12\n", "line 1: the scope (second field) must be read or read-write"),
-            ("ada read SECRET\n", "line 1: Access token must be at minimum 12 chars long."),
-            ("ok-token-123456\nada read\n", "line 2: the token (third field) is missing"),
-            ("ada read SECRETSECRET12 users\n", "line 1: prefix 1: expected `[` at character 1 of the prefixes"),
-            ("ada read SECRETSECRET12 [\"a\" SECRET]\n", "line 1: prefix 1: expected `,` or `]` at character 6"),
-            ("ad@ read SECRETSECRET12\n", "line 1: the name (first field) must be"),
-            ("SECRET SECRETSECRET12 [\"x\"]\n", "line 1: the scope (second field)"),
-            ("a read SECRETSECRET12\nb read SECRETSECRET12\n", "line 2: the same token as on line 1"),
-            ("a read SECRETSECRET12\na read SECRETSECRET34\n", "line 2: the name 'a' is taken by line 1"),
-            ("line-2 read SECRETSECRET12\nSECRETSECRET34\n", "line 2: the name 'line-2' is taken by line 1"),
-            ("a read denokv-session.SECRETSECRET\n", "line 1: an access token may not start with"),
-            ("a read SECRETSECRET12\u{e9}\n", "line 1: an access token must be printable ASCII"),
+            (
+                "ada readwrite SECRETSECRET12\n",
+                "line 1: the scope (second field) must be read or read-write",
+            ),
+            (
+                "ada read SECRET\n",
+                "line 1: Access token must be at minimum 12 chars long.",
+            ),
+            (
+                "ok-token-123456\nada read\n",
+                "line 2: the token (third field) is missing",
+            ),
+            (
+                "ada read SECRETSECRET12 users\n",
+                "line 1: prefix 1: expected `[` at character 1 of the prefixes",
+            ),
+            (
+                "ada read SECRETSECRET12 [\"a\" SECRET]\n",
+                "line 1: prefix 1: expected `,` or `]` at character 6",
+            ),
+            (
+                "ad@ read SECRETSECRET12\n",
+                "line 1: the name (first field) must be",
+            ),
+            (
+                "SECRET SECRETSECRET12 [\"x\"]\n",
+                "line 1: the scope (second field)",
+            ),
+            (
+                "a read SECRETSECRET12\nb read SECRETSECRET12\n",
+                "line 2: the same token as on line 1",
+            ),
+            (
+                "a read SECRETSECRET12\na read SECRETSECRET34\n",
+                "line 2: the name 'a' is taken by line 1",
+            ),
+            (
+                "line-2 read SECRETSECRET12\nSECRETSECRET34\n",
+                "line 2: the name 'line-2' is taken by line 1",
+            ),
+            (
+                "a read denokv-session.SECRETSECRET\n",
+                "line 1: an access token may not start with",
+            ),
+            (
+                "a read SECRETSECRET12\u{e9}\n",
+                "line 1: an access token must be printable ASCII",
+            ),
         ];
         for (text, want) in cases {
             let e = err(text);
@@ -837,10 +888,15 @@ mod tests {
             assert!(e.contains(want), "{text:?}: {e}");
             assert!(!e.contains("SECRET"), "{text:?} quotes the token: {e}");
         }
-        let many: String = (0..=MAX_TOKENS).map(|i| format!("token-number-{i:05}\n")).collect();
+        let many: String = (0..=MAX_TOKENS)
+            .map(|i| format!("token-number-{i:05}\n"))
+            .collect();
         assert_eq!(
             err(&many),
-            format!("/etc/denokv/tokens, line {}: more than 1000 access tokens", MAX_TOKENS + 1)
+            format!(
+                "/etc/denokv/tokens, line {}: more than 1000 access tokens",
+                MAX_TOKENS + 1
+            )
         );
     }
 
@@ -865,9 +921,13 @@ mod tests {
         let users = encode(&[String("users".into())]);
         let other = encode(&[String("other".into())]);
         assert!(w.check_keys([users.as_slice()]).is_ok());
-        let e = w.check_keys([users.as_slice(), other.as_slice()]).unwrap_err();
+        let e = w
+            .check_keys([users.as_slice(), other.as_slice()])
+            .unwrap_err();
         assert_eq!(e.status, StatusCode::FORBIDDEN);
-        assert!(e.message.contains("outside the key prefixes of the access token 'w'"));
+        assert!(e
+            .message
+            .contains("outside the key prefixes of the access token 'w'"));
         let (s, end) = prefix_range(&users);
         assert!(r.check_ranges([(s.as_slice(), end.as_slice())]).is_ok());
         let (s, end) = prefix_range(&[]);
@@ -885,7 +945,10 @@ mod tests {
         let _ = r.check_keys([b"\x02x\x00".as_slice()]);
         let _ = r.check_keys([b"\x02x\x00".as_slice()]);
         let text = String::from_utf8(metrics.encode()).unwrap();
-        assert!(text.contains("denokv_token_requests_total{token=\"r\"} 1"), "{text}");
+        assert!(
+            text.contains("denokv_token_requests_total{token=\"r\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("denokv_token_refusals_total{reason=\"read_only\",token=\"r\"} 1"),
             "{text}"
@@ -903,17 +966,24 @@ mod tests {
             Tokens::parse("p read parent-token-01 [\"a\"]\nother-token-0123\n", "f").unwrap(),
         ));
         let core = CoreTokens::new(shared.clone());
-        let parent = core.authenticate_long_lived(&bearer("parent-token-01")).unwrap();
+        let parent = core
+            .authenticate_long_lived(&bearer("parent-token-01"))
+            .unwrap();
         let now = SystemTime::now();
         let session = issue_session(&parent, now + Duration::from_secs(60));
         assert!(session.starts_with("denokv-session."));
-        assert!(!session.contains("parent-token"), "the parent token is not inside");
+        assert!(
+            !session.contains("parent-token"),
+            "the parent token is not inside"
+        );
         let got = core.authenticate(&bearer(&session)).unwrap();
         assert_eq!((got.name.as_str(), got.scope), ("p", Scope::Read));
         assert_eq!(got.prefixes, parent.prefixes);
         // Not for the metadata exchange: a session cannot renew itself.
         assert_eq!(
-            core.authenticate_long_lived(&bearer(&session)).unwrap_err().message,
+            core.authenticate_long_lived(&bearer(&session))
+                .unwrap_err()
+                .message,
             "Invalid access token."
         );
         // Expiry, to the millisecond.
@@ -935,7 +1005,11 @@ mod tests {
         );
         assert_ne!(later, session);
         assert!(core.authenticate(&bearer(&later)).is_err(), "expiry moved");
-        for bad in ["denokv-session.", "denokv-session.a.b.c", "denokv-session.00.1.00.00"] {
+        for bad in [
+            "denokv-session.",
+            "denokv-session.a.b.c",
+            "denokv-session.00.1.00.00",
+        ] {
             assert!(core.authenticate(&bearer(bad)).is_err(), "{bad}");
         }
         // A reload that keeps the parent keeps the session (with the parent's new scope);
@@ -997,7 +1071,11 @@ mod tests {
         );
         let ada = &t.entries[2];
         use crate::kv::key::{encode, KeyPart::*};
-        assert!(ada.allows_key(&encode(&[String("users".into()), Int(42), String("name".into())])));
+        assert!(ada.allows_key(&encode(&[
+            String("users".into()),
+            Int(42),
+            String("name".into())
+        ])));
         assert!(!ada.allows_key(&encode(&[String("users".into()), Int(420)])));
         assert!(!ada.allows_key(&encode(&[String("users".into())])));
         assert!(t.entries[0].prefixes.is_empty() && t.entries[3].prefixes.is_empty());

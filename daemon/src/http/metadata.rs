@@ -111,9 +111,14 @@ mod tests {
     }
 
     fn negotiate(body: &str) -> Result<serde_json::Value, String> {
-        exchange(&Bytes::from(body.to_string()), "tok", SystemTime::now(), "/v2")
-            .map(|_| serde_json::Value::Null)
-            .map_err(|e| e.message)
+        exchange(
+            &Bytes::from(body.to_string()),
+            "tok",
+            SystemTime::now(),
+            "/v2",
+        )
+        .map(|_| serde_json::Value::Null)
+        .map_err(|e| e.message)
     }
 
     #[test]

@@ -39,8 +39,7 @@ pub fn start(
     let open = GaugeGuard::new(&ctx.shared.metrics.watch_streams);
     monoio::spawn(stream(
         ctx.clone(),
-        access,
-        keys,
+        Watched { access, keys },
         seen,
         subscription,
         tx,
@@ -53,10 +52,15 @@ pub fn start(
         .expect("static response parts are valid"))
 }
 
+/// The keys of a stream, and the token that may read them.
+struct Watched {
+    access: Arc<Access>,
+    keys: Vec<Bytes>,
+}
+
 async fn stream(
     ctx: Rc<CoreContext>,
-    mut access: Arc<Access>,
-    keys: Vec<Bytes>,
+    watched: Watched,
     mut seen: Vec<Option<Versionstamp>>,
     subscription: crate::store::watch::Subscription,
     tx: tokio::sync::mpsc::Sender<Bytes>,
@@ -64,6 +68,7 @@ async fn stream(
     // Counts this stream in `denokv_watch_streams` until the task ends.
     _open: GaugeGuard,
 ) {
+    let Watched { mut access, keys } = watched;
     let mut shutdown = ctx.shutdown.clone();
     if tx.send(PING).await.is_err() || tx.send(first).await.is_err() {
         return;

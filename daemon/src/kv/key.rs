@@ -195,9 +195,9 @@ pub fn in_prefix(prefix: &[u8], key: &[u8]) -> bool {
 /// `p` and of every prefix of `p`.
 pub fn range_in_prefix(prefix: &[u8], start: &[u8], end: &[u8]) -> bool {
     let within = |b: &[u8]| {
-        b.starts_with(prefix) && b.get(prefix.len()).is_none_or(|&next| {
-            next < 0xff || b.len() == prefix.len() + 1
-        })
+        b.starts_with(prefix)
+            && b.get(prefix.len())
+                .is_none_or(|&next| next < 0xff || b.len() == prefix.len() + 1)
     };
     within(start) && within(end)
 }
@@ -224,7 +224,10 @@ pub fn parse_literals(text: &str) -> Result<Vec<Vec<KeyPart>>, String> {
         if !p.eat("]") {
             loop {
                 p.skip_ws();
-                parts.push(p.part().map_err(|e| p.error(&format!("prefix {prefix}: {e}")))?);
+                parts.push(
+                    p.part()
+                        .map_err(|e| p.error(&format!("prefix {prefix}: {e}")))?,
+                );
                 p.skip_ws();
                 if p.eat("]") {
                     break;
@@ -286,8 +289,7 @@ impl LiteralParser<'_> {
     }
 
     fn part(&mut self) -> Result<KeyPart, &'static str> {
-        const EXPECTED: &str =
-            "expected a key part (\"string\", 1n, 1.5, true, false or b\"hex\")";
+        const EXPECTED: &str = "expected a key part (\"string\", 1n, 1.5, true, false or b\"hex\")";
         if self.rest().starts_with('"') {
             return self.json_string().map(KeyPart::String);
         }
@@ -539,7 +541,10 @@ mod tests {
         );
         assert_eq!(parse_literals("").unwrap(), Vec::<Vec<KeyPart>>::new());
         let err = |t: &str| parse_literals(t).unwrap_err();
-        assert_eq!(err("users"), "prefix 1: expected `[` at character 1 of the prefixes");
+        assert_eq!(
+            err("users"),
+            "prefix 1: expected `[` at character 1 of the prefixes"
+        );
         assert_eq!(
             err(r#"["a"] ["b" "c"]"#),
             "prefix 2: expected `,` or `]` at character 12 of the prefixes"
