@@ -70,10 +70,14 @@ async fn stream(
 ) {
     let Watched { mut access, keys } = watched;
     let mut shutdown = ctx.shutdown.clone();
+    // Subscribed first, then checked: a reload since the request was authenticated counts.
+    let mut reloads = ctx.tokens.reloads();
+    if !still_allowed(&ctx, &mut access, &keys) {
+        return;
+    }
     if tx.send(PING).await.is_err() || tx.send(first).await.is_err() {
         return;
     }
-    let mut reloads = ctx.tokens.reloads();
     loop {
         let wake = monoio::select! {
             _ = subscription.changed() => Wake::Commit,
@@ -83,18 +87,8 @@ async fn stream(
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         };
         if wake == Wake::Reload {
-            // The stream goes on only while its token is still there and still covers every
-            // key.
-            match ctx.tokens.current_entry(&access) {
-                Some(now) if keys.iter().all(|k| now.allows_key(k)) => access = now,
-                _ => {
-                    tracing::debug!(
-                        "watch stream closed: its access token ({}) was removed or no longer \
-                         covers its keys",
-                        access.name
-                    );
-                    return;
-                }
+            if !still_allowed(&ctx, &mut access, &keys) {
+                return;
             }
             continue;
         }
@@ -116,6 +110,25 @@ async fn stream(
                 tracing::warn!("watch read failed, closing the stream: {}", e.message);
                 return;
             }
+        }
+    }
+}
+
+/// Whether the stream's token is still in the current set and still covers every key (after
+/// a reload); `access` becomes its current entry.
+fn still_allowed(ctx: &CoreContext, access: &mut Arc<Access>, keys: &[Bytes]) -> bool {
+    match ctx.tokens.current_entry(access) {
+        Some(now) if keys.iter().all(|k| now.allows_key(k)) => {
+            *access = now;
+            true
+        }
+        _ => {
+            tracing::debug!(
+                "watch stream closed: its access token ({}) was removed or no longer covers \
+                 its keys",
+                access.name
+            );
+            false
         }
     }
 }
