@@ -89,6 +89,9 @@ impl Backup {
                         switch,
                         on_problem,
                         warned_lag: Default::default(),
+                        pending_counted: std::cell::Cell::new(
+                            std::time::Instant::now() - Duration::from_secs(3600),
+                        ),
                     }
                     .run()
                     .await

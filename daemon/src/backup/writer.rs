@@ -35,6 +35,8 @@ const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_LAST: Duration = Duration::from_secs(10);
 /// Lag above which the backup warns (log line, systemd status).
 pub const LAG_WARNING: Duration = Duration::from_secs(60);
+/// How often the pending commits and bytes are counted (a scan of the outbox).
+const PENDING_COUNT_EVERY: Duration = Duration::from_secs(1);
 /// How long the backup keeps trying to ship what is pending when the server stops.
 const FINAL_SHIP: Duration = Duration::from_secs(5);
 
@@ -75,6 +77,8 @@ pub(super) struct Writer {
     pub on_problem: super::ProblemSink,
     /// The committer's switch: off while the outbox is over its bound.
     pub switch: crate::store::BackupOutbox,
+    /// When the outbox was last counted.
+    pub pending_counted: std::cell::Cell<std::time::Instant>,
     /// The lag is above `LAG_WARNING` and was logged.
     pub warned_lag: std::cell::Cell<bool>,
 }
@@ -225,11 +229,12 @@ impl Writer {
         // Ship when the oldest waiting commit is half an interval old: under steady load
         // every commit is in S3 within the interval, with about two objects per interval.
         let age = Duration::from_millis(now_ms().saturating_sub(oldest.max(0) as u64));
-        if !force && age < self.config.interval / 2 {
-            let pending = self.outbox.pending()?;
-            if (pending.bytes as usize) < MAX_LOG_BYTES {
-                return Ok(false);
-            }
+        // (Or when a full object waits: the count is at most a second old.)
+        if !force
+            && age < self.config.interval / 2
+            && (self.metrics.pending_bytes.get() as usize) < MAX_LOG_BYTES
+        {
+            return Ok(false);
         }
         let Some(drained) = self.outbox.drain(MAX_LOG_COMMITS, MAX_LOG_BYTES)? else {
             return Ok(false);
@@ -372,6 +377,20 @@ impl Writer {
             tracing::info!("backup: caught up (lag {:.1} s)", lag.as_secs_f64());
             self.set_problem(None);
         }
+        // Before the first snapshot nothing is in S3.
+        let shipped = match self.outbox.state()? {
+            Some(s) if s.generation_done || s.shipped_version > 0 => s.shipped_version,
+            _ => 0,
+        };
+        let current = self.outbox.current_version()?;
+        self.metrics
+            .lag_versions
+            .set(current.saturating_sub(shipped) as i64);
+        // Counting the outbox reads every pending row: once a second, not every poll.
+        if self.pending_counted.get().elapsed() < PENDING_COUNT_EVERY {
+            return Ok(());
+        }
+        self.pending_counted.set(std::time::Instant::now());
         let mut pending = self.outbox.pending()?;
         if pending.bytes > self.config.max_pending_bytes && self.switch.is_recording() {
             self.switch.set_recording(false);
@@ -388,15 +407,6 @@ impl Writer {
         }
         self.metrics.pending_commits.set(pending.commits as i64);
         self.metrics.pending_bytes.set(pending.bytes as i64);
-        // Before the first snapshot nothing is in S3.
-        let shipped = match self.outbox.state()? {
-            Some(s) if s.generation_done || s.shipped_version > 0 => s.shipped_version,
-            _ => 0,
-        };
-        let current = self.outbox.current_version()?;
-        self.metrics
-            .lag_versions
-            .set(current.saturating_sub(shipped) as i64);
         Ok(())
     }
 
