@@ -40,6 +40,26 @@ const PENDING_COUNT_EVERY: Duration = Duration::from_secs(1);
 /// How long the backup keeps trying to ship what is pending when the server stops.
 const FINAL_SHIP: Duration = Duration::from_secs(5);
 
+/// Waits after the database refused the backup's own writes (a full disk).
+const LOCAL_RETRY_FIRST: Duration = Duration::from_secs(1);
+const LOCAL_RETRY_LAST: Duration = Duration::from_secs(60);
+
+/// Whether a database error may pass by itself: a full disk, a lock held too long.
+fn transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<rusqlite::Error>()
+            .and_then(|e| e.sqlite_error_code())
+            .is_some_and(|code| {
+                matches!(
+                    code,
+                    rusqlite::ErrorCode::DiskFull
+                        | rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                )
+            })
+    })
+}
+
 /// Why the ship loop stops what it is doing.
 #[derive(Debug)]
 pub(super) enum Interrupt {
@@ -77,6 +97,8 @@ pub(super) struct Writer {
     pub on_problem: super::ProblemSink,
     /// The committer's switch: off while the outbox is over its bound.
     pub switch: crate::store::BackupOutbox,
+    /// The next wait after the database refused the backup's own writes.
+    pub local_backoff: Duration,
     /// When the outbox was last counted.
     pub pending_counted: std::cell::Cell<std::time::Instant>,
     /// The lag is above `LAG_WARNING` and was logged.
@@ -132,8 +154,27 @@ impl Writer {
                 None => self.ship_loop(until_due.min(Duration::from_secs(60))).await,
             };
             match result {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.local_backoff = LOCAL_RETRY_FIRST;
+                }
                 Err(Interrupt::Stop) => return self.final_ship().await,
+                Err(Interrupt::Fatal(e)) if transient(&e) => {
+                    // A full disk (or a lock held too long) refuses the outbox's deletes like
+                    // the committer's writes: wait, as the committer does, and go on.
+                    tracing::warn!(
+                        "backup: the database refused the backup's bookkeeping ({e:#}); \
+                         retrying in {} s",
+                        self.local_backoff.as_secs()
+                    );
+                    self.set_problem(Some(format!("the database refused the backup: {e:#}")));
+                    // An upload may have gone through unacknowledged: look before re-shipping.
+                    self.check_shipped = true;
+                    if self.pause(self.local_backoff).await {
+                        return self.final_ship().await;
+                    }
+                    self.local_backoff = (self.local_backoff * 2).min(LOCAL_RETRY_LAST);
+                    continue;
+                }
                 Err(Interrupt::Fatal(e)) => return Err(e),
                 Err(Interrupt::Gap { shipped, next_prev }) => {
                     if self.switch.is_recording() {
@@ -185,6 +226,18 @@ impl Writer {
             );
         }
         Ok(())
+    }
+
+    /// Sleeps `d`, waking early when the server stops (returns `true` then).
+    async fn pause(&self, d: Duration) -> bool {
+        let end = tokio::time::Instant::now() + d;
+        while tokio::time::Instant::now() < end {
+            if self.stopping() {
+                return true;
+            }
+            tokio::time::sleep(POLL.min(end - tokio::time::Instant::now())).await;
+        }
+        self.stopping()
     }
 
     fn location_id(&self) -> String {
@@ -611,6 +664,28 @@ pub(super) fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_or_a_busy_database_is_waited_out_other_errors_stop() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        let io = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+            None,
+        );
+        assert!(transient(
+            &anyhow::Error::new(full).context("cannot acknowledge shipped backup entries")
+        ));
+        assert!(transient(&anyhow::Error::new(busy)));
+        assert!(!transient(&anyhow::Error::new(io)));
+        assert!(!transient(&anyhow::anyhow!("the outbox holds a bad row")));
+    }
 
     #[test]
     fn snapshot_objects_pair_data_and_metadata_by_index() {
