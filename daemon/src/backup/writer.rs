@@ -317,7 +317,9 @@ impl Writer {
         };
         let name =
             LogName::for_commits(stamp12(&first.versionstamp)?, stamp12(&last.versionstamp)?);
-        if std::mem::take(&mut self.check_shipped) {
+        // After a start (or a refused acknowledgement) the ranges may already be in S3: look
+        // until one is not.
+        if self.check_shipped {
             if let Some(shipped) = self.already_shipped(&name).await? {
                 tracing::info!(
                     "backup: {} was shipped before the restart; going on after it",
@@ -328,6 +330,7 @@ impl Writer {
                     .acknowledge(crate::store::outbox::Position(upto))?;
                 return Ok(());
             }
+            self.check_shipped = false;
         }
         let body = Bytes::from(drained.range.encode_to_vec());
         let key = name.key();

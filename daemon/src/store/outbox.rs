@@ -311,6 +311,10 @@ impl OutboxReader {
             .with_context(|| format!("cannot open database {} for the backup", path.display()))?;
         // The committer holds the write lock for a batch at a time: wait for it.
         conn.busy_timeout(std::time::Duration::from_millis(5000))?;
+        // Acknowledgements need no fsync of their own (which would hold the write lock the
+        // committer waits for): one lost in a crash leaves rows that were shipped, and the
+        // restarted backup finds them in S3 before shipping anything (writer::already_shipped).
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         if !super::schema::table_exists(&conn, TABLE)? {
             bail!(
                 "database {} has no backup outbox ({TABLE}): the server must run with backup on",
