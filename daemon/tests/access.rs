@@ -447,7 +447,8 @@ async fn session_tokens_carry_the_scope_and_expire() {
         let r = call(&c, p, &srv, USERS, "snapshot_read", get_body(&inside)).await;
         assert_eq!(r.status, 200);
     }
-    // A session of another server process (another key) is refused.
+    // A session made by another server process with the same token is accepted: session
+    // tokens are keyed by their parent token, not by the process, so they outlive a restart.
     let other_dir = tempfile::tempdir().unwrap();
     let other = start_with_file(other_dir.path(), &standard_file(), &[]);
     let (foreign, _) = session_of(&c, &other, USERS).await;
@@ -456,6 +457,20 @@ async fn session_tokens_carry_the_scope_and_expire() {
         Proto::H2,
         &srv,
         &foreign,
+        "snapshot_read",
+        get_body(&inside),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // One whose tag does not match its parent's key is refused.
+    let mut forged = foreign.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    let r = call(
+        &c,
+        Proto::H2,
+        &srv,
+        &forged,
         "snapshot_read",
         get_body(&inside),
     )

@@ -4,8 +4,8 @@
 //!
 //! A token is never kept in memory as text after it is read: each is held as its SHA-256
 //! digest (compared in constant time, so neither the time taken nor a length shows how close
-//! a guess was) and as an id keyed with this process's random key (the parent id of its
-//! session tokens). Names, never tokens, appear in logs, metrics and error texts.
+//! a guess was), an id and a session key, both HMACs keyed with the token itself (the parent
+//! id of its session tokens, and what signs them). Names, never tokens, appear in logs, metrics and error texts.
 
 use std::cell::RefCell;
 use std::os::unix::fs::PermissionsExt;
@@ -88,8 +88,11 @@ pub struct Access {
     prefixes: Vec<Vec<u8>>,
     /// SHA-256 of the token.
     digest: [u8; 32],
-    /// Keyed with the process key: names the parent of a session token.
+    /// Derived from the token: names the parent of a session token.
     id: [u8; 16],
+    /// Derived from the token: signs its session tokens, so they outlive a restart (and a
+    /// reload that keeps the token) and die with the token.
+    session_key: [u8; 32],
     counters: OnceLock<TokenCounters>,
 }
 
@@ -101,6 +104,7 @@ impl Access {
             prefixes,
             digest: Sha256::digest(token.as_bytes()).into(),
             id: token_id(token),
+            session_key: session_key(token),
             counters: OnceLock::new(),
         }
     }
@@ -299,14 +303,19 @@ impl Tokens {
             if long_lived_only {
                 return Err(ApiError::invalid_token());
             }
-            let id = verify_session(session, now).ok_or_else(ApiError::invalid_token)?;
+            let (id, expires_ms, tag) =
+                parse_session(session, now).ok_or_else(ApiError::invalid_token)?;
             // The parent must still be in the set: a reload that removed it ends its sessions.
-            return self
+            let parent = self
                 .entries
                 .iter()
                 .find(|e| e.id == id)
-                .cloned()
-                .ok_or_else(ApiError::invalid_token);
+                .ok_or_else(ApiError::invalid_token)?;
+            // Constant time (the hmac crate's verify).
+            session_mac(&parent.session_key, &id, expires_ms)
+                .verify_slice(&tag)
+                .map_err(|_| ApiError::invalid_token())?;
+            return Ok(parent.clone());
         }
         self.find(token).ok_or_else(ApiError::invalid_token)
     }
@@ -426,31 +435,35 @@ impl<'a> Iterator for Fields<'a> {
     }
 }
 
-/// This process's random key: session tokens made by an earlier process are not accepted.
-fn process_key() -> &'static [u8; 32] {
-    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
-    // ThreadRng is a CSPRNG seeded from the operating system.
-    KEY.get_or_init(rand::random)
-}
-
-fn mac(parts: &[&[u8]]) -> HmacSha256 {
-    let mut mac = HmacSha256::new_from_slice(process_key()).expect("HMAC takes any key length");
+/// An HMAC keyed with `key` over `parts`.
+fn keyed(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
     for p in parts {
         mac.update(p);
     }
     mac
 }
 
-/// A token's id: a keyed hash, so it tells nothing about the token outside this process.
+/// A token's id: a hash keyed with the token itself, so it tells nothing without the token.
 fn token_id(token: &str) -> [u8; 16] {
-    let full = mac(&[b"denokv token id\0", token.as_bytes()])
+    let full = keyed(token.as_bytes(), &[b"denokv token id\0"])
         .finalize()
         .into_bytes();
     full[..16].try_into().expect("16 of 32 bytes")
 }
 
-fn session_mac(id: &[u8; 16], expires_ms: u64) -> HmacSha256 {
-    mac(&[b"denokv session\0", id, &expires_ms.to_be_bytes()])
+/// The key that signs a token's session tokens: derived from the token (a secret), not from
+/// the process, so that session tokens survive a restart: clients that refresh metadata
+/// only near `expiresAt` (`@deno/kv`) keep working across upgrades.
+fn session_key(token: &str) -> [u8; 32] {
+    keyed(token.as_bytes(), &[b"denokv session key\0"])
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+fn session_mac(key: &[u8; 32], id: &[u8; 16], expires_ms: u64) -> HmacSha256 {
+    keyed(key, &[b"denokv session\0", id, &expires_ms.to_be_bytes()])
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -463,7 +476,9 @@ fn millis(t: SystemTime) -> u64 {
 /// that changes or removes the parent applies to its sessions at once.
 pub fn issue_session(access: &Access, expires: SystemTime) -> String {
     let expires_ms = millis(expires);
-    let tag = session_mac(&access.id, expires_ms).finalize().into_bytes();
+    let tag = session_mac(&access.session_key, &access.id, expires_ms)
+        .finalize()
+        .into_bytes();
     format!(
         "{SESSION_PREFIX}{}.{expires_ms}.{}",
         hex(&access.id),
@@ -471,9 +486,9 @@ pub fn issue_session(access: &Access, expires: SystemTime) -> String {
     )
 }
 
-/// The parent id of a session token (without its prefix) whose HMAC holds and which has not
-/// expired at `now`.
-fn verify_session(session: &str, now: SystemTime) -> Option<[u8; 16]> {
+/// A session token (without its prefix) taken apart: the parent's id, the expiry and the tag;
+/// `None` when malformed or expired at `now`. The tag is checked against the parent's key.
+fn parse_session(session: &str, now: SystemTime) -> Option<([u8; 16], u64, Vec<u8>)> {
     let mut parts = session.split('.');
     let (id, expires, tag) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || !expires.bytes().all(|b| b.is_ascii_digit()) {
@@ -482,9 +497,7 @@ fn verify_session(session: &str, now: SystemTime) -> Option<[u8; 16]> {
     let id: [u8; 16] = unhex(id)?.try_into().ok()?;
     let expires_ms: u64 = expires.parse().ok()?;
     let tag = unhex(tag)?;
-    // Constant time (the hmac crate's verify).
-    session_mac(&id, expires_ms).verify_slice(&tag).ok()?;
-    (millis(now) < expires_ms).then_some(id)
+    (millis(now) < expires_ms).then_some((id, expires_ms, tag))
 }
 
 fn hex(bytes: &[u8]) -> String {
