@@ -15,7 +15,7 @@ use monoio::io::IntoPollIo;
 
 use super::connection::{ConnState, Expiry, Open, Tracked, Watched};
 use super::hyper_compat::{LocalExec, MonoioTimer};
-use super::limits::{Admission, Limits, Permit};
+use super::limits::{Admission, Limits, Permit, RequestRefusal};
 use crate::health::Beater;
 use crate::http::auth::CoreTokens;
 use crate::http::{self, CoreContext, Shared};
@@ -252,7 +252,10 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
             }
         })
     };
-    let io = TokioIo::new(Watched::new(io, state.clone()));
+    let refused = metrics
+        .requests_refused(RequestRefusal::MaxH2Streams)
+        .clone();
+    let io = TokioIo::new(Watched::new(io, state.clone(), refused));
     let mut conn = pin!(builder.serve_connection(io, service));
     loop {
         let deadline = state.deadline(&limits);

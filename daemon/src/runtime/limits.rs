@@ -44,6 +44,43 @@ impl Refusal {
     }
 }
 
+/// Why a request (an h2 stream) was refused: the `reason` of `denokv_requests_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestRefusal {
+    /// An h2 stream past `--max-h2-streams`, refused with `REFUSED_STREAM` by the h2 crate.
+    MaxH2Streams,
+    /// A watch past `--max-watch-streams-per-connection` (429).
+    MaxWatchStreamsPerConnection,
+    /// A watch past `--max-watch-streams` (429).
+    MaxWatchStreams,
+    /// A body past `--max-body-bytes` (413).
+    MaxBodyBytes,
+    /// A body whose repeated fields outnumber the protocol's limits: refused before it is
+    /// decoded (400).
+    TooManyMessages,
+}
+
+impl RequestRefusal {
+    pub const COUNT: usize = 5;
+    pub const ALL: [RequestRefusal; Self::COUNT] = [
+        RequestRefusal::MaxH2Streams,
+        RequestRefusal::MaxWatchStreamsPerConnection,
+        RequestRefusal::MaxWatchStreams,
+        RequestRefusal::MaxBodyBytes,
+        RequestRefusal::TooManyMessages,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestRefusal::MaxH2Streams => "max_h2_streams",
+            RequestRefusal::MaxWatchStreamsPerConnection => "max_watch_streams_per_connection",
+            RequestRefusal::MaxWatchStreams => "max_watch_streams",
+            RequestRefusal::MaxBodyBytes => "max_body_bytes",
+            RequestRefusal::TooManyMessages => "too_many_messages",
+        }
+    }
+}
+
 /// Shards of the per-address map: cores accepting at once rarely wait on each other.
 const SHARDS: usize = 16;
 
