@@ -20,6 +20,7 @@ use crate::kv::model::{Entry, WriteOutcome};
 use crate::kv::{now_ms, validate};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::proto as pb;
+use crate::runtime::limits::ConnWatches;
 use crate::store::{CommitterHandle, Reader, WatchRegistry};
 use crate::traces::Span;
 use auth::{Access, CoreTokens, SharedTokens};
@@ -56,7 +57,11 @@ pub struct CoreContext {
 
 /// Answers one request; errors become their plain-text responses. Every answer is counted,
 /// and traced when traces are on (a span per request, ended when the response head is ready).
-pub async fn handle(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Response<Body> {
+pub async fn handle(
+    req: Request,
+    ctx: &std::rc::Rc<CoreContext>,
+    watches: &ConnWatches,
+) -> Response<Body> {
     crate::fatal::debug::panic_point("core");
     let start = Instant::now();
     let route = Route::of(req.uri().path());
@@ -68,7 +73,7 @@ pub async fn handle(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Response<Bo
         }
         span.set("network.protocol.version", protocol_version(req.version()));
     }
-    let resp = match serve(route, req, ctx, &mut span).await {
+    let resp = match serve(route, req, ctx, watches, &mut span).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     };
@@ -106,6 +111,7 @@ async fn serve(
     route: Route,
     req: Request,
     ctx: &std::rc::Rc<CoreContext>,
+    watches: &ConnWatches,
     span: &mut Span,
 ) -> Result<Response<Body>, ApiError> {
     if route == Route::Other {
@@ -144,6 +150,14 @@ async fn serve(
         // Refused before the body is read.
         access.check_write()?;
     }
+    // A watch takes its slots before its body is read (and keeps them while it streams).
+    let watch_permit = match route {
+        Route::Watch => Some(watches.take().map_err(|reason| {
+            ctx.shared.metrics.requests_refused(reason).inc();
+            ApiError::too_many_watches(reason, watches.limits())
+        })?),
+        _ => None,
+    };
     let body = read_limited(incoming, content_length).await?;
     span.set("http.request.body.size", body.len() as i64);
     match route {
@@ -152,7 +166,8 @@ async fn serve(
         Route::Watch => {
             let req: pb::Watch = decode(&body)?;
             span.set("denokv.watch.keys", req.keys.len() as i64);
-            watch::start(req, ctx, access)
+            let permit = watch_permit.expect("taken above for a watch");
+            watch::start(req, ctx, access, permit)
         }
         Route::Metadata | Route::Other => unreachable!("handled above"),
     }
