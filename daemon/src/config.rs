@@ -218,6 +218,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_MAX_WATCH_STREAMS", default_value = "10000", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_watch_streams: usize,
 
+    /// Largest request body in bytes; a larger one gets 413, refused from its Content-Length
+    /// before it is read. At least 1 MiB: the largest valid request is about 0.9 MB.
+    #[arg(long, env = "DENOKV_MAX_BODY_BYTES", default_value = "2097152", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(crate::kv::limits::MIN_BODY_BYTES as u64..=(64 << 20)))]
+    pub max_body_bytes: usize,
+
     /// Seconds the session token handed out by the metadata exchange (and its `expiresAt`)
     /// is valid. Deno fetches new metadata every 60 s; keep this above 70. 0: hand out the
     /// presented token itself, valid for a day, as upstream denokv does.
@@ -415,6 +420,7 @@ impl ServeArgs {
                 max_h2_streams: self.max_h2_streams,
                 max_watch_streams_per_connection: self.max_watch_streams_per_connection,
                 max_watch_streams: self.max_watch_streams,
+                max_body_bytes: self.max_body_bytes,
             },
             session_ttl: Duration::from_secs(self.session_token_ttl),
         })

@@ -17,10 +17,11 @@ use hyper::body::{Body as _, Incoming};
 use prost::Message;
 
 use crate::kv::model::{Entry, WriteOutcome};
+use crate::kv::wire;
 use crate::kv::{now_ms, validate};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::proto as pb;
-use crate::runtime::limits::ConnWatches;
+use crate::runtime::limits::{ConnWatches, RequestRefusal};
 use crate::store::{CommitterHandle, Reader, WatchRegistry};
 use crate::traces::Span;
 use auth::{Access, CoreTokens, SharedTokens};
@@ -53,6 +54,8 @@ pub struct CoreContext {
     pub watch_reads: RefCell<watch::WatchReads>,
     /// Turns true when the server starts shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// `--max-body-bytes`.
+    pub max_body_bytes: usize,
 }
 
 /// Answers one request; errors become their plain-text responses. Every answer is counted,
@@ -124,15 +127,24 @@ async fn serve(
             .unwrap());
     }
     let (parts, incoming) = req.into_parts();
-    let content_length = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let h2 = parts.version == Version::HTTP_2;
+    let content_length = content_length_of(&parts.headers);
+    let read_body = |incoming| async move {
+        let read = read_limited(incoming, content_length, ctx.max_body_bytes, h2);
+        read.await.inspect_err(|e| {
+            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                ctx.shared
+                    .metrics
+                    .requests_refused(RequestRefusal::MaxBodyBytes)
+                    .inc();
+            }
+        })
+    };
     if route == Route::Metadata {
         // Long-lived tokens only; the answer carries a session token derived from it.
         let access = ctx.tokens.authenticate_long_lived(&parts.headers)?;
         access.count_request();
-        let body = read_limited(incoming, content_length).await?;
+        let body = read_body(incoming).await?;
         span.set("http.request.body.size", body.len() as i64);
         if ctx.shared.session_ttl.is_zero() {
             // `--session-token-ttl 0`: the presented token itself, for a day, as upstream.
@@ -158,12 +170,29 @@ async fn serve(
         })?),
         _ => None,
     };
-    let body = read_limited(incoming, content_length).await?;
+    let body = read_body(incoming).await?;
     span.set("http.request.body.size", body.len() as i64);
+    // Counted before decoding: a body of many small messages is refused without them.
+    let counted = |check: fn(&[u8]) -> Result<(), crate::kv::KvError>| {
+        check(&body).map_err(|e| {
+            ctx.shared
+                .metrics
+                .requests_refused(RequestRefusal::TooManyMessages)
+                .inc();
+            ApiError::from(e)
+        })
+    };
     match route {
-        Route::SnapshotRead => snapshot_read(decode(&body)?, ctx, span, &access),
-        Route::AtomicWrite => atomic_write(decode(&body)?, ctx, span, &access).await,
+        Route::SnapshotRead => {
+            counted(wire::snapshot_read)?;
+            snapshot_read(decode(&body)?, ctx, span, &access)
+        }
+        Route::AtomicWrite => {
+            counted(wire::atomic_write).inspect_err(|_| ctx.shared.metrics.writes_invalid.inc())?;
+            atomic_write(decode(&body)?, ctx, span, &access).await
+        }
         Route::Watch => {
+            counted(wire::watch)?;
             let req: pb::Watch = decode(&body)?;
             span.set("denokv.watch.keys", req.keys.len() as i64);
             let permit = watch_permit.expect("taken above for a watch");
@@ -249,6 +278,12 @@ pub fn check_data_path_headers(
         return Err(ApiError::bad_request("Invalid database id."));
     }
     Ok(access)
+}
+
+fn content_length_of(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
 fn decode<M: Message + Default>(body: &Bytes) -> Result<M, ApiError> {

@@ -80,6 +80,7 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         reader: RefCell::new(setup.reader),
         watch_reads: Default::default(),
         shutdown: setup.shutdown.clone(),
+        max_body_bytes: setup.limits.max_body_bytes,
     });
     let mut builder = auto::Builder::new(LocalExec);
     builder

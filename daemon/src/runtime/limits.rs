@@ -28,6 +28,8 @@ pub struct Limits {
     /// Watch streams open at once on one connection, and on the whole server.
     pub max_watch_streams_per_connection: usize,
     pub max_watch_streams: usize,
+    /// The largest request body (`--max-body-bytes`).
+    pub max_body_bytes: usize,
 }
 
 /// Why a connection was refused at accept: the `reason` of `denokv_connections_refused_total`.
@@ -240,6 +242,7 @@ mod tests {
             max_h2_streams: 1,
             max_watch_streams_per_connection: per_conn,
             max_watch_streams: watches,
+            max_body_bytes: 1 << 20,
         }
     }
 
