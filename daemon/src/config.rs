@@ -223,6 +223,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_MAX_BODY_BYTES", default_value = "2097152", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(crate::kv::limits::MIN_BODY_BYTES as u64..=(64 << 20)))]
     pub max_body_bytes: usize,
 
+    /// MiB of snapshot read answers held in memory at once (read, not yet sent), on all
+    /// cores; a read that would pass it waits for others to be sent.
+    #[arg(long, env = "DENOKV_MAX_READ_BUFFER_MB", default_value = "128", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=(1 << 20)))]
+    pub max_read_buffer_mb: usize,
+
     /// Seconds the session token handed out by the metadata exchange (and its `expiresAt`)
     /// is valid. Deno fetches new metadata every 60 s; keep this above 70. 0: hand out the
     /// presented token itself, valid for a day, as upstream denokv does.
@@ -421,6 +426,7 @@ impl ServeArgs {
                 max_watch_streams_per_connection: self.max_watch_streams_per_connection,
                 max_watch_streams: self.max_watch_streams,
                 max_body_bytes: self.max_body_bytes,
+                max_read_buffer_mb: self.max_read_buffer_mb,
             },
             session_ttl: Duration::from_secs(self.session_token_ttl),
         })

@@ -191,6 +191,10 @@ pub struct Metrics {
     /// Failed accepts (out of descriptors, say): each retry of a backed-off accept counts.
     pub accept_errors: IntCounter,
     pub watch_streams: IntGauge,
+    /// Snapshot reads that waited for room in `--max-read-buffer-mb`.
+    pub read_budget_waits: IntCounter,
+    /// Snapshot read answers cut off because their client stopped reading them.
+    pub responses_stalled: IntCounter,
     pub committer_queue_depth: IntGauge,
     database_size: IntGauge,
     wal_size: IntGauge,
@@ -393,6 +397,15 @@ impl Metrics {
                 "Accepts that failed (e.g. out of file descriptors); retried with back-off.",
             ),
             watch_streams: gauge("denokv_watch_streams", "Watch streams open."),
+            read_budget_waits: counter(
+                "denokv_read_buffer_waits_total",
+                "Snapshot reads that waited for room in --max-read-buffer-mb (answers read and \
+                 not yet sent, on all cores).",
+            ),
+            responses_stalled: counter(
+                "denokv_read_answers_stalled_total",
+                "Snapshot read answers cut off because the client took none of it for 30 s.",
+            ),
             committer_queue_depth: gauge(
                 "denokv_committer_queue_depth",
                 "Atomic writes waiting for the committer.",

@@ -269,3 +269,75 @@ fn a_body_of_many_small_messages_is_refused_before_it_is_decoded() {
     let refused = "denokv_requests_refused_total{reason=\"too_many_messages\"}";
     assert_eq!(metric(&s, refused), 3.0);
 }
+
+/// Fills keys `big0000`… with `n` values of 64 KiB; a read of them all.
+async fn big_values(s: &Server, c: &Client, n: usize) -> Vec<u8> {
+    use denokv::proto as pb;
+    use prost::Message;
+    let value = vec![7u8; 65536];
+    let keys: Vec<bytes::Bytes> = (0..n).map(|i| key(&format!("big{i:04}"))).collect();
+    for chunk in keys.chunks(12) {
+        let w = pb::AtomicWrite {
+            mutations: chunk.iter().map(|k| set_bytes(k, &value)).collect(),
+            ..Default::default()
+        };
+        let r = c
+            .data(Proto::H2, s, "atomic_write", w.encode_to_vec())
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    pb::SnapshotRead {
+        ranges: vec![pb::ReadRange {
+            start: key("big"),
+            end: key("big9999"),
+            limit: n as i32,
+            reverse: false,
+        }],
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test]
+async fn large_answers_wait_for_room_in_the_read_buffer_and_are_all_served() {
+    use http_body_util::BodyExt;
+    // 16 MiB: one answer of 200 × 64 KiB (13 MB) at a time.
+    let s = Server::start(&["--max-read-buffer-mb", "16"]);
+    let (a, b) = (Client::new(), Client::new());
+    let read = big_values(&s, &a, 200).await;
+    let full = a.data(Proto::H2, &s, "snapshot_read", read.clone()).await;
+    let out: denokv::proto::SnapshotReadOutput = full.decode();
+    assert_eq!(out.ranges[0].values.len(), 200);
+    // A takes its answer's head and leaves the body unread: it holds its 13 MB.
+    let held = a
+        .send(
+            Proto::H2,
+            common::data_request(&s.url("/v2/snapshot_read"), read.clone()),
+        )
+        .await;
+    assert_eq!(held.status(), 200);
+    // B's read waits for room…
+    let url = s.url("/v2/snapshot_read");
+    let second = tokio::spawn({
+        let read = read.clone();
+        async move {
+            let r = b.send(Proto::H2, common::data_request(&url, read)).await;
+            (
+                r.status(),
+                r.into_body().collect().await.unwrap().to_bytes(),
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!second.is_finished(), "the second read did not wait");
+    let waits = "denokv_read_buffer_waits_total ";
+    assert_eq!(metric(&s, waits), 1.0);
+    // …until A reads its answer: then both are served in full.
+    let body = held.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], &full.body[..]);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("served once there was room")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], &full.body[..]);
+}

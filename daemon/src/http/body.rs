@@ -13,10 +13,30 @@ use hyper::body::{Frame, Incoming};
 use super::error::ApiError;
 
 /// Every response body this server sends.
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub type Body = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Why a response body was cut off: hyper resets the h2 stream (or closes the HTTP/1.1
+/// connection).
+#[derive(Debug)]
+pub enum BodyError {
+    /// The client took nothing of the answer for too long (`read_answer::STALL`).
+    Stalled,
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Stalled => f.write_str("the client stopped reading the answer"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
 }
 
 pub fn empty() -> Body {
@@ -112,12 +132,12 @@ impl ChannelBody {
 
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.rx
             .poll_recv(cx)
             .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))

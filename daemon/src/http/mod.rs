@@ -5,6 +5,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod metadata;
+pub mod read_answer;
 mod watch;
 
 use std::cell::RefCell;
@@ -56,6 +57,8 @@ pub struct CoreContext {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// `--max-body-bytes`.
     pub max_body_bytes: usize,
+    /// Shared by every core: `--max-read-buffer-mb`.
+    pub read_budget: Arc<read_answer::ReadBudget>,
 }
 
 /// Answers one request; errors become their plain-text responses. Every answer is counted,
@@ -185,7 +188,7 @@ async fn serve(
     match route {
         Route::SnapshotRead => {
             counted(wire::snapshot_read)?;
-            snapshot_read(decode(&body)?, ctx, span, &access)
+            snapshot_read(decode(&body)?, ctx, span, &access).await
         }
         Route::AtomicWrite => {
             counted(wire::atomic_write).inspect_err(|_| ctx.shared.metrics.writes_invalid.inc())?;
@@ -307,7 +310,7 @@ fn entry_to_pb(e: Entry) -> pb::KvEntry {
     }
 }
 
-fn snapshot_read(
+async fn snapshot_read(
     req: pb::SnapshotRead,
     ctx: &CoreContext,
     span: &mut Span,
@@ -316,23 +319,21 @@ fn snapshot_read(
     span.set("denokv.read.ranges", req.ranges.len() as i64);
     let ranges = validate::snapshot_read(req)?;
     access.check_ranges(ranges.iter().map(|r| (&r.start[..], &r.end[..])))?;
+    // The worst case of the answer while reading, then what it really holds until it is sent.
+    let metrics = &ctx.shared.metrics;
+    let permit = ctx
+        .read_budget
+        .reserve(read_answer::worst_case(&ranges), metrics)
+        .await;
     let results = ctx.reader.borrow_mut().read_ranges(&ranges, now_ms())?;
     if span.is_on() {
         let entries: usize = results.iter().map(Vec::len).sum();
         span.set("denokv.read.entries", entries as i64);
     }
-    let out = pb::SnapshotReadOutput {
-        ranges: results
-            .into_iter()
-            .map(|entries| pb::ReadRangeOutput {
-                values: entries.into_iter().map(entry_to_pb).collect(),
-            })
-            .collect(),
-        read_disabled: false,
-        read_is_strongly_consistent: true,
-        status: pb::SnapshotReadStatus::SrSuccess as i32,
-    };
-    Ok(protobuf(&out))
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-protobuf")
+        .body(read_answer::answer(results, permit, metrics))
+        .expect("static response parts are valid"))
 }
 
 async fn atomic_write(

@@ -3,7 +3,6 @@
 //! keep-alive connection, and hyper-util's protocol detection reads with no timeout at all.
 
 use std::cell::Cell;
-use std::convert::Infallible;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -16,7 +15,7 @@ use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::limits::Limits;
-use crate::http::body::Body;
+use crate::http::body::{Body, BodyError};
 
 /// Which deadline ran out: the `reason` of `denokv_connections_closed_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,12 +175,12 @@ impl Tracked {
 
 impl hyper::body::Body for Tracked {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         Pin::new(&mut self.body).poll_frame(cx)
     }
 

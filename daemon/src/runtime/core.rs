@@ -81,6 +81,7 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         watch_reads: Default::default(),
         shutdown: setup.shutdown.clone(),
         max_body_bytes: setup.limits.max_body_bytes,
+        read_budget: setup.admission.reads.clone(),
     });
     let mut builder = auto::Builder::new(LocalExec);
     builder

@@ -30,6 +30,8 @@ pub struct Limits {
     pub max_watch_streams: usize,
     /// The largest request body (`--max-body-bytes`).
     pub max_body_bytes: usize,
+    /// MiB of snapshot read answers held at once (`--max-read-buffer-mb`).
+    pub max_read_buffer_mb: usize,
 }
 
 /// Why a connection was refused at accept: the `reason` of `denokv_connections_refused_total`.
@@ -100,6 +102,8 @@ pub struct Admission {
     hasher: RandomState,
     /// The watch stream caps.
     pub watches: Arc<WatchSlots>,
+    /// The budget of snapshot read answers held in memory.
+    pub reads: Arc<crate::http::read_answer::ReadBudget>,
 }
 
 /// One admitted connection; gives its place back when dropped.
@@ -121,6 +125,9 @@ impl Admission {
                 max_total: limits.max_watch_streams,
                 total: AtomicUsize::new(0),
             }),
+            reads: Arc::new(crate::http::read_answer::ReadBudget::new(
+                limits.max_read_buffer_mb,
+            )),
         })
     }
 
@@ -243,6 +250,7 @@ mod tests {
             max_watch_streams_per_connection: per_conn,
             max_watch_streams: watches,
             max_body_bytes: 1 << 20,
+            max_read_buffer_mb: 1,
         }
     }
 
