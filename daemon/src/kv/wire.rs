@@ -267,7 +267,7 @@ mod tests {
                     payload: Bytes::from(vec![1; left - backoffs - key_len * 10]),
                     deadline_ms: now + MAX_QUEUE_DELAY_MS,
                     keys_if_undelivered: (0..MAX_DEAD_LETTER_KEYS)
-                        .map(|j| Bytes::from(vec![i as u8, j as u8].repeat(key_len / 2)))
+                        .map(|j| Bytes::from([i as u8, j as u8].repeat(key_len / 2)))
                         .collect(),
                     backoff_schedule: vec![MAX_BACKOFF_MS; MAX_BACKOFF_INTERVALS],
                 }
