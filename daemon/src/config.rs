@@ -204,6 +204,30 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_MAX_H2_STREAMS", default_value = "256", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_h2_streams: u32,
 
+    /// Watch streams open at once on one connection; the next gets 429. Below
+    /// --max-h2-streams, so that reads and writes always have streams left.
+    #[arg(
+        long,
+        env = "DENOKV_MAX_WATCH_STREAMS_PER_CONNECTION",
+        default_value = "128",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_watch_streams_per_connection: usize,
+
+    /// Watch streams open at once on the server, on all connections; the next gets 429.
+    #[arg(long, env = "DENOKV_MAX_WATCH_STREAMS", default_value = "10000", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_watch_streams: usize,
+
+    /// Largest request body in bytes; a larger one gets 413, refused from its Content-Length
+    /// before it is read. At least 1 MiB: the largest valid request is about 0.9 MB.
+    #[arg(long, env = "DENOKV_MAX_BODY_BYTES", default_value = "2097152", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(crate::kv::limits::MIN_BODY_BYTES as u64..=(64 << 20)))]
+    pub max_body_bytes: usize,
+
+    /// MiB of snapshot read answers held in memory at once (read, not yet sent), on all
+    /// cores; a read that would pass it waits for others to be sent.
+    #[arg(long, env = "DENOKV_MAX_READ_BUFFER_MB", default_value = "128", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=(1 << 20)))]
+    pub max_read_buffer_mb: usize,
+
     /// Seconds the session token handed out by the metadata exchange (and its `expiresAt`)
     /// is valid. Deno fetches new metadata every 60 s; keep this above 70. 0: hand out the
     /// presented token itself, valid for a day, as upstream denokv does.
@@ -399,6 +423,10 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 max_connections_per_ip: self.max_connections_per_ip,
                 max_h2_streams: self.max_h2_streams,
+                max_watch_streams_per_connection: self.max_watch_streams_per_connection,
+                max_watch_streams: self.max_watch_streams,
+                max_body_bytes: self.max_body_bytes,
+                max_read_buffer_mb: self.max_read_buffer_mb,
             },
             session_ttl: Duration::from_secs(self.session_token_ttl),
         })

@@ -38,7 +38,7 @@ use prometheus::{
 
 pub use crate::runtime::connection::Expiry;
 use crate::runtime::connection::Open;
-pub use crate::runtime::limits::Refusal;
+pub use crate::runtime::limits::{Refusal, RequestRefusal};
 
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -152,7 +152,9 @@ impl CommitPhase {
 
 /// Status codes the server answers with; each gets a slot resolved once. Others (none today)
 /// fall back to a label lookup.
-const STATUSES: [u16; 12] = [200, 400, 401, 403, 404, 405, 408, 409, 413, 500, 503, 507];
+const STATUSES: [u16; 13] = [
+    200, 400, 401, 403, 404, 405, 408, 409, 413, 429, 500, 503, 507,
+];
 
 fn status_slot(status: u16) -> Option<usize> {
     STATUSES.iter().position(|&s| s == status)
@@ -182,12 +184,17 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     connections_refused: [IntCounter; Refusal::COUNT],
     connections_closed: [IntCounter; Expiry::COUNT],
+    requests_refused: [IntCounter; RequestRefusal::COUNT],
     /// By token name (never the token): one series per name in the token file.
     token_requests: IntCounterVec,
     token_refusals: IntCounterVec,
     /// Failed accepts (out of descriptors, say): each retry of a backed-off accept counts.
     pub accept_errors: IntCounter,
     pub watch_streams: IntGauge,
+    /// Snapshot reads that waited for room in `--max-read-buffer-mb`.
+    pub read_budget_waits: IntCounter,
+    /// Snapshot read answers cut off because their client stopped reading them.
+    pub responses_stalled: IntCounter,
     pub committer_queue_depth: IntGauge,
     database_size: IntGauge,
     wal_size: IntGauge,
@@ -293,6 +300,17 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(connections_closed.clone()));
+        let requests_refused = IntCounterVec::new(
+            Opts::new(
+                "denokv_requests_refused_total",
+                "Requests refused because a cap was reached, by reason: max_h2_streams \
+                 (REFUSED_STREAM), max_watch_streams_per_connection and max_watch_streams \
+                 (429), max_body_bytes (413), too_many_messages (400, before decoding).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        reg(Box::new(requests_refused.clone()));
         let token_requests = IntCounterVec::new(
             Opts::new(
                 "denokv_token_requests_total",
@@ -370,6 +388,8 @@ impl Metrics {
                 .map(|r| connections_refused.with_label_values(&[r.name()])),
             connections_closed: Expiry::ALL
                 .map(|e| connections_closed.with_label_values(&[e.name()])),
+            requests_refused: RequestRefusal::ALL
+                .map(|r| requests_refused.with_label_values(&[r.name()])),
             token_requests,
             token_refusals,
             accept_errors: counter(
@@ -377,6 +397,15 @@ impl Metrics {
                 "Accepts that failed (e.g. out of file descriptors); retried with back-off.",
             ),
             watch_streams: gauge("denokv_watch_streams", "Watch streams open."),
+            read_budget_waits: counter(
+                "denokv_read_buffer_waits_total",
+                "Snapshot reads that waited for room in --max-read-buffer-mb (answers read and \
+                 not yet sent, on all cores).",
+            ),
+            responses_stalled: counter(
+                "denokv_read_answers_stalled_total",
+                "Snapshot read answers cut off because the client took none of it for 30 s.",
+            ),
             committer_queue_depth: gauge(
                 "denokv_committer_queue_depth",
                 "Atomic writes waiting for the committer.",
@@ -458,6 +487,11 @@ impl Metrics {
     /// Connections refused at accept for `reason`.
     pub fn connections_refused(&self, reason: Refusal) -> &IntCounter {
         &self.connections_refused[reason as usize]
+    }
+
+    /// Requests refused because the cap `reason` was reached.
+    pub fn requests_refused(&self, reason: RequestRefusal) -> &IntCounter {
+        &self.requests_refused[reason as usize]
     }
 
     /// Connections closed because the deadline `expiry` ran out.

@@ -272,6 +272,8 @@ mod h2_raw {
     pub const HEADERS: u8 = 1;
     pub const RST_STREAM: u8 = 3;
     pub const SETTINGS: u8 = 4;
+    pub const PING: u8 = 6;
+    pub const GOAWAY: u8 = 7;
 
     pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;
@@ -309,11 +311,10 @@ mod h2_raw {
     }
 }
 
-#[test]
-fn h2_streams_past_the_cap_are_refused_and_the_connection_goes_on() {
+/// Connects and exchanges the h2 preface and SETTINGS by hand.
+fn h2_handshake(addr: SocketAddr) -> TcpStream {
     use h2_raw::*;
-    let s = Server::start(&["--max-h2-streams", "2"]);
-    let mut c = connect(s.addr);
+    let mut c = connect(addr);
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
     c.write_all(&frame(SETTINGS, 0, 0, &[])).unwrap();
@@ -330,23 +331,35 @@ fn h2_streams_past_the_cap_are_refused_and_the_connection_goes_on() {
             }
         }
     }
+    c
+}
+
+/// Opens a watch stream on h2 stream `id` (HEADERS and DATA, by hand).
+fn h2_open_watch(c: &mut TcpStream, id: u32) {
+    use h2_raw::*;
     let auth = format!("Bearer {TOKEN}");
     let body = watch_body();
     let length = body.len().to_string();
-    let open = |c: &mut TcpStream, id: u32| {
-        let block = headers(&[
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/v2/watch"),
-            (":authority", "x"),
-            ("authorization", &auth),
-            ("x-denokv-version", "3"),
-            ("x-denokv-database-id", NIL_ID),
-            ("content-length", &length),
-        ]);
-        c.write_all(&frame(HEADERS, 0x4, id, &block)).unwrap();
-        c.write_all(&frame(DATA, 0x1, id, &body)).unwrap();
-    };
+    let block = headers(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/v2/watch"),
+        (":authority", "x"),
+        ("authorization", &auth),
+        ("x-denokv-version", "3"),
+        ("x-denokv-database-id", NIL_ID),
+        ("content-length", &length),
+    ]);
+    c.write_all(&frame(HEADERS, 0x4, id, &block)).unwrap();
+    c.write_all(&frame(DATA, 0x1, id, &body)).unwrap();
+}
+
+#[test]
+fn h2_streams_past_the_cap_are_refused_and_the_connection_goes_on() {
+    use h2_raw::*;
+    let s = Server::start(&["--max-h2-streams", "2"]);
+    let mut c = h2_handshake(s.addr);
+    let open = h2_open_watch;
     // Two watch streams stay open; the third is refused.
     for id in [1, 3, 5] {
         open(&mut c, id);
@@ -361,6 +374,14 @@ fn h2_streams_past_the_cap_are_refused_and_the_connection_goes_on() {
         }
     };
     assert_eq!(refused, (5, 7), "stream 5 gets REFUSED_STREAM (7)");
+    // Counted once the server sees its write of the frame complete (with io_uring, possibly
+    // after the client has read it).
+    let counted = "denokv_requests_refused_total{reason=\"max_h2_streams\"}";
+    let start = Instant::now();
+    while metric(&s, counted) != 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(2), "not counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // The client goes on: it cancels one watch and opens another, which is answered.
     c.write_all(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()))
         .unwrap();
@@ -372,6 +393,65 @@ fn h2_streams_past_the_cap_are_refused_and_the_connection_goes_on() {
             break;
         }
     }
+}
+
+#[test]
+fn h2_keep_alive_pings_close_a_peer_that_stops_answering_them() {
+    use h2_raw::*;
+    // Pings every second, each answered within a second; no idle timeout while a watch is open.
+    let s = quick_server(&[
+        "--h2-keepalive-interval",
+        "1",
+        "--h2-keepalive-timeout",
+        "1",
+    ]);
+    let mut c = h2_handshake(s.addr);
+    h2_open_watch(&mut c, 1);
+    // A live peer: every ping answered for 4 s, and the connection stays open.
+    let start = Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_secs(4) {
+        let (kind, flags, _, payload) = read(&mut c);
+        assert_ne!(kind, GOAWAY, "closed although every ping was answered");
+        if kind == PING && flags & 1 == 0 {
+            pings += 1;
+            c.write_all(&frame(PING, 1, 0, &payload)).unwrap();
+        }
+    }
+    assert!(pings >= 2, "{pings} pings in 4 s");
+    // A dead peer: it reads but answers nothing (a vanished peer's kernel would not even
+    // read). The next ping goes unanswered, and the connection is closed.
+    let dead = Instant::now();
+    let mut unanswered = 0;
+    let mut buf = [0u8; 9];
+    loop {
+        match c.read_exact(&mut buf) {
+            Ok(()) => {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                if c.read_exact(&mut payload).is_err() {
+                    break;
+                }
+                if buf[3] == PING && buf[4] & 1 == 0 {
+                    unanswered += 1;
+                }
+            }
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+                    ),
+                    "{e}"
+                );
+                break;
+            }
+        }
+        assert!(dead.elapsed() < Duration::from_secs(5), "still open");
+    }
+    let took = dead.elapsed();
+    assert!(unanswered >= 1, "closed before a ping went unanswered");
+    assert!(took < Duration::from_secs(4), "closed after {took:?}");
 }
 
 #[test]

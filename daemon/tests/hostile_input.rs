@@ -174,3 +174,170 @@ fn chunked_bodies_over_the_limit_are_refused() {
         &reply[..reply.len().min(200)]
     );
 }
+
+/// The metric line `name{labels} value` of a scrape, as a number (0 when absent).
+fn metric(s: &Server, line_start: &str) -> f64 {
+    let (_, _, body) = s.scrape();
+    body.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `VmHWM` of the server: its peak resident memory, in KiB.
+fn peak_rss_kib(s: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_body_declared_over_the_cap_is_refused_from_its_header() {
+    let s = Server::start(&["--max-body-bytes", "1048576"]);
+    // The head alone, declaring 1 MiB + 1: answered without waiting for the body (the
+    // server reads and drops what comes for 2 s at most, then answers).
+    let head = format!(
+        "POST /v2/atomic_write HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n\
+         x-denokv-version: 3\r\nx-denokv-database-id: {NIL_ID}\r\ncontent-length: {}\r\n\r\n",
+        1024 * 1024 + 1
+    );
+    let start = std::time::Instant::now();
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(head.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = c.read(&mut buf).unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    let refused = "denokv_requests_refused_total{reason=\"max_body_bytes\"}";
+    assert_eq!(metric(&s, refused), 1.0);
+    // A body of exactly the cap is read (and refused as bad protobuf, not as too large).
+    let reply = raw_exchange(
+        &s,
+        &data_request("atomic_write", &vec![0xff; 1 << 20], ""),
+        false,
+    );
+    assert!(
+        reply.starts_with("HTTP/1.1 400"),
+        "{}",
+        &reply[..reply.len().min(200)]
+    );
+    assert_eq!(metric(&s, refused), 1.0);
+    // The least cap is 1 MiB, above the largest valid request.
+    let (status, stderr) = run_binary(
+        &[
+            "serve",
+            "--max-body-bytes",
+            "1048575",
+            "--sqlite-path",
+            "/nonexistent",
+        ],
+        &[("DENO_KV_ACCESS_TOKEN", TOKEN)],
+    );
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("--max-body-bytes"), "{stderr}");
+}
+
+#[test]
+fn a_body_of_many_small_messages_is_refused_before_it_is_decoded() {
+    let s = Server::start(&[]);
+    let before = peak_rss_kib(&s);
+    // 2 MiB of empty mutations (`12 00`): a million `Mutation`s if decoded whole.
+    let body = [0x12u8, 0x00].repeat(1 << 20);
+    for route in ["atomic_write", "snapshot_read", "watch"] {
+        let mut body = body.clone();
+        if route != "atomic_write" {
+            // Empty ranges and watch keys (`0a 00`).
+            body = [0x0au8, 0x00].repeat(1 << 20);
+        }
+        let reply = raw_exchange(&s, &data_request(route, &body, ""), false);
+        assert!(reply.starts_with("HTTP/1.1 400"), "{route}: {reply}");
+        let text = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert!(text.starts_with("Too many"), "{route}: {text}");
+    }
+    let grew = peak_rss_kib(&s).saturating_sub(before);
+    println!("peak RSS grew by {grew} KiB");
+    // The bodies themselves (2 MiB each, read once) and little else.
+    assert!(grew < 24 * 1024, "peak RSS grew by {grew} KiB");
+    let refused = "denokv_requests_refused_total{reason=\"too_many_messages\"}";
+    assert_eq!(metric(&s, refused), 3.0);
+}
+
+/// Fills keys `big0000`… with `n` values of 64 KiB; a read of them all.
+async fn big_values(s: &Server, c: &Client, n: usize) -> Vec<u8> {
+    use denokv::proto as pb;
+    use prost::Message;
+    let value = vec![7u8; 65536];
+    let keys: Vec<bytes::Bytes> = (0..n).map(|i| key(&format!("big{i:04}"))).collect();
+    for chunk in keys.chunks(12) {
+        let w = pb::AtomicWrite {
+            mutations: chunk.iter().map(|k| set_bytes(k, &value)).collect(),
+            ..Default::default()
+        };
+        let r = c
+            .data(Proto::H2, s, "atomic_write", w.encode_to_vec())
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    pb::SnapshotRead {
+        ranges: vec![pb::ReadRange {
+            start: key("big"),
+            end: key("big9999"),
+            limit: n as i32,
+            reverse: false,
+        }],
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test]
+async fn large_answers_wait_for_room_in_the_read_buffer_and_are_all_served() {
+    use http_body_util::BodyExt;
+    // 16 MiB: one answer of 200 × 64 KiB (13 MB) at a time.
+    let s = Server::start(&["--max-read-buffer-mb", "16"]);
+    let (a, b) = (Client::new(), Client::new());
+    let read = big_values(&s, &a, 200).await;
+    let full = a.data(Proto::H2, &s, "snapshot_read", read.clone()).await;
+    let out: denokv::proto::SnapshotReadOutput = full.decode();
+    assert_eq!(out.ranges[0].values.len(), 200);
+    // A takes its answer's head and leaves the body unread: it holds its 13 MB.
+    let held = a
+        .send(
+            Proto::H2,
+            common::data_request(&s.url("/v2/snapshot_read"), read.clone()),
+        )
+        .await;
+    assert_eq!(held.status(), 200);
+    // B's read waits for room…
+    let url = s.url("/v2/snapshot_read");
+    let second = tokio::spawn({
+        let read = read.clone();
+        async move {
+            let r = b.send(Proto::H2, common::data_request(&url, read)).await;
+            (
+                r.status(),
+                r.into_body().collect().await.unwrap().to_bytes(),
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!second.is_finished(), "the second read did not wait");
+    let waits = "denokv_read_buffer_waits_total ";
+    assert_eq!(metric(&s, waits), 1.0);
+    // …until A reads its answer: then both are served in full.
+    let body = held.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], &full.body[..]);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("served once there was room")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], &full.body[..]);
+}

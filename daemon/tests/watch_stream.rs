@@ -374,3 +374,78 @@ async fn writes_to_other_keys_send_no_frames() {
         assert_eq!(entry.versionstamp, stamp, "{p:?}");
     }
 }
+
+/// A watch request that may be refused: its status and, when refused, the text.
+async fn try_watch(c: &Client, s: &Server, k: &str) -> (u16, Option<Frames>, String) {
+    let body = pb::Watch {
+        keys: vec![pb::WatchKey { key: key(k) }],
+    }
+    .encode_to_vec();
+    let resp = c
+        .send(Proto::H2, data_request(&s.url("/v2/watch"), body))
+        .await;
+    let status = resp.status().as_u16();
+    if status == 200 {
+        let frames = Frames {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+        };
+        return (status, Some(frames), String::new());
+    }
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, None, String::from_utf8_lossy(&text).into_owned())
+}
+
+fn refused(s: &Server, reason: &str) -> f64 {
+    let (_, _, body) = s.scrape();
+    let line = format!("denokv_requests_refused_total{{reason=\"{reason}\"}}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn watch_streams_past_a_cap_get_429_and_a_closed_one_frees_its_slot() {
+    let s = Server::start(&[
+        "--max-watch-streams-per-connection",
+        "2",
+        "--max-watch-streams",
+        "3",
+    ]);
+    // Each client is one h2 connection.
+    let (one, two) = (Client::new(), Client::new());
+    let (status, first, _) = try_watch(&one, &s, "a").await;
+    assert_eq!(status, 200);
+    let mut first = first.unwrap();
+    first.data(Duration::from_secs(5)).await;
+    let (status, _second, _) = try_watch(&one, &s, "b").await;
+    assert_eq!(status, 200);
+    let (status, _, text) = try_watch(&one, &s, "c").await;
+    assert_eq!(status, 429, "{text}");
+    assert!(
+        text.contains("--max-watch-streams-per-connection"),
+        "{text}"
+    );
+    assert_eq!(refused(&s, "max_watch_streams_per_connection"), 1.0);
+    // Another connection: one more fits in the server's three.
+    let (status, _third, _) = try_watch(&two, &s, "d").await;
+    assert_eq!(status, 200);
+    let (status, _, text) = try_watch(&two, &s, "e").await;
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("--max-watch-streams)"), "{text}");
+    assert_eq!(refused(&s, "max_watch_streams"), 1.0);
+    // Reads and writes on a connection at its cap go on.
+    set(&one, &s, &key("a"), b"1").await;
+    // A closed stream gives its slots back (once the server has seen it close).
+    drop(first);
+    let start = std::time::Instant::now();
+    loop {
+        let (status, frames, _) = try_watch(&two, &s, "f").await;
+        if status == 200 {
+            frames.unwrap().data(Duration::from_secs(5)).await;
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no slot freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -5,6 +5,7 @@ use http::{header, Response, StatusCode};
 
 use super::body::{full, Body};
 use crate::kv::KvError;
+use crate::runtime::limits::{RequestRefusal, WatchSlots};
 use crate::store::StoreError;
 
 /// An answer other than success.
@@ -43,6 +44,25 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE,
             "Failed to buffer the request body: length limit exceeded",
         )
+    }
+
+    /// A watch past a watch stream cap: 429, not 5xx. Deno ends the watch with this text
+    /// (`KV Connect failed to call …/watch (status=429): …`) instead of retrying it every
+    /// 200–300 ms for ever, unseen; the program (or its operator) can then act on it.
+    pub fn too_many_watches(reason: RequestRefusal, slots: &WatchSlots) -> Self {
+        let message = match reason {
+            RequestRefusal::MaxWatchStreamsPerConnection => format!(
+                "Too many watch streams on this connection: at most {} may be open at once \
+                 (--max-watch-streams-per-connection). Close one before opening another.",
+                slots.max_per_connection
+            ),
+            _ => format!(
+                "Too many watch streams on this server: at most {} may be open at once \
+                 (--max-watch-streams). Try again later.",
+                slots.max_total
+            ),
+        };
+        Self::new(StatusCode::TOO_MANY_REQUESTS, message)
     }
 
     pub fn internal() -> Self {

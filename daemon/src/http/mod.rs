@@ -5,6 +5,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod metadata;
+pub mod read_answer;
 mod watch;
 
 use std::cell::RefCell;
@@ -17,9 +18,11 @@ use hyper::body::{Body as _, Incoming};
 use prost::Message;
 
 use crate::kv::model::{Entry, WriteOutcome};
+use crate::kv::wire;
 use crate::kv::{now_ms, validate};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::proto as pb;
+use crate::runtime::limits::{ConnWatches, RequestRefusal};
 use crate::store::{CommitterHandle, Reader, WatchRegistry};
 use crate::traces::Span;
 use auth::{Access, CoreTokens, SharedTokens};
@@ -52,11 +55,19 @@ pub struct CoreContext {
     pub watch_reads: RefCell<watch::WatchReads>,
     /// Turns true when the server starts shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// `--max-body-bytes`.
+    pub max_body_bytes: usize,
+    /// Shared by every core: `--max-read-buffer-mb`.
+    pub read_budget: Arc<read_answer::ReadBudget>,
 }
 
 /// Answers one request; errors become their plain-text responses. Every answer is counted,
 /// and traced when traces are on (a span per request, ended when the response head is ready).
-pub async fn handle(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Response<Body> {
+pub async fn handle(
+    req: Request,
+    ctx: &std::rc::Rc<CoreContext>,
+    watches: &ConnWatches,
+) -> Response<Body> {
     crate::fatal::debug::panic_point("core");
     let start = Instant::now();
     let route = Route::of(req.uri().path());
@@ -68,7 +79,7 @@ pub async fn handle(req: Request, ctx: &std::rc::Rc<CoreContext>) -> Response<Bo
         }
         span.set("network.protocol.version", protocol_version(req.version()));
     }
-    let resp = match serve(route, req, ctx, &mut span).await {
+    let resp = match serve(route, req, ctx, watches, &mut span).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     };
@@ -106,6 +117,7 @@ async fn serve(
     route: Route,
     req: Request,
     ctx: &std::rc::Rc<CoreContext>,
+    watches: &ConnWatches,
     span: &mut Span,
 ) -> Result<Response<Body>, ApiError> {
     if route == Route::Other {
@@ -118,15 +130,24 @@ async fn serve(
             .unwrap());
     }
     let (parts, incoming) = req.into_parts();
-    let content_length = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let h2 = parts.version == Version::HTTP_2;
+    let content_length = content_length_of(&parts.headers);
+    let read_body = |incoming| async move {
+        let read = read_limited(incoming, content_length, ctx.max_body_bytes, h2);
+        read.await.inspect_err(|e| {
+            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                ctx.shared
+                    .metrics
+                    .requests_refused(RequestRefusal::MaxBodyBytes)
+                    .inc();
+            }
+        })
+    };
     if route == Route::Metadata {
         // Long-lived tokens only; the answer carries a session token derived from it.
         let access = ctx.tokens.authenticate_long_lived(&parts.headers)?;
         access.count_request();
-        let body = read_limited(incoming, content_length).await?;
+        let body = read_body(incoming).await?;
         span.set("http.request.body.size", body.len() as i64);
         if ctx.shared.session_ttl.is_zero() {
             // `--session-token-ttl 0`: the presented token itself, for a day, as upstream.
@@ -144,15 +165,41 @@ async fn serve(
         // Refused before the body is read.
         access.check_write()?;
     }
-    let body = read_limited(incoming, content_length).await?;
+    // A watch takes its slots before its body is read (and keeps them while it streams).
+    let watch_permit = match route {
+        Route::Watch => Some(watches.take().map_err(|reason| {
+            ctx.shared.metrics.requests_refused(reason).inc();
+            ApiError::too_many_watches(reason, watches.limits())
+        })?),
+        _ => None,
+    };
+    let body = read_body(incoming).await?;
     span.set("http.request.body.size", body.len() as i64);
+    // Counted before decoding: a body of many small messages is refused without them.
+    let counted = |check: fn(&[u8]) -> Result<(), crate::kv::KvError>| {
+        check(&body).map_err(|e| {
+            ctx.shared
+                .metrics
+                .requests_refused(RequestRefusal::TooManyMessages)
+                .inc();
+            ApiError::from(e)
+        })
+    };
     match route {
-        Route::SnapshotRead => snapshot_read(decode(&body)?, ctx, span, &access),
-        Route::AtomicWrite => atomic_write(decode(&body)?, ctx, span, &access).await,
+        Route::SnapshotRead => {
+            counted(wire::snapshot_read)?;
+            snapshot_read(decode(&body)?, ctx, span, &access).await
+        }
+        Route::AtomicWrite => {
+            counted(wire::atomic_write).inspect_err(|_| ctx.shared.metrics.writes_invalid.inc())?;
+            atomic_write(decode(&body)?, ctx, span, &access).await
+        }
         Route::Watch => {
+            counted(wire::watch)?;
             let req: pb::Watch = decode(&body)?;
             span.set("denokv.watch.keys", req.keys.len() as i64);
-            watch::start(req, ctx, access)
+            let permit = watch_permit.expect("taken above for a watch");
+            watch::start(req, ctx, access, permit)
         }
         Route::Metadata | Route::Other => unreachable!("handled above"),
     }
@@ -236,6 +283,12 @@ pub fn check_data_path_headers(
     Ok(access)
 }
 
+fn content_length_of(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+}
+
 fn decode<M: Message + Default>(body: &Bytes) -> Result<M, ApiError> {
     M::decode(body.clone())
         .map_err(|e| ApiError::bad_request(format!("Request protobuf is invalid: {e}.")))
@@ -257,7 +310,7 @@ fn entry_to_pb(e: Entry) -> pb::KvEntry {
     }
 }
 
-fn snapshot_read(
+async fn snapshot_read(
     req: pb::SnapshotRead,
     ctx: &CoreContext,
     span: &mut Span,
@@ -266,23 +319,21 @@ fn snapshot_read(
     span.set("denokv.read.ranges", req.ranges.len() as i64);
     let ranges = validate::snapshot_read(req)?;
     access.check_ranges(ranges.iter().map(|r| (&r.start[..], &r.end[..])))?;
+    // The worst case of the answer while reading, then what it really holds until it is sent.
+    let metrics = &ctx.shared.metrics;
+    let permit = ctx
+        .read_budget
+        .reserve(read_answer::worst_case(&ranges), metrics)
+        .await;
     let results = ctx.reader.borrow_mut().read_ranges(&ranges, now_ms())?;
     if span.is_on() {
         let entries: usize = results.iter().map(Vec::len).sum();
         span.set("denokv.read.entries", entries as i64);
     }
-    let out = pb::SnapshotReadOutput {
-        ranges: results
-            .into_iter()
-            .map(|entries| pb::ReadRangeOutput {
-                values: entries.into_iter().map(entry_to_pb).collect(),
-            })
-            .collect(),
-        read_disabled: false,
-        read_is_strongly_consistent: true,
-        status: pb::SnapshotReadStatus::SrSuccess as i32,
-    };
-    Ok(protobuf(&out))
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-protobuf")
+        .body(read_answer::answer(results, permit, metrics))
+        .expect("static response parts are valid"))
 }
 
 async fn atomic_write(

@@ -17,6 +17,7 @@ use crate::kv::versionstamp::Versionstamp;
 use crate::kv::{now_ms, validate};
 use crate::metrics::GaugeGuard;
 use crate::proto as pb;
+use crate::runtime::limits::WatchPermit;
 
 const PING_INTERVAL: Duration = Duration::from_secs(5);
 const PING: Bytes = Bytes::from_static(&[0, 0, 0, 0]);
@@ -26,6 +27,7 @@ pub fn start(
     req: pb::Watch,
     ctx: &Rc<CoreContext>,
     access: Arc<Access>,
+    permit: WatchPermit,
 ) -> Result<Response<super::Body>, ApiError> {
     let mut keys = validate::watch(req)?;
     access.check_keys(keys.iter().map(|k| &k[..]))?;
@@ -44,7 +46,7 @@ pub fn start(
         subscription,
         tx,
         first,
-        open,
+        (open, permit),
     ));
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -65,8 +67,9 @@ async fn stream(
     subscription: crate::store::watch::Subscription,
     tx: tokio::sync::mpsc::Sender<Bytes>,
     first: Bytes,
-    // Counts this stream in `denokv_watch_streams` until the task ends.
-    _open: GaugeGuard,
+    // Counts this stream in `denokv_watch_streams` and against the watch caps until the task
+    // ends.
+    _open: (GaugeGuard, WatchPermit),
 ) {
     let Watched { mut access, keys } = watched;
     let mut shutdown = ctx.shutdown.clone();

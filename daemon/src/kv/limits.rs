@@ -26,5 +26,8 @@ pub const MAX_BACKOFF_MS: u32 = 3_600_000;
 pub const MAX_QUEUE_DELAY_MS: i64 = 2_592_000_000;
 /// Keys in one watch request.
 pub const MAX_WATCHED_KEYS: usize = 10;
-/// Largest HTTP request body.
+/// Largest HTTP request body by default (`--max-body-bytes`): upstream's framework default.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// The least `--max-body-bytes` may be: above the largest request within the limits above
+/// (an atomic write of about 0.9 MB, see the test `the_largest_valid_request_fits`).
+pub const MIN_BODY_BYTES: usize = 1024 * 1024;

@@ -8,6 +8,7 @@ pub mod v8sum;
 pub mod validate;
 pub mod value;
 pub mod versionstamp;
+pub mod wire;
 
 use std::borrow::Cow;
 use std::fmt;

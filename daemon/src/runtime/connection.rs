@@ -3,7 +3,6 @@
 //! keep-alive connection, and hyper-util's protocol detection reads with no timeout at all.
 
 use std::cell::Cell;
-use std::convert::Infallible;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -16,7 +15,7 @@ use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::limits::Limits;
-use crate::http::body::Body;
+use crate::http::body::{Body, BodyError};
 
 /// Which deadline ran out: the `reason` of `denokv_connections_closed_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,12 +175,12 @@ impl Tracked {
 
 impl hyper::body::Body for Tracked {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         Pin::new(&mut self.body).poll_frame(cx)
     }
 
@@ -194,15 +193,131 @@ impl hyper::body::Body for Tracked {
     }
 }
 
-/// The connection's socket, telling its state when bytes arrive.
+/// The connection's socket, telling its state when bytes arrive, and counting the streams the
+/// h2 crate refuses in what is written.
 pub struct Watched<T> {
     io: T,
     state: Rc<ConnState>,
+    refusals: RefusalScan,
 }
 
 impl<T> Watched<T> {
-    pub fn new(io: T, state: Rc<ConnState>) -> Watched<T> {
-        Watched { io, state }
+    /// `refused` counts the h2 streams refused with `REFUSED_STREAM`.
+    pub fn new(io: T, state: Rc<ConnState>, refused: prometheus::IntCounter) -> Watched<T> {
+        Watched {
+            io,
+            state,
+            refusals: RefusalScan::new(refused),
+        }
+    }
+
+    fn written(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        for buf in bufs {
+            if n == 0 {
+                break;
+            }
+            let take = buf.len().min(n);
+            self.refusals.feed(&buf[..take]);
+            n -= take;
+        }
+    }
+}
+
+/// Follows the h2 frames the server writes and counts each `RST_STREAM` with the error
+/// `REFUSED_STREAM`: the h2 crate refuses a stream past `--max-h2-streams` by itself (and
+/// hyper tells nothing), so the written frames are where it can be seen. Reads only the 9-byte
+/// frame heads and a `RST_STREAM`'s 4-byte payload; an HTTP/1.1 connection (its first byte
+/// written is the `H` of `HTTP/1.1`) is not followed.
+struct RefusalScan {
+    refused: prometheus::IntCounter,
+    state: Scan,
+    /// The bytes of the frame head (or `RST_STREAM` payload) read so far.
+    buf: [u8; 9],
+    have: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Nothing written yet.
+    Start,
+    /// HTTP/1.1: nothing to follow.
+    Off,
+    Head,
+    /// Payload bytes to skip.
+    Skip(usize),
+    /// The error code of a `RST_STREAM`, then `usize` more bytes to skip.
+    ResetCode(usize),
+}
+
+const RST_STREAM: u8 = 0x3;
+const REFUSED_STREAM: u32 = 0x7;
+
+impl RefusalScan {
+    fn new(refused: prometheus::IntCounter) -> RefusalScan {
+        RefusalScan {
+            refused,
+            state: Scan::Start,
+            buf: [0; 9],
+            have: 0,
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.state {
+                Scan::Off => return,
+                Scan::Start => {
+                    // An h2 server's first frame is its SETTINGS, whose length starts with 0.
+                    self.state = if bytes[0] == b'H' {
+                        Scan::Off
+                    } else {
+                        Scan::Head
+                    };
+                }
+                Scan::Head => {
+                    let take = (9 - self.have).min(bytes.len());
+                    self.buf[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+                    self.have += take;
+                    bytes = &bytes[take..];
+                    if self.have == 9 {
+                        self.have = 0;
+                        let len =
+                            u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
+                        self.state = if self.buf[3] == RST_STREAM && len >= 4 {
+                            Scan::ResetCode(len - 4)
+                        } else {
+                            Scan::Skip(len)
+                        };
+                    }
+                }
+                Scan::Skip(left) => {
+                    let take = left.min(bytes.len());
+                    bytes = &bytes[take..];
+                    self.state = if left == take {
+                        Scan::Head
+                    } else {
+                        Scan::Skip(left - take)
+                    };
+                }
+                Scan::ResetCode(rest) => {
+                    let take = (4 - self.have).min(bytes.len());
+                    self.buf[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+                    self.have += take;
+                    bytes = &bytes[take..];
+                    if self.have == 4 {
+                        self.have = 0;
+                        let code = u32::from_be_bytes(self.buf[..4].try_into().unwrap());
+                        if code == REFUSED_STREAM {
+                            self.refused.inc();
+                        }
+                        self.state = Scan::Skip(rest);
+                    }
+                }
+            }
+            if self.state == Scan::Skip(0) {
+                self.state = Scan::Head;
+            }
+        }
     }
 }
 
@@ -227,7 +342,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let result = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            self.written(&[io::IoSlice::new(buf)], n);
+        }
+        result
     }
 
     fn poll_write_vectored(
@@ -235,7 +354,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = result {
+            self.written(bufs, n);
+        }
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -248,5 +371,43 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, 0];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn refused_streams_are_counted_in_what_is_written_however_it_is_split() {
+        let mut written = frame(0x4, 0, &[0, 3, 0, 0, 0, 2]);
+        written.extend(frame(0x1, 1, &[0x88]));
+        written.extend(frame(0x0, 1, &[7; 300]));
+        written.extend(frame(RST_STREAM, 5, &7u32.to_be_bytes()));
+        written.extend(frame(RST_STREAM, 7, &8u32.to_be_bytes()));
+        written.extend(frame(0x0, 3, &[]));
+        written.extend(frame(RST_STREAM, 9, &7u32.to_be_bytes()));
+        for chunk in [1, 2, 3, 5, 9, 13, 4096] {
+            let counter = prometheus::IntCounter::new("c", "c").unwrap();
+            let mut scan = RefusalScan::new(counter.clone());
+            for piece in written.chunks(chunk) {
+                scan.feed(piece);
+            }
+            assert_eq!(counter.get(), 2, "in chunks of {chunk}");
+        }
+        // HTTP/1.1 is not followed, whatever its body holds.
+        let counter = prometheus::IntCounter::new("c", "c").unwrap();
+        let mut scan = RefusalScan::new(counter.clone());
+        scan.feed(b"HTTP/1.1 200 OK\r\n\r\n");
+        scan.feed(&frame(RST_STREAM, 5, &7u32.to_be_bytes()));
+        assert_eq!(counter.get(), 0);
     }
 }

@@ -15,7 +15,7 @@ use monoio::io::IntoPollIo;
 
 use super::connection::{ConnState, Expiry, Open, Tracked, Watched};
 use super::hyper_compat::{LocalExec, MonoioTimer};
-use super::limits::{Admission, Limits, Permit};
+use super::limits::{Admission, ConnWatches, Limits, Permit, RequestRefusal};
 use crate::health::Beater;
 use crate::http::auth::CoreTokens;
 use crate::http::{self, CoreContext, Shared};
@@ -80,6 +80,8 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         reader: RefCell::new(setup.reader),
         watch_reads: Default::default(),
         shutdown: setup.shutdown.clone(),
+        max_body_bytes: setup.limits.max_body_bytes,
+        read_budget: setup.admission.reads.clone(),
     });
     let mut builder = auto::Builder::new(LocalExec);
     builder
@@ -226,7 +228,7 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
         builder,
         open,
         limits,
-        ..
+        admission,
     } = serving;
     let _open = Open::new(&open);
     let _counted = GaugeGuard::new(&ctx.shared.metrics.open_connections);
@@ -241,18 +243,23 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
     };
     let mut shutdown = ctx.shutdown.clone();
     let state = ConnState::new();
+    let watches = ConnWatches::new(admission.watches.clone());
     let service = {
         let state = state.clone();
         service_fn(move |req: http::Request| {
             let active = state.request_started(req.version() == hyper::Version::HTTP_2);
             let ctx = ctx.clone();
+            let watches = watches.clone();
             async move {
-                let response = http::handle(req, &ctx).await;
+                let response = http::handle(req, &ctx, &watches).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, active)))
             }
         })
     };
-    let io = TokioIo::new(Watched::new(io, state.clone()));
+    let refused = metrics
+        .requests_refused(RequestRefusal::MaxH2Streams)
+        .clone();
+    let io = TokioIo::new(Watched::new(io, state.clone(), refused));
     let mut conn = pin!(builder.serve_connection(io, service));
     loop {
         let deadline = state.deadline(&limits);

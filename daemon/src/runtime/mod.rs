@@ -87,10 +87,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             );
         }
     }
-    let admission = limits::Admission::new(
-        opts.limits.max_connections,
-        opts.limits.max_connections_per_ip,
-    );
+    let admission = limits::Admission::new(&opts.limits);
     let watches = Arc::new(WatchRegistry::default());
     // Threads beat every quarter interval; the watchdog checks and pings every half.
     let mut monitor = watchdog.map(|interval| Monitor::new(interval / 4));
