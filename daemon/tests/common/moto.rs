@@ -60,7 +60,10 @@ impl Moto {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Moto {
@@ -91,7 +94,10 @@ impl Moto {
         let head = String::from_utf8_lossy(&out[..split]).to_string();
         let status = head.split(' ').nth(1).unwrap().parse().unwrap();
         let mut body = out[split + 4..].to_vec();
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             body = dechunk(&body);
         }
         (status, body)
