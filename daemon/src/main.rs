@@ -22,6 +22,10 @@ fn main() {
             }
             served
         }
+        Command::Pitr(command) => {
+            let _logging = denokv::telemetry::init_logging(None);
+            command.run(&cli.sqlite_path)
+        }
     };
     if let Err(e) = result {
         eprintln!("{}Error: {e:#}", denokv::telemetry::error_prefix());

@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub read_only: bool,
     /// `--backup-to-s3`: the S3 backup's settings.
     pub backup: Option<crate::backup::BackupConfig>,
+    /// `--sync-from-s3`: the replica's settings (then `read_only` is set too).
+    pub replica: Option<crate::backup::replica::ReplicaConfig>,
     pub threads: usize,
     pub sync_mode: SyncMode,
     pub wal_writes: WalWrites,
@@ -97,7 +99,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
 
     notifier.status(&format!("Opening database {}", opts.db_path.display()));
     let (committer, committer_thread) = if opts.read_only {
-        tracing::info!("Opened read only database at {}", opts.db_path.display());
+        if opts.replica.is_none() {
+            tracing::info!("Opened read only database at {}", opts.db_path.display());
+        }
         (None, None)
     } else {
         store::wal_vfs::observe_syncs(metrics.wal_sync_duration.clone());
@@ -145,6 +149,24 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         }
         None => None,
     };
+    // A replica is made and brought up to date before anything listens (as upstream's).
+    let (replica, replica_metrics) = match &opts.replica {
+        Some(config) => {
+            let replica_metrics = Arc::new(crate::backup::replica::ReplicaMetrics::new(&metrics));
+            notifier.status(&format!(
+                "Syncing the replica from {} before serving",
+                config.location.describe()
+            ));
+            let replica =
+                start_replica(&opts.db_path, config, &replica_metrics, &watches, &signals)?;
+            match replica {
+                Some(r) => (Some(r), Some(replica_metrics)),
+                // Stopped by a signal while syncing.
+                None => return Ok(()),
+            }
+        }
+        None => (None, None),
+    };
     // Wakes watch streams on commits of other processes (and on a read-only server, on all).
     let external = store::external::ExternalCommits::spawn(&opts.db_path, watches.clone())?;
     let shared = Arc::new(Shared {
@@ -159,6 +181,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         &opts.db_path,
         &metrics,
         committer.clone(),
+        replica_metrics.clone(),
     );
 
     let per_core = if activated.is_empty() {
@@ -231,6 +254,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         if let Some(backup) = backup {
             let _ = backup.stop();
         }
+        if let Some(replica) = replica {
+            let _ = replica.stop();
+        }
         return Err(cores_result.err().unwrap_or(e));
     }
 
@@ -242,7 +268,11 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let mut serving = format!(
         "Serving {}{} on {} ({} cores, {driver}, {})",
         opts.db_path.display(),
-        if opts.read_only { " read-only" } else { "" },
+        match &opts.replica {
+            Some(r) => format!(" read-only, a replica of {}", r.location.describe()),
+            None if opts.read_only => " read-only".to_string(),
+            None => String::new(),
+        },
         addrs
             .iter()
             .map(|a| a.to_string())
@@ -308,6 +338,11 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let _ = shutdown_tx.send(true);
     let cores_result = join_cores(cores);
     stop_committer(committer, committer_thread)?;
+    if let Some(replica) = replica {
+        if let Err(e) = replica.stop() {
+            tracing::error!("the replica stopped with an error: {e:#}");
+        }
+    }
     // After the committer: the last commits are shipped too.
     if let Some(backup) = backup {
         if let Err(e) = backup.stop() {
@@ -332,6 +367,54 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     Ok(())
 }
 
+/// Starts the replica thread and waits until it has made the replica current (initial
+/// snapshot, newest point), answering signals meanwhile: `None` when SIGTERM or SIGINT came
+/// first (the thread is stopped).
+fn start_replica(
+    db: &std::path::Path,
+    config: &crate::backup::replica::ReplicaConfig,
+    metrics: &Arc<crate::backup::replica::ReplicaMetrics>,
+    watches: &Arc<WatchRegistry>,
+    signals: &nix::sys::signal::SigSet,
+) -> anyhow::Result<Option<crate::backup::replica::Replica>> {
+    let (replica, started) = crate::backup::replica::Replica::start(
+        db,
+        config.clone(),
+        metrics.clone(),
+        watches.clone(),
+    )?;
+    loop {
+        match started.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok(())) => return Ok(Some(replica)),
+            Ok(Err(e)) => {
+                let _ = replica.stop();
+                return Err(e.context(format!(
+                    "cannot make the replica {} from {}",
+                    db.display(),
+                    config.location.describe()
+                )));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(match replica.stop() {
+                    Err(e) => e,
+                    Ok(()) => anyhow::anyhow!("the replica thread ended before it was ready"),
+                });
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        match signals::wait_timeout(signals, Duration::ZERO)? {
+            Some(Signal::SIGTERM) | Some(Signal::SIGINT) => {
+                tracing::info!("stopped before the replica was ready");
+                if let Err(e) = replica.stop() {
+                    tracing::debug!("replica: {e:#}");
+                }
+                return Ok(None);
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Blocks the signals the server takes synchronously, in the calling thread and every thread
 /// it starts later. A binary calls this first, before any thread (the OTLP exporter's, say)
 /// exists: a thread started earlier would take SIGTERM's or SIGHUP's default action and kill
@@ -348,6 +431,7 @@ fn start_metrics(
     db: &std::path::Path,
     metrics: &Arc<Metrics>,
     committer: Option<store::CommitterHandle>,
+    replica: Option<Arc<crate::backup::replica::ReplicaMetrics>>,
 ) -> (Option<MetricsServer>, Option<String>) {
     let Some(addr) = addr else {
         return (None, None);
@@ -357,6 +441,9 @@ fn start_metrics(
         let depth = committer.as_ref().map_or(0, |c| c.queue_depth());
         m.committer_queue_depth.set(depth as i64);
         m.sample_files(&db);
+        if let Some(r) = &replica {
+            r.sample();
+        }
     });
     match MetricsServer::start(addr, metrics.clone(), sampler) {
         Ok(server) => {
