@@ -8,6 +8,7 @@
 #   package installed in a booted Debian container (tests/packaging/deb-e2e.sh; needs root).
 # Installs what it needs (strace, systemd and prometheus's promtool from Debian; Deno and @deno/kv from npm;
 # opentelemetry-proto from PyPI, in a venv under ~/.cache/denokv, for the OTLP receiver of the traces test;
+# moto[server] from PyPI, in a venv under ~/.cache/denokv, as the S3 of the backup tests;
 # deb-e2e.sh installs debootstrap, systemd-container, lintian and cargo-deb; tests/powerloss/setup.sh
 # installs libfuse2 from Debian and fusepy and pytest from PyPI, in a venv under ~/.cache/denokv).
 # The build cache lives outside the clone: $CARGO_TARGET_DIR, default ~/.cache/denokv/target.
@@ -38,6 +39,18 @@ fi
 # The OTLP receiver that daemon/tests/traces.rs starts runs on this venv.
 step "Python venv for the OTLP receiver (opentelemetry-proto)"
 tests/otlp/setup.sh
+
+# The S3-compatible server the backup tests (daemon/tests/backup.rs) start: moto, in a venv.
+step "Python venv for the S3 server of the backup tests (moto[server])"
+tests/s3/setup.sh
+
+# The upstream server, a black box for the file-compatibility and replica tests (cached).
+UPSTREAM_ROOT="$HOME/.cache/denokv/upstream"
+if [ ! -x "$UPSTREAM_ROOT/bin/denokv" ]; then
+  step "installing the upstream denokv server (cargo install denokv --locked)"
+  CARGO_TARGET_DIR="$HOME/.cache/denokv/target-upstream" cargo install denokv --locked --root "$UPSTREAM_ROOT"
+fi
+export DENOKV_UPSTREAM_BIN="$UPSTREAM_ROOT/bin/denokv"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

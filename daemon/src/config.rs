@@ -37,6 +37,7 @@ pub fn parse() -> Cli {
                     .exit();
             }
         }
+        Command::Restore(_) => {}
     }
     cli
 }
@@ -63,6 +64,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the database over KV Connect (HTTP/1.1 and cleartext HTTP/2 on one port).
@@ -70,6 +73,9 @@ pub enum Command {
     /// Point-in-time recovery tools on a replica file (docs/BACKUP.md, "Replicas and pitr").
     #[command(subcommand)]
     Pitr(PitrCommand),
+    /// Write a new database (the Deno CLI's format) from an S3 backup, as of its newest
+    /// point or of --versionstamp.
+    Restore(RestoreArgs),
 }
 
 /// `pitr` subcommands (SPEC §8.5, §9.3).
@@ -106,6 +112,21 @@ impl PitrCommand {
             PitrCommand::Checkout { versionstamp } => pitr::checkout(db_path, &versionstamp),
         }
     }
+}
+
+#[derive(Parser, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub s3: S3Args,
+
+    /// The point to restore: a commit's versionstamp (20 hex characters), as `pitr list` or
+    /// a client's commit result gives it. Default: the newest point.
+    #[arg(long, value_parser = parse_versionstamp)]
+    pub versionstamp: Option<[u8; 10]>,
+}
+
+fn parse_versionstamp(s: &str) -> Result<[u8; 10], String> {
+    crate::backup::names::parse_hex(s).map_err(|_| format!("invalid versionstamp {s}"))
 }
 
 #[derive(Parser, Debug)]
@@ -247,6 +268,11 @@ pub struct ServeArgs {
     /// Backup: keep every point in time this far back restorable (a number with s, m, h or d).
     #[arg(long, env = "DENOKV_BACKUP_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub backup_retention: Duration,
+
+    /// Backup: MiB of commits kept locally while S3 is unreachable; beyond, they are dropped
+    /// and a new snapshot is taken when S3 answers again.
+    #[arg(long, env = "DENOKV_BACKUP_MAX_PENDING_MB", default_value = "1024", value_parser = clap::value_parser!(u64).range(1..))]
+    pub backup_max_pending_mb: u64,
 }
 
 /// Where the S3 backup lives (SPEC §9.2): shared by `serve` and the S3 subcommands.
@@ -364,6 +390,7 @@ impl ServeArgs {
                 interval: Duration::from_millis(self.backup_interval_ms),
                 snapshot_interval: self.backup_snapshot_interval,
                 retention: self.backup_retention,
+                max_pending_bytes: self.backup_max_pending_mb << 20,
             })
         } else {
             None

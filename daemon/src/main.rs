@@ -26,6 +26,15 @@ fn main() {
             let _logging = denokv::telemetry::init_logging(None);
             command.run(&cli.sqlite_path)
         }
+        Command::Restore(args) => {
+            denokv::telemetry::init_logging(None);
+            args.s3
+                .location()
+                .and_then(|location| {
+                    denokv::backup::restore::restore(&cli.sqlite_path, location, args.versionstamp)
+                })
+                .map(|restored| println!("{}", restored.describe()))
+        }
     };
     if let Err(e) = result {
         eprintln!("{}Error: {e:#}", denokv::telemetry::error_prefix());

@@ -711,3 +711,39 @@ async fn a_metrics_address_in_use_is_loud_in_the_log_and_the_status() {
     assert_eq!(read_with(&Client::new(), Proto::H2, &s, TOKEN).await, 200);
     stop(s).await;
 }
+
+#[tokio::test]
+async fn a_backup_that_cannot_reach_s3_says_so_in_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there: every S3 request fails at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let notify = NotifySocket::bind(false);
+    let s = Launch::new(&dir.path().join("db.sqlite"))
+        .args(&[
+            "--backup-to-s3",
+            "--s3-bucket",
+            "b",
+            "--s3-endpoint",
+            &endpoint,
+        ])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("NOTIFY_SOCKET", &notify.name)
+        .start();
+    let states = notify.collect_until(Duration::from_secs(20), |m| {
+        m.last()
+            .is_some_and(|(_, msg)| msg.contains("BACKUP BEHIND"))
+    });
+    let last = &states.last().expect("notifications").1;
+    assert!(
+        last.starts_with("STATUS=Serving ")
+            && last.contains("; BACKUP BEHIND: cannot list the backup location"),
+        "{states:?}"
+    );
+    // Writes are served all the same.
+    assert_eq!(read_with(&Client::new(), Proto::H2, &s, TOKEN).await, 200);
+    stop(s).await;
+}

@@ -5,6 +5,7 @@ pub mod generations;
 pub mod metrics;
 pub mod names;
 pub mod replica;
+pub mod restore;
 pub mod s3;
 mod writer;
 
@@ -31,7 +32,13 @@ pub struct BackupConfig {
     pub snapshot_interval: Duration,
     /// Points in time kept restorable.
     pub retention: Duration,
+    /// Bytes of commits the local outbox may hold while S3 is away; beyond, it is emptied
+    /// and the backup starts a new history when S3 answers.
+    pub max_pending_bytes: u64,
 }
+
+/// Told what is wrong with the backup (`None`: nothing any more), for systemd's status.
+pub type ProblemSink = Box<dyn Fn(Option<&str>) + Send>;
 
 /// The running backup thread.
 pub struct Backup {
@@ -46,7 +53,9 @@ impl Backup {
     pub fn start(
         db_path: &Path,
         config: BackupConfig,
+        switch: crate::store::BackupOutbox,
         metrics: Arc<BackupMetrics>,
+        on_problem: ProblemSink,
     ) -> anyhow::Result<Backup> {
         let outbox = OutboxReader::open(db_path)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -78,6 +87,8 @@ impl Backup {
                         stop: stop2,
                         problem: problem2,
                         check_shipped: true,
+                        switch,
+                        on_problem,
                         warned_lag: Default::default(),
                     }
                     .run()

@@ -72,6 +72,9 @@ pub(super) struct Writer {
     pub problem: Arc<std::sync::Mutex<Option<String>>>,
     /// After a start, the first range may already be in S3 (shipped, not acknowledged).
     pub check_shipped: bool,
+    pub on_problem: super::ProblemSink,
+    /// The committer's switch: off while the outbox is over its bound.
+    pub switch: crate::store::BackupOutbox,
     /// The lag is above `LAG_WARNING` and was logged.
     pub warned_lag: std::cell::Cell<bool>,
 }
@@ -81,6 +84,11 @@ impl Writer {
     pub async fn run(mut self) -> anyhow::Result<()> {
         let location = self.location_id();
         let mut known = generations::list(&self.bucket).await;
+        if let Some(g) = known.as_ref().ok().and_then(|g| g.last()) {
+            self.metrics
+                .last_snapshot
+                .set((g.finished_ms / 1000) as i64);
+        }
         // A gap asks for a new generation that drops the history before it.
         let mut gap: Option<String> = None;
         loop {
@@ -106,21 +114,37 @@ impl Writer {
                     }
                 }
             };
+            // Until the next generation is due, or a minute (then retention and due snapshots
+            // are looked at again).
+            let until_due = known
+                .as_ref()
+                .ok()
+                .and_then(|g| g.last())
+                .map_or(Duration::MAX, |g| {
+                    self.config.snapshot_interval.saturating_sub(g.age())
+                });
             let result = match due {
                 Some((why, reset)) => self.generation(&why, reset).await,
-                None => self.ship_loop().await,
+                None => self.ship_loop(until_due.min(Duration::from_secs(60))).await,
             };
             match result {
                 Ok(()) => {}
                 Err(Interrupt::Stop) => return self.final_ship().await,
                 Err(Interrupt::Fatal(e)) => return Err(e),
                 Err(Interrupt::Gap { shipped, next_prev }) => {
-                    tracing::warn!(
-                        "backup: commits {}..={next_prev} were made without the backup (by \
-                         another process, or by this server with backup off): taking a new \
-                         snapshot; the backup's history before it is dropped",
-                        shipped + 1
-                    );
+                    if self.switch.is_recording() {
+                        tracing::warn!(
+                            "backup: commits {}..={next_prev} were made without the backup (by \
+                             another process, or by this server with backup off): taking a new \
+                             snapshot; the backup's history before it is dropped",
+                            shipped + 1
+                        );
+                    } else {
+                        tracing::warn!(
+                            "backup: commits after {shipped} were dropped from the full outbox: \
+                             taking a new snapshot; the backup's history before it is dropped"
+                        );
+                    }
                     self.metrics.history_resets.inc();
                     gap = Some("commits were made without the backup".to_string());
                     continue;
@@ -168,12 +192,11 @@ impl Writer {
         self.stop.load(Ordering::Relaxed)
     }
 
-    /// Ships whatever is due until a new snapshot generation is due (returns `Ok`), the
-    /// server stops or a gap shows.
-    async fn ship_loop(&mut self) -> Result<(), Interrupt> {
+    /// Ships whatever is due for `limit` (returns `Ok`), or until the server stops or a gap
+    /// shows.
+    async fn ship_loop(&mut self, limit: Duration) -> Result<(), Interrupt> {
         let started = std::time::Instant::now();
-        // New generations are taken between ship loops; look again now and then.
-        while started.elapsed() < Duration::from_secs(60) {
+        while started.elapsed() < limit {
             if self.stopping() {
                 return Err(Interrupt::Stop);
             }
@@ -188,6 +211,14 @@ impl Writer {
     /// whether it shipped something.
     async fn ship_due(&mut self, force: bool) -> Result<bool, Interrupt> {
         self.update_lag()?;
+        if !self.switch.is_recording() {
+            // The outbox overflowed: what it dropped can only be had from a new snapshot.
+            let shipped = self.outbox.state()?.map_or(0, |s| s.shipped_version);
+            return Err(Interrupt::Gap {
+                shipped,
+                next_prev: self.outbox.current_version()?,
+            });
+        }
         let Some(oldest) = self.outbox.oldest_pending_ms()? else {
             return Ok(false);
         };
@@ -248,6 +279,8 @@ impl Writer {
         .await?;
         self.metrics.log_objects.inc();
         self.metrics.log_bytes.inc_by(body.len() as u64);
+        #[cfg(debug_assertions)]
+        debug_crash_after_upload();
         self.outbox.acknowledge(drained.position)?;
         self.update_lag()?;
         Ok(())
@@ -305,7 +338,11 @@ impl Writer {
     }
 
     fn set_problem(&self, problem: Option<String>) {
-        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+        let mut current = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != problem {
+            (self.on_problem)(problem.as_deref());
+            *current = problem;
+        }
     }
 
     /// Sets the lag and pending gauges; warns once when the lag crosses `LAG_WARNING`.
@@ -320,18 +357,46 @@ impl Writer {
                 "backup: writes of the last {} s are not in S3 yet",
                 lag.as_secs()
             );
+            if self
+                .problem
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
+                self.set_problem(Some(format!(
+                    "writes of more than {} s are not in S3 yet",
+                    LAG_WARNING.as_secs()
+                )));
+            }
         } else if lag < LAG_WARNING / 2 && self.warned_lag.replace(false) {
             tracing::info!("backup: caught up (lag {:.1} s)", lag.as_secs_f64());
+            self.set_problem(None);
         }
-        let pending = self.outbox.pending()?;
+        let mut pending = self.outbox.pending()?;
+        if pending.bytes > self.config.max_pending_bytes && self.switch.is_recording() {
+            self.switch.set_recording(false);
+            let dropped = self.outbox.discard_all()?;
+            tracing::error!(
+                "backup: {} bytes of commits wait for S3, more than the bound of {} \
+                 (--backup-max-pending-mb): dropped {dropped} pending commits and paused \
+                 recording; when S3 answers again the backup takes a new snapshot and starts a \
+                 new history",
+                pending.bytes,
+                self.config.max_pending_bytes
+            );
+            pending = self.outbox.pending()?;
+        }
         self.metrics.pending_commits.set(pending.commits as i64);
         self.metrics.pending_bytes.set(pending.bytes as i64);
-        if let Some(state) = self.outbox.state()? {
-            let current = self.outbox.current_version()?;
-            self.metrics
-                .lag_versions
-                .set(current.saturating_sub(state.shipped_version) as i64);
-        }
+        // Before the first snapshot nothing is in S3.
+        let shipped = match self.outbox.state()? {
+            Some(s) if s.generation_done || s.shipped_version > 0 => s.shipped_version,
+            _ => 0,
+        };
+        let current = self.outbox.current_version()?;
+        self.metrics
+            .lag_versions
+            .set(current.saturating_sub(shipped) as i64);
         Ok(())
     }
 
@@ -341,6 +406,14 @@ impl Writer {
     /// `reset`, everything older in S3 is deleted afterwards (its history does not lead here).
     async fn generation(&mut self, why: &str, reset: bool) -> Result<(), Interrupt> {
         let location = self.location_id();
+        if !self.switch.is_recording() {
+            // Only once S3 answers: recording sooner would fill the outbox again.
+            self.retry("reach S3", || {
+                self.bucket.list(names::DIFFERENTIAL, None, 1)
+            })
+            .await?;
+            self.switch.set_recording(true);
+        }
         let start = self.outbox.start_generation(&location, reset)?;
         tracing::info!("backup: taking a snapshot from version {start} ({why})");
         let began = std::time::Instant::now();
@@ -497,6 +570,26 @@ fn snapshot_range(rows: &[SnapshotRow]) -> BackupSnapshotRange {
 fn stamp12(vs: &[u8]) -> anyhow::Result<names::Versionstamp12> {
     vs.try_into()
         .with_context(|| format!("the outbox holds a {}-byte versionstamp", vs.len()))
+}
+
+/// Debug builds: `DENOKV_DEBUG_BACKUP_CRASH=after-upload:N` aborts the process right after
+/// the N-th log object is uploaded, before it is acknowledged (the crash the restart must
+/// recover from without shipping it twice).
+#[cfg(debug_assertions)]
+fn debug_crash_after_upload() {
+    use std::sync::atomic::AtomicU64;
+    static UPLOADS: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("DENOKV_DEBUG_BACKUP_CRASH") else {
+        return;
+    };
+    let n: u64 = spec
+        .strip_prefix("after-upload:")
+        .and_then(|n| n.parse().ok())
+        .expect("DENOKV_DEBUG_BACKUP_CRASH=after-upload:N");
+    if UPLOADS.fetch_add(1, Ordering::Relaxed) + 1 == n {
+        eprintln!("debug build, DENOKV_DEBUG_BACKUP_CRASH: aborting after upload {n}");
+        std::process::abort();
+    }
 }
 
 pub(super) fn now_ms() -> u64 {

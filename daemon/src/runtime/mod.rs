@@ -98,6 +98,14 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     metrics.set_info(&format!("{:?}", opts.sync_mode).to_lowercase());
 
     notifier.status(&format!("Opening database {}", opts.db_path.display()));
+    // What `notifier.ready` last said, for the backup's status updates.
+    let serving_status = Arc::new(std::sync::Mutex::new(String::new()));
+    // With backup on, the committer records every commit for the backup thread.
+    let outbox = if opts.backup.is_some() {
+        store::BackupOutbox::enabled()
+    } else {
+        store::BackupOutbox::disabled()
+    };
     let (committer, committer_thread) = if opts.read_only {
         if opts.replica.is_none() {
             tracing::info!("Opened read only database at {}", opts.db_path.display());
@@ -112,11 +120,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             watches.clone(),
             heartbeat,
             metrics.clone(),
-            if opts.backup.is_some() {
-                store::BackupOutbox::enabled()
-            } else {
-                store::BackupOutbox::disabled()
-            },
+            outbox.clone(),
         )?;
         tracing::info!(
             "Opened database at {}. Sync mode: {:?}. WAL writes: {}. Group commit: always on",
@@ -139,7 +143,26 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let backup = match &opts.backup {
         Some(config) => {
             let backup_metrics = Arc::new(crate::backup::BackupMetrics::new(&metrics));
-            match crate::backup::Backup::start(&opts.db_path, config.clone(), backup_metrics) {
+            // `systemctl status` shows a backup that falls behind next to what is served.
+            let (notifier, serving) = (notifier.clone(), serving_status.clone());
+            let on_problem: crate::backup::ProblemSink = Box::new(move |problem| {
+                let base = serving.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                // Before READY= the serving status says it once known.
+                if base.is_empty() {
+                    return;
+                }
+                match problem {
+                    Some(p) => notifier.status(&format!("{base}; BACKUP BEHIND: {p}")),
+                    None => notifier.status(&base),
+                }
+            });
+            match crate::backup::Backup::start(
+                &opts.db_path,
+                config.clone(),
+                outbox.clone(),
+                backup_metrics,
+                on_problem,
+            ) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     stop_committer(committer, committer_thread)?;
@@ -290,6 +313,14 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         serving.push_str(&format!("; NO METRICS: {problem}"));
     }
     notifier.ready(&serving);
+    *serving_status.lock().unwrap_or_else(|e| e.into_inner()) = serving.clone();
+    // A problem the backup met before READY= is not lost under the serving status.
+    let backup_status = |backup: &Option<crate::backup::Backup>| {
+        if let Some(p) = backup.as_ref().and_then(|b| b.problem()) {
+            notifier.status(&format!("{serving}; BACKUP BEHIND: {p}"));
+        }
+    };
+    backup_status(&backup);
     let monitor = monitor.map(Arc::new);
     let watchdog = match (watchdog, &monitor) {
         (Some(interval), Some(monitor)) => Some(Watchdog::start(
@@ -305,6 +336,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
             Signal::SIGHUP => {
                 reload(&notifier, &opts.token_source, &tokens, logging);
                 notifier.ready(&serving);
+                backup_status(&backup);
             }
             #[cfg(debug_assertions)]
             Signal::SIGUSR1 => match &monitor {

@@ -8,7 +8,7 @@ pub mod outbox;
 pub mod reader;
 pub mod replica;
 pub mod schema;
-mod sql;
+pub(crate) mod sql;
 pub mod wal_vfs;
 pub mod watch;
 

@@ -15,6 +15,8 @@
 //! repeated fields, so a range of commits is the concatenation of their rows.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -72,6 +74,7 @@ const INSERT: &str =
 const OLDEST: &str = "SELECT version, prev_version, timestamp_ms, entries
      FROM denokv_backup_outbox ORDER BY version LIMIT ?1";
 const ACKNOWLEDGE: &str = "DELETE FROM denokv_backup_outbox WHERE version <= ?1";
+const DISCARD_ALL: &str = "DELETE FROM denokv_backup_outbox";
 const PENDING: &str =
     "SELECT count(*), coalesce(sum(length(entries)), 0) FROM denokv_backup_outbox";
 
@@ -80,29 +83,54 @@ pub const BOUNDARY: u16 = 0xffff;
 
 /// Whether the committer fills the outbox. Off by default: a database never used with backup
 /// is left byte for byte as the Deno CLI would.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct BackupOutbox {
-    enabled: bool,
+    /// `None`: off. Else whether commits are recorded now: the backup thread pauses the
+    /// recording when the outbox outgrows its bound (S3 away for long), and resumes it when
+    /// it starts a new history.
+    recording: Option<Arc<AtomicBool>>,
 }
 
 impl BackupOutbox {
     pub fn disabled() -> Self {
-        BackupOutbox { enabled: false }
+        BackupOutbox { recording: None }
     }
 
     pub fn enabled() -> Self {
-        BackupOutbox { enabled: true }
+        BackupOutbox {
+            recording: Some(Arc::new(AtomicBool::new(true))),
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.recording.is_some()
+    }
+
+    /// Stops or resumes recording commits (the backup thread's switch).
+    pub fn set_recording(&self, on: bool) {
+        if let Some(r) = &self.recording {
+            r.store(on, Ordering::SeqCst);
+        }
+    }
+
+    pub fn is_recording(&self) -> bool {
+        self.recording
+            .as_ref()
+            .is_some_and(|r| r.load(Ordering::SeqCst))
     }
 
     /// The committer's recorder, creating the table if needed; `None` when disabled.
-    pub(crate) fn recorder(self, conn: &Connection) -> anyhow::Result<Option<Recorder>> {
-        if !self.enabled {
+    pub(crate) fn recorder(&self, conn: &Connection) -> anyhow::Result<Option<Recorder>> {
+        let Some(recording) = &self.recording else {
             return Ok(None);
-        }
+        };
         conn.execute_batch(CREATE)
             .and_then(|_| conn.execute_batch(CREATE_STATE))
             .with_context(|| format!("cannot create the backup outbox table {TABLE}"))?;
-        Ok(Some(Recorder::default()))
+        Ok(Some(Recorder {
+            recording: recording.clone(),
+            ..Default::default()
+        }))
     }
 }
 
@@ -111,6 +139,7 @@ impl BackupOutbox {
 pub struct Recorder {
     entries: Vec<BackupReplicationLogEntry>,
     buf: Vec<u8>,
+    recording: Arc<AtomicBool>,
 }
 
 impl Recorder {
@@ -152,6 +181,11 @@ impl Recorder {
         version: u64,
         timestamp_ms: i64,
     ) -> rusqlite::Result<()> {
+        if !self.recording.load(Ordering::SeqCst) {
+            // Paused: the backup starts a new history when it resumes (a gap it will see).
+            self.entries.clear();
+            return Ok(());
+        }
         let last = self.entries.len().saturating_sub(1);
         for (i, e) in self.entries.iter_mut().enumerate() {
             // At most 1000 mutations (or a sweep chunk of 1000 keys) a commit: indexes fit.
@@ -304,6 +338,12 @@ impl OutboxReader {
         tx.commit()
             .context("cannot acknowledge shipped backup entries")?;
         Ok(n)
+    }
+
+    /// Deletes every pending commit (the outbox outgrew its bound: the backup will start a
+    /// new history instead).
+    pub fn discard_all(&self) -> anyhow::Result<usize> {
+        Ok(self.conn.execute(DISCARD_ALL, [])?)
     }
 
     /// Where the backup stands, if it ever started.

@@ -42,6 +42,10 @@ pub const UPSERT: &str =
      ON CONFLICT (k) DO UPDATE SET v = excluded.v, v_encoding = excluded.v_encoding,
        version = excluded.version, seq = 0, expiration_ms = excluded.expiration_ms";
 pub const DELETE: &str = "DELETE FROM kv WHERE k = ?1";
+/// A row as a backup recorded it (restore): its own version and sequence number.
+pub const RESTORE_ROW: &str =
+    "INSERT OR REPLACE INTO kv (k, v, v_encoding, version, seq, expiration_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 pub const ENQUEUE: &str =
     "INSERT INTO queue (ts, id, data, backoff_schedule, keys_if_undelivered) VALUES (?1, ?2, ?3, ?4, ?5)";
 

@@ -76,12 +76,15 @@ impl Moto {
         format!("http://{}", self.addr)
     }
 
-    /// One plain HTTP request (moto does not check signatures): status and body.
+    /// One plain HTTP request: status and body. moto does not check signatures, but it
+    /// answers an anonymous GET of an object 403: the header names a (fake) signed caller.
     pub fn request(&self, method: &str, path: &str) -> (u16, Vec<u8>) {
         let mut s = TcpStream::connect(self.addr).unwrap();
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, \
+             SignedHeaders=host, Signature=00\r\n\r\n",
             self.addr
         )
         .unwrap();
