@@ -172,23 +172,52 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         }
         None => None,
     };
+    let replica_metrics = opts
+        .replica
+        .as_ref()
+        .map(|_| Arc::new(crate::backup::replica::ReplicaMetrics::new(&metrics)));
+    // Before the replica's first sync, which may be long: its progress shows in the metrics.
+    let (_metrics_server, metrics_problem) = start_metrics(
+        opts.metrics_addr,
+        &opts.db_path,
+        &metrics,
+        committer.clone(),
+        replica_metrics.clone(),
+    );
     // A replica is made and brought up to date before anything listens (as upstream's).
-    let (replica, replica_metrics) = match &opts.replica {
-        Some(config) => {
-            let replica_metrics = Arc::new(crate::backup::replica::ReplicaMetrics::new(&metrics));
+    let replica = match (&opts.replica, &replica_metrics) {
+        (Some(config), Some(replica_metrics)) => {
+            // `systemctl status` shows a replica that cannot sync next to what is served.
+            let (notifier2, serving) = (notifier.clone(), serving_status.clone());
+            let on_problem: crate::backup::ProblemSink = Box::new(move |problem| {
+                let base = serving.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match (problem, base.is_empty()) {
+                    (Some(p), true) => notifier2.status(&format!("Syncing the replica: {p}")),
+                    (Some(p), false) => notifier2.status(&format!("{base}; REPLICA BEHIND: {p}")),
+                    (None, false) => notifier2.status(&base),
+                    (None, true) => {}
+                }
+            });
             notifier.status(&format!(
                 "Syncing the replica from {} before serving",
                 config.location.describe()
             ));
-            let replica =
-                start_replica(&opts.db_path, config, &replica_metrics, &watches, &signals)?;
+            let replica = start_replica(
+                &opts.db_path,
+                config,
+                replica_metrics,
+                &watches,
+                &signals,
+                &notifier,
+                on_problem,
+            )?;
             match replica {
-                Some(r) => (Some(r), Some(replica_metrics)),
+                Some(r) => Some(r),
                 // Stopped by a signal while syncing.
                 None => return Ok(()),
             }
         }
-        None => (None, None),
+        _ => None,
     };
     // Wakes watch streams on commits of other processes (and on a read-only server, on all).
     let external = store::external::ExternalCommits::spawn(&opts.db_path, watches.clone())?;
@@ -199,13 +228,6 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         endpoint_url: "/v2".to_string(),
         metrics: metrics.clone(),
     });
-    let (_metrics_server, metrics_problem) = start_metrics(
-        opts.metrics_addr,
-        &opts.db_path,
-        &metrics,
-        committer.clone(),
-        replica_metrics.clone(),
-    );
 
     let per_core = if activated.is_empty() {
         listener::bind_reuseport(opts.addr, opts.threads)?
@@ -321,6 +343,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         }
     };
     backup_status(&backup);
+    if let Some(p) = replica.as_ref().and_then(|r| r.problem()) {
+        notifier.status(&format!("{serving}; REPLICA BEHIND: {p}"));
+    }
     let monitor = monitor.map(Arc::new);
     let watchdog = match (watchdog, &monitor) {
         (Some(interval), Some(monitor)) => Some(Watchdog::start(
@@ -337,6 +362,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
                 reload(&notifier, &opts.token_source, &tokens, logging);
                 notifier.ready(&serving);
                 backup_status(&backup);
+                if let Some(p) = replica.as_ref().and_then(|r| r.problem()) {
+                    notifier.status(&format!("{serving}; REPLICA BEHIND: {p}"));
+                }
             }
             #[cfg(debug_assertions)]
             Signal::SIGUSR1 => match &monitor {
@@ -401,19 +429,26 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
 
 /// Starts the replica thread and waits until it has made the replica current (initial
 /// snapshot, newest point), answering signals meanwhile: `None` when SIGTERM or SIGINT came
-/// first (the thread is stopped).
+/// first (the thread is stopped). A large initial snapshot, or a primary that has not made
+/// its first one, may take longer than systemd's start timeout: it is extended meanwhile.
 fn start_replica(
     db: &std::path::Path,
     config: &crate::backup::replica::ReplicaConfig,
     metrics: &Arc<crate::backup::replica::ReplicaMetrics>,
     watches: &Arc<WatchRegistry>,
     signals: &nix::sys::signal::SigSet,
+    notifier: &Notifier,
+    on_problem: crate::backup::ProblemSink,
 ) -> anyhow::Result<Option<crate::backup::replica::Replica>> {
+    const EXTEND_EVERY: Duration = Duration::from_secs(10);
+    let mut extended = std::time::Instant::now();
+    notifier.notify("EXTEND_TIMEOUT_USEC=30000000");
     let (replica, started) = crate::backup::replica::Replica::start(
         db,
         config.clone(),
         metrics.clone(),
         watches.clone(),
+        on_problem,
     )?;
     loop {
         match started.recv_timeout(Duration::from_millis(50)) {
@@ -433,6 +468,10 @@ fn start_replica(
                 });
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if extended.elapsed() >= EXTEND_EVERY {
+            notifier.notify("EXTEND_TIMEOUT_USEC=30000000");
+            extended = std::time::Instant::now();
         }
         match signals::wait_timeout(signals, Duration::ZERO)? {
             Some(Signal::SIGTERM) | Some(Signal::SIGINT) => {

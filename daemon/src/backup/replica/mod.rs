@@ -63,6 +63,7 @@ impl Replica {
         config: ReplicaConfig,
         metrics: Arc<ReplicaMetrics>,
         watches: Arc<WatchRegistry>,
+        on_problem: crate::backup::ProblemSink,
     ) -> anyhow::Result<(Replica, Started)> {
         let stop = Arc::new(AtomicBool::new(false));
         let problem = Arc::new(Mutex::new(None));
@@ -84,6 +85,7 @@ impl Replica {
             watches,
             interval: config.interval,
             warned_lag: false,
+            on_problem,
         };
         let thread = std::thread::Builder::new()
             .name("replica".into())
@@ -145,6 +147,8 @@ struct Sync {
     watches: Arc<WatchRegistry>,
     interval: Duration,
     warned_lag: bool,
+    /// Told every change of `problem` (systemd's status line).
+    on_problem: crate::backup::ProblemSink,
 }
 
 impl Sync {
@@ -274,14 +278,30 @@ impl Sync {
                 "replica: {} s behind the backup in S3: clients read data that old",
                 lag.as_secs()
             );
+            if self.problem.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+                self.set_problem(Some(format!("more than {} s behind", LAG_WARNING.as_secs())));
+            }
         } else if lag < LAG_WARNING / 2 && self.warned_lag {
             self.warned_lag = false;
             tracing::info!("replica: caught up (lag {:.1} s)", lag.as_secs_f64());
+            let behind = self
+                .problem
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref()
+                .is_some_and(|p| p.starts_with("more than"));
+            if behind {
+                self.set_problem(None);
+            }
         }
     }
 
     fn set_problem(&self, problem: Option<String>) {
-        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+        let mut current = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != problem {
+            (self.on_problem)(problem.as_deref());
+            *current = problem;
+        }
     }
 
     /// Sleeps `d`, waking early when the server stops.
