@@ -278,8 +278,16 @@ impl Sync {
                 "replica: {} s behind the backup in S3: clients read data that old",
                 lag.as_secs()
             );
-            if self.problem.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
-                self.set_problem(Some(format!("more than {} s behind", LAG_WARNING.as_secs())));
+            if self
+                .problem
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
+                self.set_problem(Some(format!(
+                    "more than {} s behind",
+                    LAG_WARNING.as_secs()
+                )));
             }
         } else if lag < LAG_WARNING / 2 && self.warned_lag {
             self.warned_lag = false;
