@@ -849,3 +849,156 @@ async fn the_upstream_server_follows_our_backup_and_reads_our_replica_files() {
 
     stop(primary).await;
 }
+
+/// A TCP proxy to moto that can refuse every connection (S3 down) and accept again (as in
+/// backup.rs).
+struct Proxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(to: SocketAddr) -> Proxy {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let up2 = up.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !up2.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                for (mut a, mut b) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let up3 = up2.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 65536];
+                        loop {
+                            let n = match a.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            // Down: connections already open are cut too.
+                            if !up3.load(Ordering::Relaxed) || b.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = a.shutdown(std::net::Shutdown::Both);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { addr, up }
+    }
+}
+
+/// Waits until `[k]` on the server at `url` holds `v`.
+async fn wait_for_value(c: &Client, url: &str, k: &str, v: &str, limit: Duration) {
+    let start = Instant::now();
+    while value_of(c, url, k).await.as_deref() != Some(v.as_bytes()) {
+        assert!(start.elapsed() < limit, "[{k}] never became {v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_leaves_the_replica_serving_and_it_catches_up() {
+    let moto = Moto::start(BUCKET);
+    let proxy = Proxy::start(moto.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "outage/";
+    let primary = start_primary(&moto, &dir.path().join("primary.sqlite"), prefix);
+    let c = Client::new();
+    set_value(&c, &primary.url(""), "k", "before").await;
+    let endpoint = format!("http://{}", proxy.addr);
+    let mut args = vec![
+        "--sync-from-s3",
+        "--threads",
+        "1",
+        "--sync-interval-ms",
+        "200",
+    ];
+    args.extend(s3_args(&endpoint, prefix));
+    let replica = with_s3(Launch::new(&dir.path().join("replica.sqlite")).args(&args)).start();
+    wait_for_value(&c, &replica.url(""), "k", "before", Duration::from_secs(10)).await;
+
+    proxy.up.store(false, Ordering::Relaxed);
+    set_value(&c, &primary.url(""), "k", "during").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // It serves its last point, says why it is behind, and counts.
+    assert_eq!(
+        value_of(&c, &replica.url(""), "k").await.as_deref(),
+        Some(&b"before"[..])
+    );
+    replica.wait_for_log("cannot sync from S3", Duration::from_secs(5));
+    let (_, _, metrics) = replica.scrape();
+    assert!(
+        metric(&metrics, "denokv_replica_sync_errors_total").unwrap() >= 1.0,
+        "{metrics}"
+    );
+    let lag = metric(&metrics, "denokv_replica_lag_seconds").unwrap();
+    assert!(lag >= 3.0, "lag {lag} while S3 is away");
+
+    proxy.up.store(true, Ordering::Relaxed);
+    wait_for_value(&c, &replica.url(""), "k", "during", Duration::from_secs(40)).await;
+    replica.wait_for_log("syncing from S3 works again", Duration::from_secs(5));
+    let (_, _, metrics) = replica.scrape();
+    let lag = metric(&metrics, "denokv_replica_lag_seconds").unwrap();
+    assert!(lag < 3.0, "lag {lag} after S3 came back");
+    stop(replica).await;
+    stop(primary).await;
+}
+
+/// PUTs an object into the bucket (moto checks no signature).
+fn put_object(moto: &Moto, key: &str, body: &[u8]) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(moto.addr).unwrap();
+    write!(
+        s,
+        "PUT /{BUCKET}/{key} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        moto.addr,
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_follow_its_backup_stops() {
+    let moto = Moto::start(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "broken/";
+    let primary = start_primary(&moto, &dir.path().join("primary.sqlite"), prefix);
+    let c = Client::new();
+    set_value(&c, &primary.url(""), "k", "1").await;
+    let mut replica = start_replica(&moto, &dir.path().join("replica.sqlite"), prefix);
+    wait_for_value(&c, &replica.url(""), "k", "1", Duration::from_secs(10)).await;
+    // A log object that is not a mutation range, after every real one.
+    let bad = "logs/0001_7fffffffffffffff_7fffffffffffffff00000000_7fffffffffffffff0000ffff.bin";
+    put_object(
+        &moto,
+        &format!("{prefix}{bad}"),
+        b"\xff\xff\xff not protobuf",
+    );
+    let status = replica.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(1), "{}", replica.log_text());
+    let log = replica.log_text();
+    assert!(
+        log.contains("the replica")
+            && log.contains(bad)
+            && log.contains("Error: stopped after a failure"),
+        "{log}"
+    );
+    stop(primary).await;
+}
