@@ -1002,3 +1002,79 @@ async fn a_replica_that_cannot_follow_its_backup_stops() {
     );
     stop(primary).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stops_promptly_while_it_waits_for_s3() {
+    let moto = Moto::start(BUCKET);
+    let endpoint = moto.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    // No backup at this prefix yet: the replica waits for the first snapshot, not listening.
+    let mut cmd = Command::new(binary());
+    cmd.arg("--sqlite-path")
+        .arg(dir.path().join("waiting.sqlite"))
+        .args([
+            "serve",
+            "--access-token",
+            TOKEN,
+            "--addr",
+            "127.0.0.1:0",
+            "--sync-from-s3",
+        ])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(s3_args(&endpoint, "nothing-yet/"))
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in S3_ENV {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let sent = Instant::now();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(sent.elapsed() < Duration::from_secs(5), "{log}");
+    assert!(out.status.success(), "{}: {log}", out.status);
+    assert!(
+        log.contains("waiting for") && log.contains("stopped before the replica was ready"),
+        "{log}"
+    );
+    assert!(!log.contains("Listening on"), "{log}");
+
+    // Following a primary, with S3 hung (moto stopped): SIGTERM does not wait for S3.
+    let prefix = "hang/";
+    let primary = start_primary(&moto, &dir.path().join("primary.sqlite"), prefix);
+    let c = Client::new();
+    set_value(&c, &primary.url(""), "k", "1").await;
+    let mut replica = start_replica(&moto, &dir.path().join("replica.sqlite"), prefix);
+    wait_for_value(&c, &replica.url(""), "k", "1", Duration::from_secs(10)).await;
+    moto.pause();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        value_of(&c, &replica.url(""), "k").await.as_deref(),
+        Some(&b"1"[..])
+    );
+    let sent = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = replica.stop();
+        (status, replica.log_text())
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.0.success() && sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        status
+    );
+    moto.resume();
+    stop(primary).await;
+}

@@ -162,13 +162,17 @@ impl Sync {
         let mut failures = 0u32;
         loop {
             let started = SystemTime::now();
-            let result = async {
+            let work = async {
                 follower.initial_snapshot(&self.stop).await?;
                 let synced = follower.sync().await?;
                 let checkout = follower.checkout_latest()?;
                 anyhow::Ok((synced, checkout))
-            }
-            .await;
+            };
+            // A stop does not wait for S3 (a request may hang up to its timeout); each step
+            // that changes the file is one transaction, so stopping between them is safe.
+            let Some(result) = self.unless_stopped(work).await else {
+                anyhow::bail!("stopped before the replica was ready");
+            };
             match result {
                 Ok((_, checkout)) => {
                     self.succeeded(&follower, started, checkout, failures);
@@ -194,11 +198,13 @@ impl Sync {
                 break;
             }
             let started = SystemTime::now();
-            let result = async {
+            let work = async {
                 follower.sync().await?;
                 follower.checkout_latest()
-            }
-            .await;
+            };
+            let Some(result) = self.unless_stopped(work).await else {
+                break;
+            };
             match result {
                 Ok(checkout) => {
                     self.succeeded(follower, started, checkout, failures);
@@ -310,6 +316,28 @@ impl Sync {
             (self.on_problem)(problem.as_deref());
             *current = problem;
         }
+    }
+
+    /// Runs `work` to its end, or until the server stops (`None`; `work` is dropped).
+    async fn unless_stopped<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut work = std::pin::pin!(work);
+        let mut stopped = std::pin::pin!(async {
+            while !self.stopping() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(t) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(t));
+            }
+            match stopped.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Sleeps `d`, waking early when the server stops.

@@ -251,3 +251,39 @@ fn a_normal_database_is_not_a_replica_and_a_replica_opens_for_reading() {
     let e = db.bind_s3("other", "p/").unwrap_err().to_string();
     assert!(e.contains("delete the key `s3_init_completed`"), "{e}");
 }
+
+#[test]
+fn versionstamps_keep_bytes_8_and_9_through_checkouts_and_reads() {
+    // SPEC §10 D14: upstream's reads drop them.
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = replica(&dir);
+    let mut vs = versionstamp12(9, 0xffff);
+    vs[8..10].copy_from_slice(&[0x01, 0x02]);
+    db.insert_logs(
+        &[LogEntry {
+            versionstamp12: vs,
+            timestamp_ms: 9000,
+            key: b"s".to_vec(),
+            value: Some(b"x".to_vec()),
+            encoding: 1,
+        }],
+        &cursor(9),
+    )
+    .unwrap();
+    let target: [u8; 10] = vs[..10].try_into().unwrap();
+    assert_eq!(db.checkout(&target).unwrap().current, vs);
+    let mut reader = crate::store::Reader::open(&dir.path().join("replica.sqlite")).unwrap();
+    let got = reader
+        .read_keys(&[bytes::Bytes::from_static(b"s")], 0)
+        .unwrap();
+    let e = got[0].as_ref().unwrap();
+    assert_eq!(e.versionstamp.0, target);
+    assert_eq!(e.value.encoding as i64, 1);
+    // Backward and forward again: the same bytes.
+    db.checkout(&vs10(4)).unwrap();
+    db.checkout(&target).unwrap();
+    let got = reader
+        .read_keys(&[bytes::Bytes::from_static(b"s")], 0)
+        .unwrap();
+    assert_eq!(got[0].as_ref().unwrap().versionstamp.0, target);
+}
