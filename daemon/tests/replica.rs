@@ -377,8 +377,13 @@ async fn a_replica_follows_a_primary_under_load() {
 
     // Replica lag under the steady load: from a write's acknowledgement by the primary to
     // the moment the replica serves it.
+    // DENOKV_REPLICA_LAG_PROBES=200 for a longer measurement.
+    let probes: usize = std::env::var("DENOKV_REPLICA_LAG_PROBES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(30);
     let mut lags = Vec::new();
-    for i in 0..30 {
+    for i in 0..probes {
         let v = format!("probe-{i}");
         set_value(&c, &primary.url(""), "probe", &v).await;
         let acked = Instant::now();
