@@ -263,6 +263,29 @@ async fn value_of(c: &Client, url: &str, k: &str) -> Option<Bytes> {
     get_key(c, Proto::H1, url, k).await
 }
 
+/// The value of `[k]` on `server`; panics with the server's log if it does not answer.
+async fn served_value(c: &Client, server: &Server, k: &str) -> Option<Bytes> {
+    let key = key(k);
+    let mut end = key.to_vec();
+    end.push(0);
+    let read = pb::SnapshotRead {
+        ranges: vec![pb::ReadRange {
+            start: key,
+            end: Bytes::from(end),
+            limit: 1,
+            reverse: false,
+        }],
+    };
+    let Some(reply) = c
+        .try_data(Proto::H1, &server.url(""), "snapshot_read", read.encode_to_vec())
+        .await
+    else {
+        panic!("{} did not answer; log:\n{}", server.url(""), server.log_text());
+    };
+    let out: pb::SnapshotReadOutput = reply.decode();
+    out.ranges[0].values.first().map(|e| e.value.clone())
+}
+
 struct Frames {
     body: hyper::body::Incoming,
     buf: BytesMut,
@@ -388,7 +411,7 @@ async fn a_replica_follows_a_primary_under_load() {
         set_value(&c, &primary.url(""), "probe", &v).await;
         let acked = Instant::now();
         loop {
-            if value_of(&c, &replica.url(""), "probe").await.as_deref() == Some(v.as_bytes()) {
+            if served_value(&c, &replica, "probe").await.as_deref() == Some(v.as_bytes()) {
                 break;
             }
             assert!(
