@@ -249,6 +249,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_SYNC_INTERVAL_MS", default_value = "1000", value_parser = clap::value_parser!(u64).range(10..))]
     pub sync_interval_ms: u64,
 
+    /// Replica: how far back `pitr checkout` can take the file (a number with s, m, h or d);
+    /// older undo entries are deleted.
+    #[arg(long, env = "DENOKV_REPLICA_HISTORY", default_value = "7d", value_parser = parse_duration)]
+    pub replica_history: Duration,
+
     /// Back every committed write up to S3 (--s3-bucket, --s3-prefix): snapshots and a log
     /// of every commit (docs/BACKUP.md).
     #[arg(long, env = "DENOKV_BACKUP_TO_S3", conflicts_with_all = ["read_only", "sync_from_s3"])]
@@ -374,6 +379,7 @@ impl ServeArgs {
             Some(crate::backup::replica::ReplicaConfig {
                 location: self.s3.location()?,
                 interval: Duration::from_millis(self.sync_interval_ms),
+                history: self.replica_history,
             })
         } else {
             None

@@ -277,10 +277,19 @@ async fn served_value(c: &Client, server: &Server, k: &str) -> Option<Bytes> {
         }],
     };
     let Some(reply) = c
-        .try_data(Proto::H1, &server.url(""), "snapshot_read", read.encode_to_vec())
+        .try_data(
+            Proto::H1,
+            &server.url(""),
+            "snapshot_read",
+            read.encode_to_vec(),
+        )
         .await
     else {
-        panic!("{} did not answer; log:\n{}", server.url(""), server.log_text());
+        panic!(
+            "{} did not answer; log:\n{}",
+            server.url(""),
+            server.log_text()
+        );
     };
     let out: pb::SnapshotReadOutput = reply.decode();
     out.ranges[0].values.first().map(|e| e.value.clone())
@@ -1104,5 +1113,46 @@ async fn a_replica_stops_promptly_while_it_waits_for_s3() {
         status
     );
     moto.resume();
+    stop(primary).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_deletes_undo_history_older_than_it_keeps() {
+    let moto = Moto::start(BUCKET);
+    let endpoint = moto.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "history/";
+    let primary = start_primary(&moto, &dir.path().join("primary.sqlite"), prefix);
+    let c = Client::new();
+    let mut stamps = Vec::new();
+    for i in 0..6 {
+        let out = set_value(&c, &primary.url(""), "k", &i.to_string()).await;
+        stamps.push(vs_hex(&out.versionstamp));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let db = dir.path().join("replica.sqlite");
+    let mut args = vec![
+        "--sync-from-s3",
+        "--threads",
+        "1",
+        "--replica-history",
+        "1s",
+    ];
+    args.extend(s3_args(&endpoint, prefix));
+    let replica = with_s3(Launch::new(&db).args(&args)).start();
+    wait_for_value(&c, &replica.url(""), "k", "5", Duration::from_secs(10)).await;
+    replica.wait_for_log("undo entries older than 1 s", Duration::from_secs(10));
+    stop(replica).await;
+    // Every point was older than a second: only the newest stays.
+    let (ok, list, err) = pitr(&db, &["list"], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(list.starts_with(&stamps[5]), "{list}");
+    let (ok, _, err) = pitr(&db, &["checkout", &stamps[4]], &[]);
+    assert!(
+        !ok && err.contains("older than the oldest recoverable point"),
+        "{err}"
+    );
     stop(primary).await;
 }

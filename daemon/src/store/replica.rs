@@ -507,6 +507,48 @@ impl ReplicaDb {
         Ok(out)
     }
 
+    /// Deletes up to `batch` undo entries of the commits before the newest point older than
+    /// `cutoff_ms`, which stays the oldest recoverable point (its entries are kept). Returns how
+    /// many were deleted: call again until it is less than `batch`.
+    pub fn prune_undo(&mut self, cutoff_ms: i64, batch: usize) -> anyhow::Result<usize> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let oldest_kept: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT versionstamp12 FROM tt_undo_log
+                 WHERE substr(versionstamp12, 11, 2) = x'ffff' AND timestamp_ms < ?1
+                 ORDER BY versionstamp12 DESC LIMIT 1",
+                [cutoff_ms],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(oldest_kept) = oldest_kept else {
+            return Ok(0);
+        };
+        // The entries of the commit ending at `oldest_kept` start after the previous boundary.
+        let previous: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT versionstamp12 FROM tt_undo_log
+                 WHERE substr(versionstamp12, 11, 2) = x'ffff' AND versionstamp12 < ?1
+                 ORDER BY versionstamp12 DESC LIMIT 1",
+                [&oldest_kept],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(previous) = previous else {
+            return Ok(0);
+        };
+        let deleted = tx.execute(
+            "DELETE FROM tt_undo_log WHERE versionstamp12 IN
+               (SELECT versionstamp12 FROM tt_undo_log WHERE versionstamp12 <= ?1
+                ORDER BY versionstamp12 LIMIT ?2)",
+            params![previous, batch as i64],
+        )?;
+        tx.commit()?;
+        Ok(deleted)
+    }
+
     /// The commit time of the point the replica is at (the newest applied entry's range
     /// time), if it came from a log.
     pub fn current_timestamp_ms(&self) -> anyhow::Result<Option<i64>> {

@@ -37,6 +37,8 @@ pub struct ReplicaConfig {
     pub location: Location,
     /// The pause between syncs.
     pub interval: Duration,
+    /// How far back `pitr checkout` can go: older undo entries are deleted.
+    pub history: Duration,
 }
 
 /// Lag above which the replica warns (log line, systemd status).
@@ -84,6 +86,8 @@ impl Replica {
             metrics,
             watches,
             interval: config.interval,
+            history: config.history,
+            pruned: None,
             warned_lag: false,
             on_problem,
         };
@@ -146,6 +150,9 @@ struct Sync {
     metrics: Arc<ReplicaMetrics>,
     watches: Arc<WatchRegistry>,
     interval: Duration,
+    history: Duration,
+    /// When the undo log was last pruned.
+    pruned: Option<std::time::Instant>,
     warned_lag: bool,
     /// Told every change of `problem` (systemd's status line).
     on_problem: crate::backup::ProblemSink,
@@ -209,6 +216,7 @@ impl Sync {
                 Ok(checkout) => {
                     self.succeeded(follower, started, checkout, failures);
                     failures = 0;
+                    self.prune(follower)?;
                 }
                 Err(e) if follower::is_s3_failure(&e) => {
                     failures += 1;
@@ -250,6 +258,38 @@ impl Sync {
                 .map_or(0, |d| d.as_secs() as i64),
         );
         self.check_lag();
+    }
+
+    /// Once a minute: deletes the undo entries older than the history kept, a batch per
+    /// transaction (the undo log holds every change applied: without this the file grows for
+    /// ever).
+    fn prune(&mut self, follower: &mut Follower) -> anyhow::Result<()> {
+        const EVERY: Duration = Duration::from_secs(60);
+        const BATCH: usize = 10_000;
+        if self.pruned.is_some_and(|t| t.elapsed() < EVERY) {
+            return Ok(());
+        }
+        self.pruned = Some(std::time::Instant::now());
+        let cutoff = SystemTime::now()
+            .checked_sub(self.history)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut total = 0;
+        while !self.stopping() {
+            let deleted = follower.db.prune_undo(cutoff, BATCH)?;
+            total += deleted;
+            if deleted < BATCH {
+                break;
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                "replica: deleted {total} undo entries older than {} s (the oldest point \
+                 `pitr checkout` can go back to moves on)",
+                self.history.as_secs()
+            );
+        }
+        Ok(())
     }
 
     /// After a failed S3 request: log (the first failure and then at powers of two), count,

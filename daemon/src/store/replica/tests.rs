@@ -287,3 +287,37 @@ fn versionstamps_keep_bytes_8_and_9_through_checkouts_and_reads() {
         .unwrap();
     assert_eq!(got[0].as_ref().unwrap().versionstamp.0, target);
 }
+
+#[test]
+fn pruning_the_undo_log_keeps_the_oldest_point_after_the_cutoff_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = replica(&dir);
+    db.checkout(&vs10(4)).unwrap();
+    let at3 = {
+        db.checkout(&vs10(3)).unwrap();
+        let c = contents(&db);
+        db.checkout(&vs10(4)).unwrap();
+        c
+    };
+    // Points 2, 3 and 4 at 2000, 3000 and 4000 ms; keep what 3500 needs: point 3 and on.
+    assert_eq!(db.prune_undo(3500, 1).unwrap(), 1);
+    assert_eq!(db.prune_undo(3500, 1).unwrap(), 1);
+    assert_eq!(db.prune_undo(3500, 1).unwrap(), 0);
+    let points: Vec<u64> = db
+        .points(0, i64::MAX)
+        .unwrap()
+        .iter()
+        .map(|p| crate::backup::names::version_of(&p.versionstamp12))
+        .collect();
+    assert_eq!(points, [4, 3]);
+    db.checkout(&vs10(3)).unwrap();
+    assert_eq!(contents(&db), at3);
+    let e = db.checkout(&vs10(2)).unwrap_err().to_string();
+    assert!(
+        e.contains("oldest recoverable point, 00000000000000030000"),
+        "{e}"
+    );
+    db.checkout(&vs10(4)).unwrap();
+    // Nothing older than the cutoff but the oldest point itself: nothing to delete.
+    assert_eq!(db.prune_undo(0, 100).unwrap(), 0);
+}
