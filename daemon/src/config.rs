@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::error::ErrorKind;
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::http::auth::TokenSource;
 pub use crate::http::auth::MIN_TOKEN_LEN;
@@ -23,10 +24,15 @@ pub const LOG_LEVEL_CREDENTIAL: &str = "log-level";
 /// Parses the command line and environment; exits with a usage error (status 2) when they
 /// cannot work.
 pub fn parse() -> Cli {
-    let cli = Cli::parse();
-    match &cli.command {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match &mut cli.command {
         Command::Pitr(_) => {}
         Command::Serve(args) => {
+            args.access_token_on_command_line = matches
+                .subcommand_matches("serve")
+                .and_then(|m| m.value_source("access_token"))
+                == Some(ValueSource::CommandLine);
             if args.token_source().is_none() {
                 Cli::command()
                     .error(
@@ -136,8 +142,14 @@ pub struct ServeArgs {
     #[arg(long, env = "DENO_KV_ACCESS_TOKEN", hide_env_values = true)]
     pub access_token: Option<String>,
 
-    /// File of access tokens, one per line (at least 12 characters each), re-read on SIGHUP.
-    /// Without this flag or --access-token, `$CREDENTIALS_DIRECTORY/access-token` is used.
+    /// Whether --access-token came from the command line (visible in the process list)
+    /// rather than from DENO_KV_ACCESS_TOKEN: warned about at start.
+    #[arg(skip)]
+    pub access_token_on_command_line: bool,
+
+    /// File of access tokens, re-read on SIGHUP: a bare token a line (read-write, every key),
+    /// or `name scope token [prefix…]` (see the README). Without this flag or
+    /// --access-token, `$CREDENTIALS_DIRECTORY/access-token` is used.
     #[arg(
         long,
         env = "DENOKV_ACCESS_TOKEN_FILE",
@@ -231,6 +243,12 @@ pub struct ServeArgs {
     /// Concurrent streams per HTTP/2 connection; more are refused (REFUSED_STREAM).
     #[arg(long, env = "DENOKV_MAX_H2_STREAMS", default_value = "256", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_h2_streams: u32,
+
+    /// Seconds the session token handed out by the metadata exchange (and its `expiresAt`)
+    /// is valid. Deno fetches new metadata every 60 s; keep this above 70. 0: hand out the
+    /// presented token itself, valid for a day, as upstream denokv does.
+    #[arg(long, env = "DENOKV_SESSION_TOKEN_TTL", default_value = "900", value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub session_token_ttl: u64,
 
     /// Accepted for compatibility with upstream denokv; writes are always group-committed.
     #[arg(long, env = "DENO_KV_ATOMIC_WRITE_BATCH_TIMEOUT_MS")]
@@ -372,6 +390,14 @@ impl ServeArgs {
             bail!("no access token given");
         };
         let tokens = token_source.load()?;
+        if self.access_token_on_command_line {
+            tracing::warn!(
+                "the access token was given on the command line (--access-token), where every \
+                 user of this machine can read it in the process list: give it in \
+                 DENO_KV_ACCESS_TOKEN, --access-token-file or the systemd credential \
+                 access-token instead"
+            );
+        }
         if self.num_workers == Some(0) {
             bail!("num_workers must be at least 1");
         }
@@ -431,6 +457,7 @@ impl ServeArgs {
                 max_connections_per_ip: self.max_connections_per_ip,
                 max_h2_streams: self.max_h2_streams,
             },
+            session_ttl: Duration::from_secs(self.session_token_ttl),
         })
     }
 }

@@ -152,7 +152,7 @@ impl CommitPhase {
 
 /// Status codes the server answers with; each gets a slot resolved once. Others (none today)
 /// fall back to a label lookup.
-const STATUSES: [u16; 11] = [200, 400, 401, 404, 405, 408, 409, 413, 500, 503, 507];
+const STATUSES: [u16; 12] = [200, 400, 401, 403, 404, 405, 408, 409, 413, 500, 503, 507];
 
 fn status_slot(status: u16) -> Option<usize> {
     STATUSES.iter().position(|&s| s == status)
@@ -182,6 +182,9 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     connections_refused: [IntCounter; Refusal::COUNT],
     connections_closed: [IntCounter; Expiry::COUNT],
+    /// By token name (never the token): one series per name in the token file.
+    token_requests: IntCounterVec,
+    token_refusals: IntCounterVec,
     /// Failed accepts (out of descriptors, say): each retry of a backed-off accept counts.
     pub accept_errors: IntCounter,
     pub watch_streams: IntGauge,
@@ -290,6 +293,26 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(connections_closed.clone()));
+        let token_requests = IntCounterVec::new(
+            Opts::new(
+                "denokv_token_requests_total",
+                "Requests authenticated, by access token name (a session token counts as the \
+                 token it was issued for).",
+            ),
+            &["token"],
+        )
+        .expect("valid metric");
+        reg(Box::new(token_requests.clone()));
+        let token_refusals = IntCounterVec::new(
+            Opts::new(
+                "denokv_token_refusals_total",
+                "Requests refused with 403, by access token name and reason: read_only (a \
+                 write with a read token) or prefix (a key or range outside its prefixes).",
+            ),
+            &["token", "reason"],
+        )
+        .expect("valid metric");
+        reg(Box::new(token_refusals.clone()));
 
         let process_cpu = Counter::new(
             "process_cpu_seconds_total",
@@ -347,6 +370,8 @@ impl Metrics {
                 .map(|r| connections_refused.with_label_values(&[r.name()])),
             connections_closed: Expiry::ALL
                 .map(|e| connections_closed.with_label_values(&[e.name()])),
+            token_requests,
+            token_refusals,
             accept_errors: counter(
                 "denokv_accept_errors_total",
                 "Accepts that failed (e.g. out of file descriptors); retried with back-off.",
@@ -438,6 +463,27 @@ impl Metrics {
     /// Connections closed because the deadline `expiry` ran out.
     pub fn connections_closed(&self, expiry: Expiry) -> &IntCounter {
         &self.connections_closed[expiry as usize]
+    }
+
+    /// The counters of the access token named `name`, resolved once per token set.
+    pub fn token_counters(&self, name: &str) -> crate::http::auth::TokenCounters {
+        use crate::http::auth::Refusal as R;
+        crate::http::auth::TokenCounters {
+            requests: self.token_requests.with_label_values(&[name]),
+            refusals: R::ALL.map(|r| self.token_refusals.with_label_values(&[name, r.name()])),
+        }
+    }
+
+    /// Drops the series of token names that are no longer in the token file, so that their
+    /// number stays bounded by the file's.
+    pub fn forget_tokens<'a>(&self, gone: impl IntoIterator<Item = &'a str>) {
+        use crate::http::auth::Refusal as R;
+        for name in gone {
+            let _ = self.token_requests.remove_label_values(&[name]);
+            for r in R::ALL {
+                let _ = self.token_refusals.remove_label_values(&[name, r.name()]);
+            }
+        }
     }
 
     pub fn mutations(&self, kind: MutationLabel) -> &IntCounter {

@@ -367,3 +367,122 @@ async fn a_full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_by_itself()
         assert!(get_key(&c, H2, &s.url(""), k).await.is_some(), "{k} lost");
     }
 }
+
+/// With the backup on, a full disk: the server keeps serving reads, refuses writes with 507,
+/// stays up, and when space returns the backup catches up; the restored database holds every
+/// acknowledged write. (Whether the backup's own deletes meet the full disk depends on the
+/// WAL's free space; `backup::writer` unit tests pin that a full disk is waited out.)
+#[tokio::test]
+async fn a_full_disk_with_the_backup_on_keeps_the_server_up_and_the_backup_catches_up() {
+    use common::moto::{Moto, S3_ENV};
+    let moto = Moto::start("full");
+    let fs = Tmpfs::mount("3m");
+    let db: PathBuf = fs.path().join("db.sqlite");
+    let mut launch = Launch::new(&db).args(&[
+        "--backup-to-s3",
+        "--s3-bucket",
+        "full",
+        "--s3-endpoint",
+        &moto.endpoint(),
+    ]);
+    for (k, v) in S3_ENV {
+        launch = launch.env(k, v);
+    }
+    let mut s = launch.start();
+    let c = Client::new();
+    let value = "x".repeat(30_000);
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (url, value) = (s.url(""), value.clone());
+        writers.push(tokio::spawn(async move {
+            let c = Client::new();
+            let mut acknowledged = Vec::new();
+            for i in 0..1000 {
+                let k = format!("fill{w}-{i}");
+                let r = set_key(&c, H2, &url, &k, &value).await.unwrap();
+                match r.status {
+                    200 => acknowledged.push(k),
+                    507 => return acknowledged,
+                    other => panic!("write {k}: {other} {}", r.text()),
+                }
+            }
+            panic!("writer {w}: the 3 MiB disk never filled up");
+        }));
+    }
+    let mut acknowledged = Vec::new();
+    for w in writers {
+        acknowledged.extend(w.await.unwrap());
+    }
+    assert!(acknowledged.len() > 10, "{}", acknowledged.len());
+    // The backup meets the full disk too; the server stays up and serves reads.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(s.is_running(), "the server stopped:\n{}", s.log_text());
+    assert!(get_key(&c, H2, &s.url(""), &acknowledged[0])
+        .await
+        .is_some());
+
+    fs.resize("64m");
+    let start = Instant::now();
+    loop {
+        let r = set_key(&c, H2, &s.url(""), "after", &value).await.unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 507, "{}", r.text());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "writes did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Caught up: nothing pending (two readings of the gauges, 300 ms apart).
+    let behind = |s: &Server| {
+        let (_, _, text) = s.scrape();
+        let get = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        get("denokv_backup_lag_versions") > 0.0 || get("denokv_backup_pending_commits") > 0.0
+    };
+    let start = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if !behind(&s) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if !behind(&s) {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the backup did not catch up"
+        );
+    }
+    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let out = tempfile::tempdir().unwrap();
+    let restored = out.path().join("restored.sqlite");
+    let result = std::process::Command::new(binary())
+        .args(["--sqlite-path", restored.to_str().unwrap(), "restore"])
+        .args(["--s3-bucket", "full", "--s3-endpoint", &moto.endpoint()])
+        .envs(S3_ENV)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let conn = rusqlite::Connection::open(&restored).unwrap();
+    for k in acknowledged.iter().chain(["after".to_string()].iter()) {
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM kv WHERE k = ?1", [&key(k)[..]], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(n, 1, "{k} is not in the backup");
+    }
+}

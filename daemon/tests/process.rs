@@ -38,15 +38,10 @@ fn start_up_errors_name_the_problem() {
     assert_eq!(status.code(), Some(2));
     assert!(err.contains("--sqlite-path"), "{err}");
 
+    // The token in the environment: on the command line it adds a warning line.
     let (status, err) = run_binary(
-        &[
-            "--sqlite-path",
-            "/nonexistent/dir/db.sqlite",
-            "serve",
-            "--access-token",
-            TOKEN,
-        ],
-        &[],
+        &["--sqlite-path", "/nonexistent/dir/db.sqlite", "serve"],
+        &[("DENO_KV_ACCESS_TOKEN", TOKEN)],
     );
     assert_eq!(status.code(), Some(1));
     assert!(

@@ -14,7 +14,7 @@ const URL: &str = "http://127.0.0.1:4512/v2";
 
 fuzz_target!(|data: &[u8]| {
     let body = Bytes::copy_from_slice(data);
-    let response = match metadata::exchange(&body, TOKEN, URL) {
+    let response = match metadata::exchange(&body, TOKEN, std::time::SystemTime::now(), URL) {
         Ok(r) => r,
         Err(e) => {
             // Bad input is a 400, never a 5xx.

@@ -161,9 +161,13 @@ pub async fn discover(
     let database_id = meta["databaseId"]
         .as_str()
         .ok_or_else(|| anyhow!("metadata answer has no databaseId: {meta}"))?;
-    let data_token = meta["token"]
+    // The answer's token is a session token that expires (after 15 minutes by default), and
+    // this client does not refresh metadata as Deno does: the data path takes the long-lived
+    // token too, so runs of any length use that.
+    meta["token"]
         .as_str()
         .ok_or_else(|| anyhow!("metadata answer has no token: {meta}"))?;
+    let data_token = token;
     // Like Deno: the first strongly consistent endpoint serves every call.
     let endpoint_url = meta["endpoints"]
         .as_array()

@@ -108,12 +108,9 @@ pub async fn delete_before(
         }
     }
     // Logs are listed in commit order: stop at the first that starts at or after `start`.
-    let mut after: Option<String> = None;
-    'pages: loop {
-        let page = bucket.list(names::LOGS, after.as_deref(), 1000).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
-        for o in &page {
+    let mut pages = bucket.pages(names::LOGS);
+    'pages: while let Some(page) = pages.next().await? {
+        for o in page {
             let Ok(name) = LogName::parse(&o.key) else {
                 continue;
             };
@@ -121,11 +118,8 @@ pub async fn delete_before(
                 break 'pages;
             }
             if names::version_of(&name.last) < start {
-                doomed.push(o.key.clone());
+                doomed.push(o.key);
             }
-        }
-        if page.len() < 1000 {
-            break;
         }
     }
     if doomed.is_empty() {

@@ -80,7 +80,7 @@ impl BackupMetrics {
             ),
             pending_commits: gauge(
                 "denokv_backup_pending_commits",
-                "Commits waiting in the local outbox to be shipped.",
+                "Transactions (batches of commits) waiting in the local outbox to be shipped.",
             ),
             pending_bytes: gauge(
                 "denokv_backup_pending_bytes",

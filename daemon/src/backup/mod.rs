@@ -90,6 +90,10 @@ impl Backup {
                         switch,
                         on_problem,
                         warned_lag: Default::default(),
+                        local_backoff: Duration::from_secs(1),
+                        pending_counted: std::cell::Cell::new(
+                            std::time::Instant::now() - Duration::from_secs(3600),
+                        ),
                     }
                     .run()
                     .await

@@ -147,11 +147,8 @@ async fn write(
     let mut version = generation.differential;
     let mut timestamp_ms = generation.finished_ms;
     let mut reached = target.is_none_or(|t| t == generation.differential);
-    let mut after: Option<String> = None;
-    'pages: loop {
-        let page = bucket.list(names::LOGS, after.as_deref(), 1000).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
+    let mut pages = bucket.pages(names::LOGS);
+    'pages: while let Some(page) = pages.next().await? {
         for o in &page {
             let name = LogName::parse(&o.key)?;
             if names::version_of(&name.last) <= generation.start {
@@ -192,9 +189,6 @@ async fn write(
                 }
             }
             tx.commit()?;
-        }
-        if page.len() < 1000 {
-            break;
         }
     }
     if !reached {

@@ -252,6 +252,16 @@ impl Bucket {
         }
     }
 
+    /// The objects under `dir` in key order, a page (of up to 1000) at a time.
+    pub fn pages<'a>(&'a self, dir: &'a str) -> Pages<'a> {
+        Pages {
+            bucket: self,
+            dir,
+            after: None,
+            done: false,
+        }
+    }
+
     /// Deletes `keys` (relative), 1000 a request.
     pub async fn delete(&self, keys: &[String]) -> Result<(), S3Error> {
         for chunk in keys.chunks(1000) {
@@ -283,6 +293,33 @@ impl Bucket {
             }
         }
         Ok(())
+    }
+}
+
+/// A listing read a page at a time (see [`Bucket::pages`]).
+pub struct Pages<'a> {
+    bucket: &'a Bucket,
+    dir: &'a str,
+    after: Option<String>,
+    done: bool,
+}
+
+impl Pages<'_> {
+    /// The next page; `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<Listed>>, S3Error> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self
+            .bucket
+            .list(self.dir, self.after.as_deref(), 1000)
+            .await?;
+        self.done = page.len() < 1000;
+        match page.last() {
+            Some(last) => self.after = Some(last.key.clone()),
+            None => return Ok(None),
+        }
+        Ok(Some(page))
     }
 }
 

@@ -35,8 +35,30 @@ const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_LAST: Duration = Duration::from_secs(10);
 /// Lag above which the backup warns (log line, systemd status).
 pub const LAG_WARNING: Duration = Duration::from_secs(60);
+/// How often the pending commits and bytes are counted (a scan of the outbox).
+const PENDING_COUNT_EVERY: Duration = Duration::from_secs(1);
 /// How long the backup keeps trying to ship what is pending when the server stops.
 const FINAL_SHIP: Duration = Duration::from_secs(5);
+
+/// Waits after the database refused the backup's own writes (a full disk).
+const LOCAL_RETRY_FIRST: Duration = Duration::from_secs(1);
+const LOCAL_RETRY_LAST: Duration = Duration::from_secs(60);
+
+/// Whether a database error may pass by itself: a full disk, a lock held too long.
+fn transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<rusqlite::Error>()
+            .and_then(|e| e.sqlite_error_code())
+            .is_some_and(|code| {
+                matches!(
+                    code,
+                    rusqlite::ErrorCode::DiskFull
+                        | rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                )
+            })
+    })
+}
 
 /// Why the ship loop stops what it is doing.
 #[derive(Debug)]
@@ -75,6 +97,10 @@ pub(super) struct Writer {
     pub on_problem: super::ProblemSink,
     /// The committer's switch: off while the outbox is over its bound.
     pub switch: crate::store::BackupOutbox,
+    /// The next wait after the database refused the backup's own writes.
+    pub local_backoff: Duration,
+    /// When the outbox was last counted.
+    pub pending_counted: std::cell::Cell<std::time::Instant>,
     /// The lag is above `LAG_WARNING` and was logged.
     pub warned_lag: std::cell::Cell<bool>,
 }
@@ -128,8 +154,27 @@ impl Writer {
                 None => self.ship_loop(until_due.min(Duration::from_secs(60))).await,
             };
             match result {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.local_backoff = LOCAL_RETRY_FIRST;
+                }
                 Err(Interrupt::Stop) => return self.final_ship().await,
+                Err(Interrupt::Fatal(e)) if transient(&e) => {
+                    // A full disk (or a lock held too long) refuses the outbox's deletes like
+                    // the committer's writes: wait, as the committer does, and go on.
+                    tracing::warn!(
+                        "backup: the database refused the backup's bookkeeping ({e:#}); \
+                         retrying in {} s",
+                        self.local_backoff.as_secs()
+                    );
+                    self.set_problem(Some(format!("the database refused the backup: {e:#}")));
+                    // An upload may have gone through unacknowledged: look before re-shipping.
+                    self.check_shipped = true;
+                    if self.pause(self.local_backoff).await {
+                        return self.final_ship().await;
+                    }
+                    self.local_backoff = (self.local_backoff * 2).min(LOCAL_RETRY_LAST);
+                    continue;
+                }
                 Err(Interrupt::Fatal(e)) => return Err(e),
                 Err(Interrupt::Gap { shipped, next_prev }) => {
                     if self.switch.is_recording() {
@@ -183,6 +228,18 @@ impl Writer {
         Ok(())
     }
 
+    /// Sleeps `d`, waking early when the server stops (returns `true` then).
+    async fn pause(&self, d: Duration) -> bool {
+        let end = tokio::time::Instant::now() + d;
+        while tokio::time::Instant::now() < end {
+            if self.stopping() {
+                return true;
+            }
+            tokio::time::sleep(POLL.min(end - tokio::time::Instant::now())).await;
+        }
+        self.stopping()
+    }
+
     fn location_id(&self) -> String {
         let l = self.bucket.location();
         format!("s3://{}/{}", l.bucket, l.prefix)
@@ -225,11 +282,12 @@ impl Writer {
         // Ship when the oldest waiting commit is half an interval old: under steady load
         // every commit is in S3 within the interval, with about two objects per interval.
         let age = Duration::from_millis(now_ms().saturating_sub(oldest.max(0) as u64));
-        if !force && age < self.config.interval / 2 {
-            let pending = self.outbox.pending()?;
-            if (pending.bytes as usize) < MAX_LOG_BYTES {
-                return Ok(false);
-            }
+        // (Or when a full object waits: the count is at most a second old.)
+        if !force
+            && age < self.config.interval / 2
+            && (self.metrics.pending_bytes.get() as usize) < MAX_LOG_BYTES
+        {
+            return Ok(false);
         }
         let Some(drained) = self.outbox.drain(MAX_LOG_COMMITS, MAX_LOG_BYTES)? else {
             return Ok(false);
@@ -259,7 +317,9 @@ impl Writer {
         };
         let name =
             LogName::for_commits(stamp12(&first.versionstamp)?, stamp12(&last.versionstamp)?);
-        if std::mem::take(&mut self.check_shipped) {
+        // After a start (or a refused acknowledgement) the ranges may already be in S3: look
+        // until one is not.
+        if self.check_shipped {
             if let Some(shipped) = self.already_shipped(&name).await? {
                 tracing::info!(
                     "backup: {} was shipped before the restart; going on after it",
@@ -270,6 +330,7 @@ impl Writer {
                     .acknowledge(crate::store::outbox::Position(upto))?;
                 return Ok(());
             }
+            self.check_shipped = false;
         }
         let body = Bytes::from(drained.range.encode_to_vec());
         let key = name.key();
@@ -372,6 +433,20 @@ impl Writer {
             tracing::info!("backup: caught up (lag {:.1} s)", lag.as_secs_f64());
             self.set_problem(None);
         }
+        // Before the first snapshot nothing is in S3.
+        let shipped = match self.outbox.state()? {
+            Some(s) if s.generation_done || s.shipped_version > 0 => s.shipped_version,
+            _ => 0,
+        };
+        let current = self.outbox.current_version()?;
+        self.metrics
+            .lag_versions
+            .set(current.saturating_sub(shipped) as i64);
+        // Counting the outbox reads every pending row: once a second, not every poll.
+        if self.pending_counted.get().elapsed() < PENDING_COUNT_EVERY {
+            return Ok(());
+        }
+        self.pending_counted.set(std::time::Instant::now());
         let mut pending = self.outbox.pending()?;
         if pending.bytes > self.config.max_pending_bytes && self.switch.is_recording() {
             self.switch.set_recording(false);
@@ -388,15 +463,6 @@ impl Writer {
         }
         self.metrics.pending_commits.set(pending.commits as i64);
         self.metrics.pending_bytes.set(pending.bytes as i64);
-        // Before the first snapshot nothing is in S3.
-        let shipped = match self.outbox.state()? {
-            Some(s) if s.generation_done || s.shipped_version > 0 => s.shipped_version,
-            _ => 0,
-        };
-        let current = self.outbox.current_version()?;
-        self.metrics
-            .lag_versions
-            .set(current.saturating_sub(shipped) as i64);
         Ok(())
     }
 
@@ -601,6 +667,28 @@ pub(super) fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_or_a_busy_database_is_waited_out_other_errors_stop() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        let io = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+            None,
+        );
+        assert!(transient(
+            &anyhow::Error::new(full).context("cannot acknowledge shipped backup entries")
+        ));
+        assert!(transient(&anyhow::Error::new(busy)));
+        assert!(!transient(&anyhow::Error::new(io)));
+        assert!(!transient(&anyhow::anyhow!("the outbox holds a bad row")));
+    }
 
     #[test]
     fn snapshot_objects_pair_data_and_metadata_by_index() {

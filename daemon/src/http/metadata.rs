@@ -1,6 +1,6 @@
 //! The metadata exchange, `POST /` (SPEC §1.3).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, Response};
@@ -11,9 +11,6 @@ use super::error::ApiError;
 
 /// The database id upstream advertises and clients echo back.
 pub const DATABASE_ID: &str = "00000000-0000-0000-0000-000000000000";
-/// How long clients may use the metadata before fetching it again.
-const VALIDITY: Duration = Duration::from_secs(24 * 3600);
-
 #[derive(Deserialize)]
 struct MetadataRequest {
     #[serde(default, rename = "supportedVersions")]
@@ -37,7 +34,13 @@ struct Endpoint<'a> {
 }
 
 /// Answers an authenticated metadata request. Authentication runs first (SPEC §10 D10).
-pub fn exchange(body: &Bytes, token: &str, endpoint_url: &str) -> Result<Response<Body>, ApiError> {
+/// `token` is the session token for the data path, valid until `expires` (`expiresAt`).
+pub fn exchange(
+    body: &Bytes,
+    token: &str,
+    expires: SystemTime,
+    endpoint_url: &str,
+) -> Result<Response<Body>, ApiError> {
     let request: MetadataRequest = serde_json::from_slice(body).map_err(|_| {
         ApiError::bad_request(
             "The server requires at least protocol version 2. Use Deno 1.38.0 or newer.",
@@ -56,7 +59,7 @@ pub fn exchange(body: &Bytes, token: &str, endpoint_url: &str) -> Result<Respons
             consistency: "strong",
         }],
         token,
-        expires_at: rfc3339_millis(SystemTime::now() + VALIDITY),
+        expires_at: rfc3339_millis(expires),
     };
     let json = serde_json::to_vec(&response).expect("metadata serializes");
     Ok(Response::builder()
@@ -96,6 +99,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn formats_rfc3339_utc() {
@@ -107,9 +111,14 @@ mod tests {
     }
 
     fn negotiate(body: &str) -> Result<serde_json::Value, String> {
-        exchange(&Bytes::from(body.to_string()), "tok", "/v2")
-            .map(|_| serde_json::Value::Null)
-            .map_err(|e| e.message)
+        exchange(
+            &Bytes::from(body.to_string()),
+            "tok",
+            SystemTime::now(),
+            "/v2",
+        )
+        .map(|_| serde_json::Value::Null)
+        .map_err(|e| e.message)
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod watch;
 
 use std::cell::RefCell;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Response, StatusCode, Version};
@@ -22,7 +22,7 @@ use crate::metrics::{Metrics, RouteLabel};
 use crate::proto as pb;
 use crate::store::{CommitterHandle, Reader, WatchRegistry};
 use crate::traces::Span;
-use auth::{CoreTokens, SharedTokens};
+use auth::{Access, CoreTokens, SharedTokens};
 use body::{empty, full, read_limited, Body};
 use error::ApiError;
 
@@ -37,6 +37,8 @@ pub struct Shared {
     pub watches: Arc<WatchRegistry>,
     /// The data-path endpoint advertised in the metadata (`/v2`).
     pub endpoint_url: String,
+    /// How long the session tokens of the metadata exchange are valid.
+    pub session_ttl: Duration,
     pub metrics: Arc<Metrics>,
 }
 
@@ -121,21 +123,36 @@ async fn serve(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
     if route == Route::Metadata {
-        let token = ctx.tokens.authenticate(&parts.headers)?;
+        // Long-lived tokens only; the answer carries a session token derived from it.
+        let access = ctx.tokens.authenticate_long_lived(&parts.headers)?;
+        access.count_request();
         let body = read_limited(incoming, content_length).await?;
         span.set("http.request.body.size", body.len() as i64);
-        return metadata::exchange(&body, token, &ctx.shared.endpoint_url);
+        if ctx.shared.session_ttl.is_zero() {
+            // `--session-token-ttl 0`: the presented token itself, for a day, as upstream.
+            let token = auth::bearer_token(&parts.headers).unwrap_or_default();
+            let expires = SystemTime::now() + Duration::from_secs(24 * 3600);
+            return metadata::exchange(&body, token, expires, &ctx.shared.endpoint_url);
+        }
+        let expires = SystemTime::now() + ctx.shared.session_ttl;
+        let session = auth::issue_session(&access, expires);
+        return metadata::exchange(&body, &session, expires, &ctx.shared.endpoint_url);
     }
-    check_data_path_headers(&parts.headers, &ctx.tokens)?;
+    let access = check_data_path_headers(&parts.headers, &ctx.tokens)?;
+    access.count_request();
+    if route == Route::AtomicWrite {
+        // Refused before the body is read.
+        access.check_write()?;
+    }
     let body = read_limited(incoming, content_length).await?;
     span.set("http.request.body.size", body.len() as i64);
     match route {
-        Route::SnapshotRead => snapshot_read(decode(&body)?, ctx, span),
-        Route::AtomicWrite => atomic_write(decode(&body)?, ctx, span).await,
+        Route::SnapshotRead => snapshot_read(decode(&body)?, ctx, span, &access),
+        Route::AtomicWrite => atomic_write(decode(&body)?, ctx, span, &access).await,
         Route::Watch => {
             let req: pb::Watch = decode(&body)?;
             span.set("denokv.watch.keys", req.keys.len() as i64);
-            watch::start(req, ctx)
+            watch::start(req, ctx, access)
         }
         Route::Metadata | Route::Other => unreachable!("handled above"),
     }
@@ -196,16 +213,19 @@ impl Route {
     }
 }
 
-/// The checks every data-path request passes first, in upstream's order (SPEC §1.4).
-/// Public for the fuzz target `headers` (fuzz/).
-pub fn check_data_path_headers(headers: &HeaderMap, tokens: &CoreTokens) -> Result<(), ApiError> {
+/// The checks every data-path request passes first, in upstream's order (SPEC §1.4); returns
+/// whose token the request carries. Public for the fuzz target `headers` (fuzz/).
+pub fn check_data_path_headers(
+    headers: &HeaderMap,
+    tokens: &CoreTokens,
+) -> Result<Arc<Access>, ApiError> {
     let version = headers
         .get("x-denokv-version")
         .and_then(|v| v.to_str().ok());
     if !matches!(version, Some("2" | "3")) {
         return Err(ApiError::bad_request("Expected protocol version 2."));
     }
-    tokens.authenticate(headers)?;
+    let access = tokens.authenticate(headers)?;
     let id = headers
         .get("x-denokv-database-id")
         .and_then(|v| v.to_str().ok())
@@ -213,7 +233,7 @@ pub fn check_data_path_headers(headers: &HeaderMap, tokens: &CoreTokens) -> Resu
     if id != Some(uuid::Uuid::nil()) {
         return Err(ApiError::bad_request("Invalid database id."));
     }
-    Ok(())
+    Ok(access)
 }
 
 fn decode<M: Message + Default>(body: &Bytes) -> Result<M, ApiError> {
@@ -241,9 +261,11 @@ fn snapshot_read(
     req: pb::SnapshotRead,
     ctx: &CoreContext,
     span: &mut Span,
+    access: &Access,
 ) -> Result<Response<Body>, ApiError> {
     span.set("denokv.read.ranges", req.ranges.len() as i64);
     let ranges = validate::snapshot_read(req)?;
+    access.check_ranges(ranges.iter().map(|r| (&r.start[..], &r.end[..])))?;
     let results = ctx.reader.borrow_mut().read_ranges(&ranges, now_ms())?;
     if span.is_on() {
         let entries: usize = results.iter().map(Vec::len).sum();
@@ -267,6 +289,7 @@ async fn atomic_write(
     req: pb::AtomicWrite,
     ctx: &CoreContext,
     span: &mut Span,
+    access: &Access,
 ) -> Result<Response<Body>, ApiError> {
     if span.is_on() {
         span.set("denokv.write.checks", req.checks.len() as i64);
@@ -277,6 +300,21 @@ async fn atomic_write(
         // Counted with those the committer finds invalid: one count per rejected write.
         ctx.shared.metrics.writes_invalid.inc();
     })?;
+    // Every key the write touches: checks, mutations (a versionstamped key is the mutation's
+    // key and a suffix part, so it lies wherever that key does) and dead-letter keys.
+    access.check_keys(
+        write
+            .checks
+            .iter()
+            .map(|c| &c.key[..])
+            .chain(write.mutations.iter().map(|m| &m.key[..]))
+            .chain(
+                write
+                    .enqueues
+                    .iter()
+                    .flat_map(|e| e.keys_if_undelivered.iter().map(|k| &k[..])),
+            ),
+    )?;
     let Some(committer) = &ctx.shared.committer else {
         // Read-only: a 200 that says so, not a 400 (SPEC §10 D6).
         span.set("denokv.write.outcome", "write_disabled");

@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, Response};
 use prost::Message;
 
+use super::auth::Access;
 use super::body::ChannelBody;
 use super::error::ApiError;
 use super::{entry_to_pb, CoreContext};
@@ -20,8 +22,13 @@ const PING_INTERVAL: Duration = Duration::from_secs(5);
 const PING: Bytes = Bytes::from_static(&[0, 0, 0, 0]);
 
 /// Validates the request and starts the stream on this core.
-pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Body>, ApiError> {
+pub fn start(
+    req: pb::Watch,
+    ctx: &Rc<CoreContext>,
+    access: Arc<Access>,
+) -> Result<Response<super::Body>, ApiError> {
     let mut keys = validate::watch(req)?;
+    access.check_keys(keys.iter().map(|k| &k[..]))?;
     // The stream lives long: let go of the request body the keys were decoded from.
     crate::kv::model::detach_all(keys.iter_mut());
     // Subscribe before the first read so that no commit in between is missed.
@@ -32,7 +39,7 @@ pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Bo
     let open = GaugeGuard::new(&ctx.shared.metrics.watch_streams);
     monoio::spawn(stream(
         ctx.clone(),
-        keys,
+        Watched { access, keys },
         seen,
         subscription,
         tx,
@@ -45,9 +52,15 @@ pub fn start(req: pb::Watch, ctx: &Rc<CoreContext>) -> Result<Response<super::Bo
         .expect("static response parts are valid"))
 }
 
+/// The keys of a stream, and the token that may read them.
+struct Watched {
+    access: Arc<Access>,
+    keys: Vec<Bytes>,
+}
+
 async fn stream(
     ctx: Rc<CoreContext>,
-    keys: Vec<Bytes>,
+    watched: Watched,
     mut seen: Vec<Option<Versionstamp>>,
     subscription: crate::store::watch::Subscription,
     tx: tokio::sync::mpsc::Sender<Bytes>,
@@ -55,19 +68,35 @@ async fn stream(
     // Counts this stream in `denokv_watch_streams` until the task ends.
     _open: GaugeGuard,
 ) {
+    let Watched { mut access, keys } = watched;
     let mut shutdown = ctx.shutdown.clone();
+    // Subscribed first, then checked: a reload since the request was authenticated counts.
+    let mut reloads = ctx.tokens.reloads();
+    if !still_allowed(&ctx, &mut access, &keys) {
+        return;
+    }
     if tx.send(PING).await.is_err() || tx.send(first).await.is_err() {
         return;
     }
     loop {
-        monoio::select! {
-            _ = subscription.changed() => {}
-            _ = monoio::time::sleep(PING_INTERVAL) => {
-                if tx.send(PING).await.is_err() { return; }
-                continue;
-            }
+        let wake = monoio::select! {
+            _ = subscription.changed() => Wake::Commit,
+            _ = monoio::time::sleep(PING_INTERVAL) => Wake::Ping,
+            r = reloads.changed() => if r.is_ok() { Wake::Reload } else { return },
             _ = tx.closed() => return,
             _ = shutdown.wait_for(|stopping| *stopping) => return,
+        };
+        if wake == Wake::Reload {
+            if !still_allowed(&ctx, &mut access, &keys) {
+                return;
+            }
+            continue;
+        }
+        if wake == Wake::Ping {
+            if tx.send(PING).await.is_err() {
+                return;
+            }
+            continue;
         }
         match frame(&ctx, &keys, &mut seen, false) {
             Ok(Some(bytes)) => {
@@ -83,6 +112,32 @@ async fn stream(
             }
         }
     }
+}
+
+/// Whether the stream's token is still in the current set and still covers every key (after
+/// a reload); `access` becomes its current entry.
+fn still_allowed(ctx: &CoreContext, access: &mut Arc<Access>, keys: &[Bytes]) -> bool {
+    match ctx.tokens.current_entry(access) {
+        Some(now) if keys.iter().all(|k| now.allows_key(k)) => {
+            *access = now;
+            true
+        }
+        _ => {
+            tracing::debug!(
+                "watch stream closed: its access token ({}) was removed or no longer covers \
+                 its keys",
+                access.name
+            );
+            false
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Wake {
+    Commit,
+    Ping,
+    Reload,
 }
 
 /// One core's watch reads of the current notification generation, by key set: when a commit

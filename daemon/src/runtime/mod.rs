@@ -46,6 +46,8 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Connection deadlines and caps.
     pub limits: limits::Limits,
+    /// How long the session tokens of the metadata exchange are valid.
+    pub session_ttl: Duration,
 }
 
 /// Serves until SIGTERM or SIGINT, then drains and returns. `logging`, when given, is re-read
@@ -221,11 +223,13 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     };
     // Wakes watch streams on commits of other processes (and on a read-only server, on all).
     let external = store::external::ExternalCommits::spawn(&opts.db_path, watches.clone())?;
+    opts.tokens.attach_metrics(&metrics);
     let shared = Arc::new(Shared {
         tokens: Arc::new(SharedTokens::new(opts.tokens)),
         committer: committer.clone(),
         watches,
         endpoint_url: "/v2".to_string(),
+        session_ttl: opts.session_ttl,
         metrics: metrics.clone(),
     });
 
@@ -359,7 +363,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let signal = loop {
         match signals::wait(&signals)? {
             Signal::SIGHUP => {
-                reload(&notifier, &opts.token_source, &tokens, logging);
+                reload(&notifier, &opts.token_source, &tokens, &metrics, logging);
                 notifier.ready(&serving);
                 backup_status(&backup);
                 if let Some(p) = replica.as_ref().and_then(|r| r.problem()) {
@@ -538,6 +542,7 @@ fn reload(
     notifier: &Notifier,
     source: &TokenSource,
     tokens: &SharedTokens,
+    metrics: &Metrics,
     logging: Option<&Logging>,
 ) {
     notifier.reloading("Reloading access tokens and log level");
@@ -550,7 +555,12 @@ fn reload(
                     new.len(),
                     source.describe()
                 ));
-                tokens.replace(new);
+                new.attach_metrics(metrics);
+                let kept: std::collections::HashSet<String> =
+                    new.names().map(str::to_string).collect();
+                let old = tokens.replace(new);
+                // The series of names no longer in the file go, so they stay bounded by it.
+                metrics.forget_tokens(old.names().filter(|n| !kept.contains(*n)));
             }
             Err(e) => {
                 tracing::error!("reload: access tokens unchanged: {e:#}");

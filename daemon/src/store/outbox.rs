@@ -2,15 +2,16 @@
 //! (docs/BACKUP.md, SPEC §8.7).
 //!
 //! The committer appends, inside the very transaction that commits the data, one row per
-//! commit holding the `BackupReplicationLogEntry`s the backup log must carry for it. The row
+//! transaction (a batch of commits) holding the `BackupReplicationLogEntry`s the backup log
+//! must carry for them. The row
 //! is therefore durable exactly when the commit is: a write rolled back to its savepoint, a
 //! batch that fails or a crash before COMMIT leave no row, and no commit is ever without one.
 //! The backup thread drains the rows in order on a connection of its own and deletes them
 //! once shipped; after a crash it finds every commit not yet acknowledged still there.
 //!
-//! One row per commit, not per entry: one B-tree insert per commit keeps the committer's cost
-//! flat in the number of mutations, and the rowid (the commit's version) grows with every
-//! commit, so rows are appended at the end of the table. The entries are stored already
+//! One row per transaction, not per commit or entry: one B-tree insert per batch keeps the
+//! committer's cost flat in the number of writes and mutations, and the rowid (the batch's last
+//! version) grows with every batch, so rows are appended at the end of the table. The entries are stored already
 //! encoded as a `BackupMutationRange` carrying only field 1: protobuf concatenation merges
 //! repeated fields, so a range of commits is the concatenation of their rows.
 
@@ -30,11 +31,11 @@ use crate::kv::value::Value;
 /// they do not know; `migration_state` stays at 3 (SPEC §7.2).
 pub const TABLE: &str = "denokv_backup_outbox";
 
-/// `version`: the commit's version (rowid, so commit order is table order). `prev_version`:
-/// the global version just before the commit, so that a commit missing from the outbox (one
-/// made by another process, or by this server with backup off) shows as a gap.
-/// `entries`: an encoded `BackupMutationRange` with entries only (empty for a commit that
-/// changed no key, kept so that the chain of versions has no hole).
+/// `version`: the transaction's last commit's version (rowid, so commit order is table order).
+/// `prev_version`: the global version just before the transaction, so that a commit missing
+/// from the outbox (one made by another process, or by this server with backup off) shows as
+/// a gap. `entries`: an encoded `BackupMutationRange` with entries only (empty for commits
+/// that changed no key, kept so that the chain of versions has no hole).
 const CREATE: &str = "CREATE TABLE IF NOT EXISTS denokv_backup_outbox (
        version INTEGER PRIMARY KEY,
        prev_version INTEGER NOT NULL,
@@ -134,16 +135,28 @@ impl BackupOutbox {
     }
 }
 
-/// Collects one commit's entries while the committer applies it, then appends them.
+/// Collects the entries of a batch's commits while the committer applies them, then appends
+/// them as one row: one INSERT per transaction, whatever its number of writes.
 #[derive(Default)]
 pub struct Recorder {
+    /// The entries of the write being applied.
     entries: Vec<BackupReplicationLogEntry>,
+    /// The batch's committed entries, encoded.
     buf: Vec<u8>,
+    /// The global version before the batch, and after its last committed write.
+    batch: Option<(u64, u64)>,
     recording: Arc<AtomicBool>,
 }
 
 impl Recorder {
-    /// Starts a commit (drops what a rolled-back write left).
+    /// Starts a batch (a transaction) that begins at global version `prev_version`.
+    pub fn begin_batch(&mut self, prev_version: u64) {
+        self.buf.clear();
+        self.entries.clear();
+        self.batch = Some((prev_version, prev_version));
+    }
+
+    /// Starts a write (drops what a rolled-back write left).
     pub fn begin(&mut self) {
         self.entries.clear();
     }
@@ -172,20 +185,9 @@ impl Recorder {
         });
     }
 
-    /// Appends the recorded entries as the commit that took the global version from
-    /// `prev_version` to `version` at `timestamp_ms`, in the caller's transaction.
-    pub fn append(
-        &mut self,
-        conn: &Connection,
-        prev_version: u64,
-        version: u64,
-        timestamp_ms: i64,
-    ) -> rusqlite::Result<()> {
-        if !self.recording.load(Ordering::SeqCst) {
-            // Paused: the backup starts a new history when it resumes (a gap it will see).
-            self.entries.clear();
-            return Ok(());
-        }
+    /// The write being applied committed at `version`: its entries join the batch, stamped
+    /// `version ++ 0000 ++ index`, the last index `ffff`.
+    pub fn commit_write(&mut self, version: u64) {
         let last = self.entries.len().saturating_sub(1);
         for (i, e) in self.entries.iter_mut().enumerate() {
             // At most 1000 mutations (or a sweep chunk of 1000 keys) a commit: indexes fit.
@@ -194,21 +196,53 @@ impl Recorder {
             stamp[..8].copy_from_slice(&version.to_be_bytes());
             stamp[10..].copy_from_slice(&index.to_be_bytes());
             e.versionstamp = Bytes::copy_from_slice(&stamp);
-        }
-        self.buf.clear();
-        for e in &self.entries {
             // Field 1 of BackupMutationRange, one per entry: what `encode` of the message
             // would write, without moving the entries into one.
-            prost::encoding::message::encode(1, e, &mut self.buf);
+            prost::encoding::message::encode(1, &*e, &mut self.buf);
+        }
+        self.entries.clear();
+        if let Some((_, v)) = &mut self.batch {
+            *v = version;
+        }
+    }
+
+    /// Appends the batch's row, if a write of it committed, in the caller's transaction (the
+    /// batch's own, before its COMMIT).
+    pub fn flush(&mut self, conn: &Connection, timestamp_ms: i64) -> rusqlite::Result<()> {
+        let Some((prev, version)) = self.batch.take() else {
+            return Ok(());
+        };
+        if version == prev {
+            return Ok(());
+        }
+        if !self.recording.load(Ordering::SeqCst) {
+            // Paused: the backup starts a new history when it resumes (a gap it will see).
+            self.buf.clear();
+            return Ok(());
         }
         conn.prepare_cached(INSERT)?.execute(params![
             version as i64,
-            prev_version as i64,
+            prev as i64,
             timestamp_ms,
             &self.buf[..]
         ])?;
-        self.entries.clear();
+        self.buf.clear();
         Ok(())
+    }
+
+    /// A transaction of one commit (an expiry-sweep chunk): the recorded entries, committed
+    /// at `version` after `prev_version`, appended at once.
+    pub fn append(
+        &mut self,
+        conn: &Connection,
+        prev_version: u64,
+        version: u64,
+        timestamp_ms: i64,
+    ) -> rusqlite::Result<()> {
+        self.buf.clear();
+        self.batch = Some((prev_version, prev_version));
+        self.commit_write(version);
+        self.flush(conn, timestamp_ms)
     }
 }
 
@@ -277,6 +311,10 @@ impl OutboxReader {
             .with_context(|| format!("cannot open database {} for the backup", path.display()))?;
         // The committer holds the write lock for a batch at a time: wait for it.
         conn.busy_timeout(std::time::Duration::from_millis(5000))?;
+        // Acknowledgements need no fsync of their own (which would hold the write lock the
+        // committer waits for): one lost in a crash leaves rows that were shipped, and the
+        // restarted backup finds them in S3 before shipping anything (writer::already_shipped).
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         if !super::schema::table_exists(&conn, TABLE)? {
             bail!(
                 "database {} has no backup outbox ({TABLE}): the server must run with backup on",

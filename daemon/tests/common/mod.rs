@@ -124,6 +124,13 @@ impl Server {
         wait_timeout(&mut child, Duration::from_secs(20))
     }
 
+    /// Whether the server has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
     /// Waits for the server to exit by itself; panics with the log after `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let child = self.child.as_mut().expect("running");

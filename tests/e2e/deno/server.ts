@@ -63,6 +63,8 @@ export interface ServerOptions {
   /** SQLite file to serve; a fresh temp file if omitted. */
   dbPath?: string;
   token?: string;
+  /** Serve with `--access-token-file tokenFile` instead of `--access-token token`. */
+  tokenFile?: string;
   /** Address to bind; default 127.0.0.1:0 (port parsed from the log). */
   addr?: string;
   extraArgs?: string[];
@@ -221,8 +223,7 @@ export async function startServer(opts: ServerOptions = {}): Promise<ServerProce
     "--sqlite-path",
     dbPath,
     "serve",
-    "--access-token",
-    token,
+    ...(opts.tokenFile ? ["--access-token-file", opts.tokenFile] : ["--access-token", token]),
     "--addr",
     opts.addr ?? "127.0.0.1:0",
     ...(opts.extraArgs ?? []),

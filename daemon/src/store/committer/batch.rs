@@ -119,6 +119,9 @@ impl Committer {
         let applied = (|| -> Result<(), Failure> {
             let start = self.begin().map_err(Failure::applying)?;
             version = start;
+            if let Some(log) = self.outbox.as_mut() {
+                log.begin_batch(start);
+            }
             for write in writes {
                 // A batch of large writes takes a while: keep the watchdog fed.
                 self.beat();
@@ -126,12 +129,10 @@ impl Committer {
                 let log = self.outbox.as_mut();
                 match apply::in_savepoint(&self.conn, write, version, now, &mut changed, log) {
                     Ok((outcome, v)) => {
-                        // In the batch's transaction: the entries commit with the data.
                         if let (WriteOutcome::Committed(_), Some(log)) =
                             (&outcome, self.outbox.as_mut())
                         {
-                            log.append(&self.conn, version, v, now)
-                                .map_err(Failure::applying)?;
+                            log.commit_write(v);
                         }
                         version = v;
                         if let WriteOutcome::ChecksFailed(_) = outcome {
@@ -155,6 +156,10 @@ impl Committer {
                     .prepare_cached(SET_VERSION)
                     .and_then(|mut s| s.execute([version as i64]))
                     .map_err(Failure::applying)?;
+            }
+            // In the batch's transaction: the entries commit with the data.
+            if let Some(log) = self.outbox.as_mut() {
+                log.flush(&self.conn, now).map_err(Failure::applying)?;
             }
             tally.apply = started.elapsed();
             let committing = Instant::now();

@@ -63,7 +63,7 @@ fn db() -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
-/// Everything pending, as one range per commit: (version, entries).
+/// Everything pending, one range per row (transaction): (version, entries).
 fn all_commits(reader: &OutboxReader) -> Vec<(u64, Vec<BackupReplicationLogEntry>)> {
     let mut out = Vec::new();
     let mut last = None;
@@ -178,8 +178,8 @@ fn each_mutation_is_logged_as_the_reader_must_apply_it() {
     );
 }
 
-/// A drained range holds whole commits within its bounds, ends at a boundary, and its
-/// `prev_version` chains to the commit before it.
+/// A drained range holds whole rows (a row: one transaction's commits) within its bounds, ends
+/// at a boundary, and its `prev_version` chains to the row before it.
 #[test]
 fn ranges_hold_whole_commits_within_their_bounds() {
     let (_dir, path) = db();
@@ -194,7 +194,7 @@ fn ranges_hold_whole_commits_within_their_bounds() {
     }
     let reader = OutboxReader::open(&path).unwrap();
     let pending = reader.pending().unwrap();
-    assert_eq!(pending.commits, 61);
+    assert_eq!(pending.commits, 21, "one row per transaction");
 
     // The first commit changed no key: a row without entries, to keep the chain whole.
     let d = reader.drain(1, usize::MAX).unwrap().unwrap();
@@ -202,14 +202,19 @@ fn ranges_hold_whole_commits_within_their_bounds() {
     reader.acknowledge(d.position).unwrap();
     let mut prev = versions[0];
     let mut seen = vec![versions[0]];
-    let one_commit = reader.drain(1, usize::MAX).unwrap().unwrap().bytes;
-    for (max_commits, max_bytes) in [(7, usize::MAX), (100, 3 * one_commit + 1), (100, 1)] {
-        let d = reader.drain(max_commits, max_bytes).unwrap().unwrap();
-        let expected = (max_commits).min(max_bytes / one_commit).max(1);
-        assert_eq!(d.commits, expected, "bounds {max_commits} {max_bytes}");
-        assert!(d.bytes <= max_bytes.max(one_commit));
+    let one_row = reader.drain(1, usize::MAX).unwrap().unwrap().bytes;
+    let mut rows = 1;
+    for (max_rows, max_bytes) in [(7, usize::MAX), (100, 3 * one_row + 1), (100, 1)] {
+        let d = reader.drain(max_rows, max_bytes).unwrap().unwrap();
+        let expected = (max_rows).min(max_bytes / one_row).max(1);
+        assert_eq!(d.commits, expected, "bounds {max_rows} {max_bytes}");
+        rows += d.commits;
+        assert!(
+            d.bytes <= max_bytes || d.commits == 1,
+            "at least one row, else within the bound"
+        );
         assert_eq!(d.prev_version, prev, "the range follows the last one");
-        assert_eq!(d.range.entries.len(), 2 * d.commits);
+        assert_eq!(d.range.entries.len(), 6 * d.commits, "three writes a row");
         for pair in d.range.entries.chunks(2) {
             let v = u64::from_be_bytes(pair[0].versionstamp[..8].try_into().unwrap());
             assert_eq!(pair[0].versionstamp, stamp(v, 0));
@@ -229,7 +234,7 @@ fn ranges_hold_whole_commits_within_their_bounds() {
         versions[..seen.len()],
         "in commit order, none left out"
     );
-    assert_eq!(reader.pending().unwrap().commits, 61 - seen.len() as u64);
+    assert_eq!(reader.pending().unwrap().commits, 21 - rows as u64);
 }
 
 /// A write rolled back to its savepoint, or whose check failed, leaves no entry; its
@@ -260,17 +265,22 @@ fn a_failing_write_in_a_shared_batch_leaves_no_entries() {
     assert!(matches!(answers[1], Err(StoreError::Invalid(_))));
     assert!(matches!(answers[2], Ok(WriteOutcome::ChecksFailed(_))));
     let reader = OutboxReader::open(&path).unwrap();
-    let commits = all_commits(&reader);
-    let keys: Vec<Vec<&[u8]>> = commits
+    let rows = all_commits(&reader);
+    let keys: Vec<Vec<&[u8]>> = rows
         .iter()
         .map(|(_, es)| es.iter().map(|e| &e.key[..]).collect())
         .collect();
+    // The batch is one row: the two writes that committed, nothing of the other two.
+    assert_eq!(keys, vec![vec![&b"text"[..]], vec![b"before", b"after"]]);
+    assert_eq!(rows[1].0, version_of(&answers[3]));
     assert_eq!(
-        keys,
-        vec![vec![&b"text"[..]], vec![b"before"], vec![b"after"]]
+        rows[1].1[0].versionstamp,
+        stamp(version_of(&answers[0]), 0xffff)
     );
-    assert_eq!(commits[1].0, version_of(&answers[0]));
-    assert_eq!(commits[2].0, version_of(&answers[3]));
+    assert_eq!(
+        rows[1].1[1].versionstamp,
+        stamp(version_of(&answers[3]), 0xffff)
+    );
 }
 
 /// A batch whose COMMIT cannot write the WAL is rolled back with its entries; the next
@@ -350,16 +360,16 @@ fn after_a_crash_every_commit_is_handed_over_once_in_order() {
         }
     };
     for _ in 0..6 {
-        let d = reader.drain(13, usize::MAX).unwrap().unwrap();
+        let d = reader.drain(3, usize::MAX).unwrap().unwrap();
         take(&d, &mut shipped);
         reader.acknowledge(d.position).unwrap();
     }
     // Drained (say, uploaded) but the process dies before acknowledging it.
-    let unacked = reader.drain(13, usize::MAX).unwrap().unwrap();
+    let unacked = reader.drain(3, usize::MAX).unwrap().unwrap();
     let (_crash, copy) = crash_copy(&path);
 
     let reader = OutboxReader::open(&copy).unwrap();
-    let again = reader.drain(13, usize::MAX).unwrap().unwrap();
+    let again = reader.drain(3, usize::MAX).unwrap().unwrap();
     assert_eq!(
         again.range, unacked.range,
         "an unacknowledged range is handed over again"
@@ -375,7 +385,7 @@ fn after_a_crash_every_commit_is_handed_over_once_in_order() {
         take(&range, &mut shipped);
         last = range.position.0;
         reader.acknowledge(range.position).unwrap();
-        d = reader.drain(13, usize::MAX).unwrap();
+        d = reader.drain(3, usize::MAX).unwrap();
     }
     assert_eq!(shipped, committed);
     assert_eq!(reader.pending().unwrap().commits, 0);
