@@ -27,6 +27,7 @@ pub fn parse() -> Cli {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match &mut cli.command {
+        Command::Pitr(_) => {}
         Command::Serve(args) => {
             args.access_token_on_command_line = matches
                 .subcommand_matches("serve")
@@ -75,9 +76,48 @@ pub struct Cli {
 pub enum Command {
     /// Serve the database over KV Connect (HTTP/1.1 and cleartext HTTP/2 on one port).
     Serve(ServeArgs),
+    /// Point-in-time recovery tools on a replica file (docs/BACKUP.md, "Replicas and pitr").
+    #[command(subcommand)]
+    Pitr(PitrCommand),
     /// Write a new database (the Deno CLI's format) from an S3 backup, as of its newest
     /// point or of --versionstamp.
     Restore(RestoreArgs),
+}
+
+/// `pitr` subcommands (SPEC §8.5, §9.3).
+#[derive(Subcommand, Debug)]
+pub enum PitrCommand {
+    /// Sync changes from S3 to the SQLite database, without updating the current snapshot.
+    Sync(S3Args),
+    /// List available recovery points.
+    List {
+        /// Start time in RFC3339 format, e.g. 2021-01-01T00:00:00Z
+        #[arg(long)]
+        start: Option<String>,
+        /// End time in RFC3339 format, e.g. 2021-01-01T00:00:00Z
+        #[arg(long)]
+        end: Option<String>,
+    },
+    /// Show information about the current snapshot.
+    Info,
+    /// Checkout the snapshot at a specific versionstamp.
+    Checkout {
+        /// 20 hex characters, as `pitr list` prints them.
+        versionstamp: String,
+    },
+}
+
+impl PitrCommand {
+    /// Runs the subcommand on the replica file at `db_path`.
+    pub fn run(self, db_path: &std::path::Path) -> anyhow::Result<()> {
+        use crate::backup::replica::pitr;
+        match self {
+            PitrCommand::Sync(s3) => pitr::sync(db_path, s3.location()?),
+            PitrCommand::List { start, end } => pitr::list(db_path, start, end),
+            PitrCommand::Info => pitr::info(db_path),
+            PitrCommand::Checkout { versionstamp } => pitr::checkout(db_path, &versionstamp),
+        }
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -242,9 +282,19 @@ pub struct ServeArgs {
     #[arg(long, env = "DENO_KV_NUM_WORKERS")]
     pub num_workers: Option<usize>,
 
-    /// Serve a replica synced from S3 (not yet supported by this server).
-    #[arg(long, conflicts_with = "read_only")]
+    /// Serve a read-only replica that follows a backup in S3 (--s3-bucket, --s3-prefix): the
+    /// file is a replica file, created and kept up to date from S3 (docs/BACKUP.md).
+    #[arg(long, env = "DENOKV_SYNC_FROM_S3", conflicts_with = "read_only")]
     pub sync_from_s3: bool,
+
+    /// Replica: pause between syncs from S3, in milliseconds.
+    #[arg(long, env = "DENOKV_SYNC_INTERVAL_MS", default_value = "1000", value_parser = clap::value_parser!(u64).range(10..))]
+    pub sync_interval_ms: u64,
+
+    /// Replica: how far back `pitr checkout` can take the file (a number with s, m, h or d);
+    /// older undo entries are deleted.
+    #[arg(long, env = "DENOKV_REPLICA_HISTORY", default_value = "7d", value_parser = parse_duration)]
+    pub replica_history: Duration,
 
     /// Back every committed write up to S3 (--s3-bucket, --s3-prefix): snapshots and a log
     /// of every commit (docs/BACKUP.md).
@@ -375,9 +425,15 @@ impl ServeArgs {
         if self.num_workers == Some(0) {
             bail!("num_workers must be at least 1");
         }
-        if self.sync_from_s3 {
-            bail!("--sync-from-s3 (replica mode) is not supported by this version of denokv yet");
-        }
+        let replica = if self.sync_from_s3 {
+            Some(crate::backup::replica::ReplicaConfig {
+                location: self.s3.location()?,
+                interval: Duration::from_millis(self.sync_interval_ms),
+                history: self.replica_history,
+            })
+        } else {
+            None
+        };
         if self.read_only && !db_path.exists() {
             bail!(
                 "cannot open database {} read-only: the file does not exist",
@@ -408,8 +464,9 @@ impl ServeArgs {
                 MetricsAddr::Off => None,
                 MetricsAddr::On(addr) => Some(addr),
             },
-            read_only: self.read_only,
+            read_only: self.read_only || replica.is_some(),
             backup,
+            replica,
             threads,
             sync_mode: self.sync_mode,
             wal_writes: self.wal_writes,

@@ -22,6 +22,10 @@ fn main() {
             }
             served
         }
+        Command::Pitr(command) => {
+            let _logging = denokv::telemetry::init_logging(None);
+            command.run(&cli.sqlite_path)
+        }
         Command::Restore(args) => {
             denokv::telemetry::init_logging(None);
             args.s3

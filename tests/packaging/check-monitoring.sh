@@ -14,8 +14,10 @@ promtool check rules packaging/prometheus/denokv-alerts.yml
 
 scratch="$(mktemp -d)"
 server=""
+replica=""
 cleanup() {
   if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
+  if [ -n "$replica" ]; then kill "$replica" 2>/dev/null || true; wait "$replica" 2>/dev/null || true; fi
   rm -rf "$scratch"
 }
 trap cleanup EXIT
@@ -25,8 +27,14 @@ RUST_LOG=info "$bin" --sqlite-path "$scratch/db.sqlite" serve --access-token che
   --addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --threads 1 \
   --backup-to-s3 --s3-bucket check --s3-endpoint http://127.0.0.1:9 2>"$scratch/log" &
 server=$!
+# A replica (--sync-from-s3) serves its metrics while it waits for S3, which never answers here.
+AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x AWS_REGION=us-east-1 \
+RUST_LOG=info "$bin" --sqlite-path "$scratch/replica.sqlite" serve --access-token check-monitoring-token \
+  --addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --threads 1 \
+  --sync-from-s3 --s3-bucket check --s3-endpoint http://127.0.0.1:9 2>"$scratch/replica-log" &
+replica=$!
 
-python3 - "$scratch/log" "$server" <<'PY'
+python3 - "$scratch/log" "$server" "$scratch/replica-log" <<'PY'
 import json, os, re, sys, time, urllib.error, urllib.request
 log_path, pid = sys.argv[1], int(sys.argv[2])
 deadline = time.time() + 30
@@ -47,6 +55,14 @@ except urllib.error.HTTPError:
     pass
 scrape = urllib.request.urlopen(f"http://{metrics.group(1)}/metrics", timeout=10).read().decode()
 exported = set(re.findall(r"^# TYPE (denokv_[a-z0-9_]+) ", scrape, re.M))
+replica_metrics = None
+while time.time() < deadline and not replica_metrics:
+    replica_metrics = re.search(r"Metrics on http://(\S+)/metrics", open(sys.argv[3]).read())
+    time.sleep(0.1)
+if not replica_metrics:
+    sys.exit("check-monitoring: the replica logged no metrics address:\n" + open(sys.argv[3]).read())
+replica_scrape = urllib.request.urlopen(f"http://{replica_metrics.group(1)}/metrics", timeout=10).read().decode()
+exported |= set(re.findall(r"^# TYPE (denokv_[a-z0-9_]+) ", replica_scrape, re.M))
 if not exported:
     sys.exit("check-monitoring: the scrape has no denokv_* family:\n" + scrape)
 dash = json.load(open("packaging/grafana/denokv-dashboard.json"))

@@ -4,6 +4,7 @@
 pub mod generations;
 pub mod metrics;
 pub mod names;
+pub mod replica;
 pub mod restore;
 pub mod s3;
 mod writer;

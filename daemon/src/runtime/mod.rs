@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub read_only: bool,
     /// `--backup-to-s3`: the S3 backup's settings.
     pub backup: Option<crate::backup::BackupConfig>,
+    /// `--sync-from-s3`: the replica's settings (then `read_only` is set too).
+    pub replica: Option<crate::backup::replica::ReplicaConfig>,
     pub threads: usize,
     pub sync_mode: SyncMode,
     pub wal_writes: WalWrites,
@@ -104,7 +106,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         store::BackupOutbox::disabled()
     };
     let (committer, committer_thread) = if opts.read_only {
-        tracing::info!("Opened read only database at {}", opts.db_path.display());
+        if opts.replica.is_none() {
+            tracing::info!("Opened read only database at {}", opts.db_path.display());
+        }
         (None, None)
     } else {
         store::wal_vfs::observe_syncs(metrics.wal_sync_duration.clone());
@@ -167,6 +171,53 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         }
         None => None,
     };
+    let replica_metrics = opts
+        .replica
+        .as_ref()
+        .map(|_| Arc::new(crate::backup::replica::ReplicaMetrics::new(&metrics)));
+    // Before the replica's first sync, which may be long: its progress shows in the metrics.
+    let (_metrics_server, metrics_problem) = start_metrics(
+        opts.metrics_addr,
+        &opts.db_path,
+        &metrics,
+        committer.clone(),
+        replica_metrics.clone(),
+    );
+    // A replica is made and brought up to date before anything listens (as upstream's).
+    let replica = match (&opts.replica, &replica_metrics) {
+        (Some(config), Some(replica_metrics)) => {
+            // `systemctl status` shows a replica that cannot sync next to what is served.
+            let (notifier2, serving) = (notifier.clone(), serving_status.clone());
+            let on_problem: crate::backup::ProblemSink = Box::new(move |problem| {
+                let base = serving.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match (problem, base.is_empty()) {
+                    (Some(p), true) => notifier2.status(&format!("Syncing the replica: {p}")),
+                    (Some(p), false) => notifier2.status(&format!("{base}; REPLICA BEHIND: {p}")),
+                    (None, false) => notifier2.status(&base),
+                    (None, true) => {}
+                }
+            });
+            notifier.status(&format!(
+                "Syncing the replica from {} before serving",
+                config.location.describe()
+            ));
+            let replica = start_replica(
+                &opts.db_path,
+                config,
+                replica_metrics,
+                &watches,
+                &signals,
+                &notifier,
+                on_problem,
+            )?;
+            match replica {
+                Some(r) => Some(r),
+                // Stopped by a signal while syncing.
+                None => return Ok(()),
+            }
+        }
+        _ => None,
+    };
     // Wakes watch streams on commits of other processes (and on a read-only server, on all).
     let external = store::external::ExternalCommits::spawn(&opts.db_path, watches.clone())?;
     opts.tokens.attach_metrics(&metrics);
@@ -178,12 +229,6 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         session_ttl: opts.session_ttl,
         metrics: metrics.clone(),
     });
-    let (_metrics_server, metrics_problem) = start_metrics(
-        opts.metrics_addr,
-        &opts.db_path,
-        &metrics,
-        committer.clone(),
-    );
 
     let per_core = if activated.is_empty() {
         listener::bind_reuseport(opts.addr, opts.threads)?
@@ -255,6 +300,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         if let Some(backup) = backup {
             let _ = backup.stop();
         }
+        if let Some(replica) = replica {
+            let _ = replica.stop();
+        }
         return Err(cores_result.err().unwrap_or(e));
     }
 
@@ -266,7 +314,11 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let mut serving = format!(
         "Serving {}{} on {} ({} cores, {driver}, {})",
         opts.db_path.display(),
-        if opts.read_only { " read-only" } else { "" },
+        match &opts.replica {
+            Some(r) => format!(" read-only, a replica of {}", r.location.describe()),
+            None if opts.read_only => " read-only".to_string(),
+            None => String::new(),
+        },
         addrs
             .iter()
             .map(|a| a.to_string())
@@ -292,6 +344,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         }
     };
     backup_status(&backup);
+    if let Some(p) = replica.as_ref().and_then(|r| r.problem()) {
+        notifier.status(&format!("{serving}; REPLICA BEHIND: {p}"));
+    }
     let monitor = monitor.map(Arc::new);
     let watchdog = match (watchdog, &monitor) {
         (Some(interval), Some(monitor)) => Some(Watchdog::start(
@@ -308,6 +363,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
                 reload(&notifier, &opts.token_source, &tokens, &metrics, logging);
                 notifier.ready(&serving);
                 backup_status(&backup);
+                if let Some(p) = replica.as_ref().and_then(|r| r.problem()) {
+                    notifier.status(&format!("{serving}; REPLICA BEHIND: {p}"));
+                }
             }
             #[cfg(debug_assertions)]
             Signal::SIGUSR1 => match &monitor {
@@ -341,6 +399,11 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let _ = shutdown_tx.send(true);
     let cores_result = join_cores(cores);
     stop_committer(committer, committer_thread)?;
+    if let Some(replica) = replica {
+        if let Err(e) = replica.stop() {
+            tracing::error!("the replica stopped with an error: {e:#}");
+        }
+    }
     // After the committer: the last commits are shipped too.
     if let Some(backup) = backup {
         if let Err(e) = backup.stop() {
@@ -365,6 +428,65 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     Ok(())
 }
 
+/// Starts the replica thread and waits until it has made the replica current (initial
+/// snapshot, newest point), answering signals meanwhile: `None` when SIGTERM or SIGINT came
+/// first (the thread is stopped). A large initial snapshot, or a primary that has not made
+/// its first one, may take longer than systemd's start timeout: it is extended meanwhile.
+fn start_replica(
+    db: &std::path::Path,
+    config: &crate::backup::replica::ReplicaConfig,
+    metrics: &Arc<crate::backup::replica::ReplicaMetrics>,
+    watches: &Arc<WatchRegistry>,
+    signals: &nix::sys::signal::SigSet,
+    notifier: &Notifier,
+    on_problem: crate::backup::ProblemSink,
+) -> anyhow::Result<Option<crate::backup::replica::Replica>> {
+    const EXTEND_EVERY: Duration = Duration::from_secs(10);
+    let mut extended = std::time::Instant::now();
+    notifier.notify("EXTEND_TIMEOUT_USEC=30000000");
+    let (replica, started) = crate::backup::replica::Replica::start(
+        db,
+        config.clone(),
+        metrics.clone(),
+        watches.clone(),
+        on_problem,
+    )?;
+    loop {
+        match started.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok(())) => return Ok(Some(replica)),
+            Ok(Err(e)) => {
+                let _ = replica.stop();
+                return Err(e.context(format!(
+                    "cannot make the replica {} from {}",
+                    db.display(),
+                    config.location.describe()
+                )));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(match replica.stop() {
+                    Err(e) => e,
+                    Ok(()) => anyhow::anyhow!("the replica thread ended before it was ready"),
+                });
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if extended.elapsed() >= EXTEND_EVERY {
+            notifier.notify("EXTEND_TIMEOUT_USEC=30000000");
+            extended = std::time::Instant::now();
+        }
+        match signals::wait_timeout(signals, Duration::ZERO)? {
+            Some(Signal::SIGTERM) | Some(Signal::SIGINT) => {
+                tracing::info!("stopped before the replica was ready");
+                if let Err(e) = replica.stop() {
+                    tracing::debug!("replica: {e:#}");
+                }
+                return Ok(None);
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Blocks the signals the server takes synchronously, in the calling thread and every thread
 /// it starts later. A binary calls this first, before any thread (the OTLP exporter's, say)
 /// exists: a thread started earlier would take SIGTERM's or SIGHUP's default action and kill
@@ -381,6 +503,7 @@ fn start_metrics(
     db: &std::path::Path,
     metrics: &Arc<Metrics>,
     committer: Option<store::CommitterHandle>,
+    replica: Option<Arc<crate::backup::replica::ReplicaMetrics>>,
 ) -> (Option<MetricsServer>, Option<String>) {
     let Some(addr) = addr else {
         return (None, None);
@@ -390,6 +513,9 @@ fn start_metrics(
         let depth = committer.as_ref().map_or(0, |c| c.queue_depth());
         m.committer_queue_depth.set(depth as i64);
         m.sample_files(&db);
+        if let Some(r) = &replica {
+            r.sample();
+        }
     });
     match MetricsServer::start(addr, metrics.clone(), sampler) {
         Ok(server) => {

@@ -22,3 +22,21 @@ pub fn block() -> anyhow::Result<SigSet> {
 pub fn wait(set: &SigSet) -> anyhow::Result<Signal> {
     Ok(set.wait()?)
 }
+
+/// Waits up to `limit` for the next signal of `set`; `None` when none came.
+pub fn wait_timeout(set: &SigSet, limit: std::time::Duration) -> anyhow::Result<Option<Signal>> {
+    let timeout = libc::timespec {
+        tv_sec: limit.as_secs() as libc::time_t,
+        tv_nsec: limit.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: valid pointers to a signal set and a timespec; no siginfo wanted.
+    let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &timeout) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+            _ => Err(e.into()),
+        };
+    }
+    Ok(Some(Signal::try_from(n)?))
+}

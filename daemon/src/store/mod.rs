@@ -6,6 +6,7 @@ pub mod committer;
 pub mod external;
 pub mod outbox;
 pub mod reader;
+pub mod replica;
 pub mod schema;
 pub(crate) mod sql;
 pub mod wal_vfs;

@@ -122,7 +122,14 @@ pub fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
 }
 
 fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
-    if !table_exists(conn, "migration_state")? {
+    // A replica file has a view here (SPEC §8.3): it reads as version 3.
+    let exists: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type IN ('table', 'view')
+           AND name = 'migration_state'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
         return Ok(0);
     }
     let v: Option<i64> = conn
