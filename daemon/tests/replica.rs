@@ -1168,3 +1168,57 @@ async fn a_replica_deletes_undo_history_older_than_it_keeps() {
     );
     stop(primary).await;
 }
+
+/// The primary starts a new backup history (here: another process wrote its file while it
+/// was stopped): a replica following the old history stops with a clear error instead of
+/// applying the new history's logs on top of the commits it never got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stops_when_the_primary_starts_a_new_history() {
+    let _serial = ALONE.read().await;
+    let moto = Moto::start(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "reset/";
+    let primary_db = dir.path().join("primary.sqlite");
+    let mut primary = start_primary(&moto, &primary_db, prefix);
+    let c = Client::new();
+    set_value(&c, &primary.url(""), "k", "1").await;
+    let mut replica = start_replica(&moto, &dir.path().join("replica.sqlite"), prefix);
+    wait_for_value(&c, &replica.url(""), "k", "1", Duration::from_secs(10)).await;
+    tokio::task::spawn_blocking(move || {
+        assert!(primary.stop().success());
+    })
+    .await
+    .unwrap();
+    // Another process changes a key and the global version (as the Deno CLI would).
+    {
+        let conn = rusqlite::Connection::open(&primary_db).unwrap();
+        let v: i64 = conn
+            .query_row("SELECT version FROM data_version WHERE k = 0", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        conn.execute("UPDATE data_version SET version = ?1 WHERE k = 0", [v + 1])
+            .unwrap();
+        conn.execute(
+            "UPDATE kv SET v = ?1, version = ?2 WHERE k = ?3",
+            rusqlite::params![&b"by another process"[..], v + 1, &key("k")[..]],
+        )
+        .unwrap();
+    }
+    let primary = start_primary(&moto, &primary_db, prefix);
+    set_value(&c, &primary.url(""), "after", "2").await;
+    let status = replica.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", replica.log_text());
+    let log = replica.log_text();
+    assert!(log.contains("started a new backup history"), "{log}");
+    // One marker in the end: the old history's goes with it once the new snapshot is complete.
+    let start = Instant::now();
+    while moto.keys(BUCKET, &format!("{prefix}denokv/resets/")).len() != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the old marker stays"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop(primary).await;
+}

@@ -107,6 +107,11 @@ pub async fn delete_before(
             doomed.push(o.key);
         }
     }
+    for o in bucket.list(names::RESETS, None, usize::MAX).await? {
+        if names::parse_reset(&o.key).is_some_and(|v| v < start) {
+            doomed.push(o.key);
+        }
+    }
     // Logs are listed in commit order: stop at the first that starts at or after `start`.
     let mut pages = bucket.pages(names::LOGS);
     'pages: while let Some(page) = pages.next().await? {

@@ -13,6 +13,20 @@ pub const SNAPSHOTS: &str = "snapshots/";
 pub const LOGS: &str = "logs/";
 /// Our own records of each snapshot generation (JSON; readers of SPEC §8 never look here).
 pub const GENERATIONS: &str = "denokv/generations/";
+/// Markers of new histories: `denokv/resets/<version>` is written before any log of a history
+/// that starts at `version` (after commits the backup could not ship), so that a replica
+/// following the older history stops instead of applying the new one on top of a hole.
+pub const RESETS: &str = "denokv/resets/";
+
+/// The marker of a history that starts at `version`.
+pub fn reset_key(version: u64) -> String {
+    format!("{RESETS}{version:016x}")
+}
+
+/// The version a reset marker's key names.
+pub fn parse_reset(key: &str) -> Option<u64> {
+    u64::from_str_radix(key.strip_prefix(RESETS)?, 16).ok()
+}
 
 const FORMAT_1: &str = "0001";
 

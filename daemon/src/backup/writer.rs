@@ -481,6 +481,12 @@ impl Writer {
             self.switch.set_recording(true);
         }
         let start = self.outbox.start_generation(&location, reset)?;
+        if reset {
+            // Before any log of the new history is shipped (see names::RESETS).
+            let key = names::reset_key(start);
+            self.retry("mark a new history", || self.bucket.put(&key, Bytes::new()))
+                .await?;
+        }
         tracing::info!("backup: taking a snapshot from version {start} ({why})");
         let began = std::time::Instant::now();
         let mut seq = 0u64;

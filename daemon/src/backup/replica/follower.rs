@@ -170,6 +170,8 @@ impl Follower {
         loop {
             let page = self.bucket.list(names::LOGS, after.as_deref(), 1000).await;
             let page = self.counted(Operation::List, page)?;
+            // After the listing: a new history's marker is written before its logs.
+            self.check_history().await?;
             let full = page.len() >= 1000;
             let mut due = Vec::with_capacity(page.len());
             let mut newer = false;
@@ -211,6 +213,32 @@ impl Follower {
             }
             after = page.last().map(|o| o.key.clone());
         }
+    }
+
+    /// Stops following when the primary started a new history after the point this replica
+    /// has reached (names::RESETS): the commits before it were never shipped, so applying its
+    /// logs would serve a database with a hole in it. The replica file must be made anew.
+    async fn check_history(&self) -> anyhow::Result<()> {
+        let reached = match (self.db.cursor()?, self.db.current()?) {
+            (Some(c), _) => names::version_of(&c.last),
+            (None, Some(current)) => names::version_of(&current),
+            (None, None) => return Ok(()),
+        };
+        let markers = self.bucket.list(names::RESETS, None, usize::MAX).await;
+        let markers = self.counted(Operation::List, markers)?;
+        if let Some(v) = markers
+            .iter()
+            .filter_map(|o| names::parse_reset(&o.key))
+            .find(|&v| v > reached)
+        {
+            anyhow::bail!(
+                "the primary started a new backup history at version {v} (it made commits the \
+                 backup could not ship: another process wrote its file, or its outbox \
+                 overflowed); this replica, at version {reached}, cannot follow it: delete the \
+                 replica file and start the replica again"
+            );
+        }
+        Ok(())
     }
 
     /// Checks out the newest point downloaded, if it is ahead of the current one.
