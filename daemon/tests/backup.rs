@@ -7,14 +7,14 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::moto::{Moto, S3_ENV};
+use common::moto::{Moto, Proxy, S3_ENV};
 use common::*;
 use denokv::backup_proto::{BackupKvMutationKind, BackupMutationRange};
 use denokv::proto as pb;
@@ -440,61 +440,6 @@ async fn a_primary_killed_while_shipping_resumes_with_no_gap_and_no_duplicate() 
         "restarts go on with the same history"
     );
     restored_equals(&moto, "k/", dir.path(), "restored.sqlite", &rows(&db), None);
-}
-
-/// A TCP proxy to moto that can refuse every connection (S3 down) and accept again.
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    /// Connections cut while down.
-    refused: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    fn start(to: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let refused = Arc::new(AtomicU64::new(0));
-        let (up2, refused2) = (up.clone(), refused.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if !up2.load(Ordering::Relaxed) {
-                    refused2.fetch_add(1, Ordering::Relaxed);
-                    drop(client);
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(to) else {
-                    continue;
-                };
-                let up3 = up2.clone();
-                for (mut a, mut b) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    let up4 = up3.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 65536];
-                        use std::io::{Read, Write};
-                        loop {
-                            let n = match a.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            // Down: connections already open are cut too.
-                            if !up4.load(Ordering::Relaxed) || b.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = a.shutdown(std::net::Shutdown::Both);
-                        let _ = b.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { addr, up, refused }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

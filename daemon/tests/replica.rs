@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use common::moto::{Moto, S3_ENV};
+use common::moto::{Moto, Proxy, S3_ENV};
 use common::*;
 use denokv::proto as pb;
 use http_body_util::BodyExt;
@@ -893,56 +893,6 @@ async fn the_upstream_server_follows_our_backup_and_reads_our_replica_files() {
     assert!(!log.contains("panicked"), "{log}");
 
     stop(primary).await;
-}
-
-/// A TCP proxy to moto that can refuse every connection (S3 down) and accept again (as in
-/// backup.rs).
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn start(to: SocketAddr) -> Proxy {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let up2 = up.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if !up2.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let Ok(server) = std::net::TcpStream::connect(to) else {
-                    continue;
-                };
-                for (mut a, mut b) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    let up3 = up2.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 65536];
-                        loop {
-                            let n = match a.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            // Down: connections already open are cut too.
-                            if !up3.load(Ordering::Relaxed) || b.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = a.shutdown(std::net::Shutdown::Both);
-                        let _ = b.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { addr, up }
-    }
 }
 
 /// Waits until `[k]` on the server at `url` holds `v`.
