@@ -250,7 +250,14 @@ async fn alpn_chooses_h2_or_http1_and_the_metadata_exchange_works_on_both() {
     let pki = Pki::new();
     let leaf = pki.leaf("server");
     let s = tls_server(&leaf, &[]);
-    let cases: [(&[&[u8]], Option<&[u8]>, Proto, http::Version); 3] = [
+    // What the client offers, what ALPN agrees on, the client to use, the answer's version.
+    type Case = (
+        &'static [&'static [u8]],
+        Option<&'static [u8]>,
+        Proto,
+        http::Version,
+    );
+    let cases: [Case; 3] = [
         (
             &[b"h2", b"http/1.1"],
             Some(b"h2"),
