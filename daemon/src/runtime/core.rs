@@ -308,15 +308,7 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
     let io = TokioIo::new(Watched::new(io, state.clone(), refused));
     let mut conn = pin!(builder.serve_connection(io, service));
     loop {
-        let deadline = state.deadline(&limits);
-        let timer = async {
-            match deadline {
-                Some((at, _)) => {
-                    monoio::time::sleep(at.saturating_duration_since(Instant::now())).await
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let timer = until(state.deadline(&limits));
         monoio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -353,6 +345,14 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
     let _ = conn.await;
 }
 
+/// Resolves at the deadline; never without one.
+async fn until(deadline: Option<(Instant, Expiry)>) {
+    match deadline {
+        Some((at, _)) => monoio::time::sleep(at.saturating_duration_since(Instant::now())).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs `work` (a TLS handshake) within the connection's deadlines. `None`: a deadline ran
 /// out (counted in `denokv_connections_closed_total`) or the server is shutting down.
 async fn within_deadlines<F: std::future::Future>(
@@ -364,15 +364,7 @@ async fn within_deadlines<F: std::future::Future>(
 ) -> Option<F::Output> {
     let mut work = pin!(work);
     loop {
-        let deadline = state.deadline(limits);
-        let timer = async {
-            match deadline {
-                Some((at, _)) => {
-                    monoio::time::sleep(at.saturating_duration_since(Instant::now())).await
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let timer = until(state.deadline(limits));
         monoio::select! {
             done = work.as_mut() => return Some(done),
             _ = shutdown.wait_for(|stopping| *stopping) => return None,
