@@ -164,6 +164,25 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_LOG_LEVEL_FILE", value_name = "PATH")]
     pub log_level_file: Option<PathBuf>,
 
+    /// PEM certificate chain (leaf first): serve HTTPS (ALPN h2 and http/1.1) instead of
+    /// plain HTTP. Re-read on SIGHUP, with --tls-key.
+    #[arg(
+        long,
+        env = "DENOKV_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, RSA or EC). Re-read on SIGHUP.
+    #[arg(
+        long,
+        env = "DENOKV_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
     /// Address to listen on. Ignored when systemd passes a socket (socket activation).
     #[arg(long, env = "DENOKV_ADDR", default_value = "0.0.0.0:4512")]
     pub addr: SocketAddr,
@@ -486,6 +505,10 @@ impl ServeArgs {
                 max_read_buffer_mb: self.max_read_buffer_mb,
             },
             session_ttl: Duration::from_secs(self.session_token_ttl),
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::runtime::tls::TlsFiles { cert, key }),
+                _ => None,
+            },
         })
     }
 }

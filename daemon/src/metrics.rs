@@ -39,6 +39,7 @@ use prometheus::{
 pub use crate::runtime::connection::Expiry;
 use crate::runtime::connection::Open;
 pub use crate::runtime::limits::{Refusal, RequestRefusal};
+pub use crate::runtime::tls::HandshakeFailure;
 
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -184,6 +185,7 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     connections_refused: [IntCounter; Refusal::COUNT],
     connections_closed: [IntCounter; Expiry::COUNT],
+    tls_handshake_failures: [IntCounter; HandshakeFailure::COUNT],
     requests_refused: [IntCounter; RequestRefusal::COUNT],
     /// By token name (never the token): one series per name in the token file.
     token_requests: IntCounterVec,
@@ -300,6 +302,17 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(connections_closed.clone()));
+        let tls_handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "denokv_tls_handshake_failures_total",
+                "TLS handshakes that failed (with --tls-cert), by reason: not_tls (plain HTTP \
+                 or other bytes on the TLS port) or handshake (rustls refused it). Handshakes \
+                 cut off by a deadline count in denokv_connections_closed_total.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        reg(Box::new(tls_handshake_failures.clone()));
         let requests_refused = IntCounterVec::new(
             Opts::new(
                 "denokv_requests_refused_total",
@@ -388,6 +401,8 @@ impl Metrics {
                 .map(|r| connections_refused.with_label_values(&[r.name()])),
             connections_closed: Expiry::ALL
                 .map(|e| connections_closed.with_label_values(&[e.name()])),
+            tls_handshake_failures: HandshakeFailure::ALL
+                .map(|r| tls_handshake_failures.with_label_values(&[r.name()])),
             requests_refused: RequestRefusal::ALL
                 .map(|r| requests_refused.with_label_values(&[r.name()])),
             token_requests,
@@ -497,6 +512,10 @@ impl Metrics {
     /// Connections closed because the deadline `expiry` ran out.
     pub fn connections_closed(&self, expiry: Expiry) -> &IntCounter {
         &self.connections_closed[expiry as usize]
+    }
+
+    pub fn tls_handshake_failures(&self, reason: HandshakeFailure) -> &IntCounter {
+        &self.tls_handshake_failures[reason as usize]
     }
 
     /// The counters of the access token named `name`, resolved once per token set.

@@ -198,7 +198,9 @@ impl hyper::body::Body for Tracked {
 pub struct Watched<T> {
     io: T,
     state: Rc<ConnState>,
-    refusals: RefusalScan,
+    /// `None` under TLS, where what this socket writes is encrypted (the plaintext is watched
+    /// by a second `Watched` above the TLS stream).
+    refusals: Option<RefusalScan>,
 }
 
 impl<T> Watched<T> {
@@ -207,17 +209,30 @@ impl<T> Watched<T> {
         Watched {
             io,
             state,
-            refusals: RefusalScan::new(refused),
+            refusals: Some(RefusalScan::new(refused)),
+        }
+    }
+
+    /// Only tells the state when bytes arrive: the socket under TLS, so that the handshake's
+    /// bytes count as the first bytes and start the head deadline.
+    pub fn reads(io: T, state: Rc<ConnState>) -> Watched<T> {
+        Watched {
+            io,
+            state,
+            refusals: None,
         }
     }
 
     fn written(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        let Some(refusals) = &mut self.refusals else {
+            return;
+        };
         for buf in bufs {
             if n == 0 {
                 break;
             }
             let take = buf.len().min(n);
-            self.refusals.feed(&buf[..take]);
+            refusals.feed(&buf[..take]);
             n -= take;
         }
     }

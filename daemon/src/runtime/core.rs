@@ -16,6 +16,7 @@ use monoio::io::IntoPollIo;
 use super::connection::{ConnState, Expiry, Open, Tracked, Watched};
 use super::hyper_compat::{LocalExec, MonoioTimer};
 use super::limits::{Admission, ConnWatches, Limits, Permit, RequestRefusal};
+use super::tls::{self, MaybeTls, Protocol, Tls};
 use crate::health::Beater;
 use crate::http::auth::CoreTokens;
 use crate::http::{self, CoreContext, Shared};
@@ -38,6 +39,8 @@ pub struct CoreSetup {
     pub ready: mpsc::Sender<usize>,
     /// Beaten every `period()` while the core's runtime runs (when the watchdog is on).
     pub heartbeat: Option<Beater>,
+    /// `--tls-cert`: every connection is TLS.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// Runs the core until shutdown, then lets open connections finish (bounded by the drain
@@ -99,7 +102,12 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         // Closes connections to peers that vanished (no FIN: a pulled cable, a dead NAT entry).
         .keep_alive_interval(Some(setup.limits.h2_keepalive_interval))
         .keep_alive_timeout(setup.limits.h2_keepalive_timeout);
-    let builder = Rc::new(builder);
+    // Under TLS, ALPN tells the protocol; without it (or without TLS) the preface does.
+    let builders = Rc::new(Builders {
+        h1: builder.clone().http1_only(),
+        h2: builder.clone().http2_only(),
+        auto: builder,
+    });
     let open = Rc::new(Cell::new(0usize));
     let heartbeat = setup.heartbeat.map(Rc::new);
     if let Some(beater) = &heartbeat {
@@ -112,10 +120,11 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
                 listener,
                 Serving {
                     ctx: ctx.clone(),
-                    builder: builder.clone(),
+                    builders: builders.clone(),
                     open: open.clone(),
                     limits: setup.limits,
                     admission: setup.admission.clone(),
+                    tls: setup.tls.clone(),
                 },
                 setup.shutdown.clone(),
             ))
@@ -147,10 +156,18 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
 #[derive(Clone)]
 struct Serving {
     ctx: Rc<CoreContext>,
-    builder: Rc<auto::Builder<LocalExec>>,
+    builders: Rc<Builders>,
     open: Rc<Cell<usize>>,
     limits: Limits,
     admission: Arc<Admission>,
+    tls: Option<Arc<Tls>>,
+}
+
+/// hyper's connection builders: by the preface, and for what ALPN agreed on.
+struct Builders {
+    auto: auto::Builder<LocalExec>,
+    h1: auto::Builder<LocalExec>,
+    h2: auto::Builder<LocalExec>,
 }
 
 /// Back-off of a failing accept: from the first to the longest wait between tries.
@@ -225,10 +242,11 @@ async fn beat(beater: Rc<Beater>) {
 async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: Permit) {
     let Serving {
         ctx,
-        builder,
+        builders,
         open,
         limits,
         admission,
+        tls,
     } = serving;
     let _open = Open::new(&open);
     let _counted = GaugeGuard::new(&ctx.shared.metrics.open_connections);
@@ -243,6 +261,34 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
     };
     let mut shutdown = ctx.shutdown.clone();
     let state = ConnState::new();
+    let (io, builder) = match &tls {
+        None => (MaybeTls::Plain(io), &builders.auto),
+        Some(tls) => {
+            // The handshake's bytes are the first bytes: the first-byte and head deadlines
+            // bound it (a silent client, a partial ClientHello).
+            let handshake = tls::accept(tls.config(), Watched::reads(io, state.clone()));
+            let Some(done) =
+                within_deadlines(handshake, &state, &limits, &mut shutdown, &metrics).await
+            else {
+                return;
+            };
+            match done {
+                Ok((stream, protocol)) => (
+                    MaybeTls::Tls(Box::new(stream)),
+                    match protocol {
+                        Protocol::H2 => &builders.h2,
+                        Protocol::Http1 => &builders.h1,
+                        Protocol::Unknown => &builders.auto,
+                    },
+                ),
+                Err((reason, e)) => {
+                    metrics.tls_handshake_failures(reason).inc();
+                    tracing::debug!("TLS handshake failed ({}): {e}", reason.name());
+                    return;
+                }
+            }
+        }
+    };
     let watches = ConnWatches::new(admission.watches.clone());
     let service = {
         let state = state.clone();
@@ -262,15 +308,7 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
     let io = TokioIo::new(Watched::new(io, state.clone(), refused));
     let mut conn = pin!(builder.serve_connection(io, service));
     loop {
-        let deadline = state.deadline(&limits);
-        let timer = async {
-            match deadline {
-                Some((at, _)) => {
-                    monoio::time::sleep(at.saturating_duration_since(Instant::now())).await
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let timer = until(state.deadline(&limits));
         monoio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -305,4 +343,45 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
     // Finish requests in flight; HTTP/2 clients get GOAWAY and retry elsewhere.
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+}
+
+/// Resolves at the deadline; never without one.
+async fn until(deadline: Option<(Instant, Expiry)>) {
+    match deadline {
+        Some((at, _)) => monoio::time::sleep(at.saturating_duration_since(Instant::now())).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs `work` (a TLS handshake) within the connection's deadlines. `None`: a deadline ran
+/// out (counted in `denokv_connections_closed_total`) or the server is shutting down.
+async fn within_deadlines<F: std::future::Future>(
+    work: F,
+    state: &ConnState,
+    limits: &Limits,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    metrics: &crate::metrics::Metrics,
+) -> Option<F::Output> {
+    let mut work = pin!(work);
+    loop {
+        let timer = until(state.deadline(limits));
+        monoio::select! {
+            done = work.as_mut() => return Some(done),
+            _ = shutdown.wait_for(|stopping| *stopping) => return None,
+            _ = state.changed() => continue,
+            _ = timer => {}
+        }
+        let Some((at, expiry)) = state.deadline(limits) else {
+            continue;
+        };
+        if at > Instant::now() {
+            continue;
+        }
+        metrics.connections_closed(expiry).inc();
+        tracing::debug!(
+            "closing a connection in its TLS handshake: {}",
+            expiry.name()
+        );
+        return None;
+    }
 }

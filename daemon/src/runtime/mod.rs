@@ -7,6 +7,7 @@ pub(crate) mod hyper_compat;
 pub mod limits;
 mod listener;
 mod signals;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ pub struct ServeOptions {
     pub limits: limits::Limits,
     /// How long the session tokens of the metadata exchange are valid.
     pub session_ttl: Duration,
+    /// `--tls-cert` and `--tls-key`: serve HTTPS, re-reading them on SIGHUP.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 /// Serves until SIGTERM or SIGINT, then drains and returns. `logging`, when given, is re-read
@@ -55,6 +58,17 @@ pub struct ServeOptions {
 pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()> {
     // Before any thread starts: these read and unset environment variables.
     let activated = systemd::take_listen_fds()?;
+    let tls = match &opts.tls {
+        Some(files) => {
+            let (tls, description) = tls::Tls::new(files.clone())?;
+            tracing::info!(
+                "TLS: {description}, key from {} (re-read on SIGHUP)",
+                files.key.display()
+            );
+            Some(Arc::new(tls))
+        }
+        None => None,
+    };
     let notifier = Arc::new(Notifier::from_env());
     // Pings need somewhere to go.
     let watchdog = systemd::watchdog_interval().filter(|_| notifier.enabled());
@@ -266,6 +280,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
                 heartbeat: monitor
                     .as_mut()
                     .map(|m| m.heartbeat(&format!("core {index}"))),
+                tls: tls.clone(),
             },
             Err(e) => {
                 started = Err(e);
@@ -309,7 +324,8 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let driver = core::driver_name();
     tracing::info!("{} cores on {driver}", opts.threads);
     for addr in &addrs {
-        tracing::info!("Listening on http://{addr}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!("Listening on {scheme}://{addr}");
     }
     let mut serving = format!(
         "Serving {}{} on {} ({} cores, {driver}, {})",
@@ -360,7 +376,14 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     let signal = loop {
         match signals::wait(&signals)? {
             Signal::SIGHUP => {
-                reload(&notifier, &opts.token_source, &tokens, &metrics, logging);
+                reload(
+                    &notifier,
+                    &opts.token_source,
+                    &tokens,
+                    tls.as_deref(),
+                    &metrics,
+                    logging,
+                );
                 notifier.ready(&serving);
                 backup_status(&backup);
                 if let Some(p) = replica.as_ref().and_then(|r| r.problem()) {
@@ -533,16 +556,18 @@ fn start_metrics(
     }
 }
 
-/// SIGHUP: re-reads the access tokens (from a file) and the log level (from the log level
-/// file), telling systemd it is reloading meanwhile. What cannot be read stays as it was.
+/// SIGHUP: re-reads the access tokens (from a file), the TLS certificate and key, and the log
+/// level (from the log level file), telling systemd it is reloading meanwhile. What cannot be
+/// read stays as it was.
 fn reload(
     notifier: &Notifier,
     source: &TokenSource,
     tokens: &SharedTokens,
+    tls: Option<&tls::Tls>,
     metrics: &Metrics,
     logging: Option<&Logging>,
 ) {
-    notifier.reloading("Reloading access tokens and log level");
+    notifier.reloading("Reloading access tokens, TLS certificate and log level");
     let mut done = Vec::new();
     if source.reloadable() {
         match source.load() {
@@ -569,6 +594,17 @@ fn reload(
             "access token unchanged (given on {}; --access-token-file can be re-read)",
             source.describe()
         ));
+    }
+    if let Some(tls) = tls {
+        match tls.reload() {
+            Ok(description) => done.push(format!("TLS: {description}")),
+            Err(e) => {
+                tracing::error!(
+                    "reload: TLS CERTIFICATE UNCHANGED, still serving the old one: {e:#}"
+                );
+                done.push("TLS certificate unchanged (see the error above)".to_string());
+            }
+        }
     }
     let mut level = None;
     match logging.map(Logging::read_level) {

@@ -261,8 +261,10 @@ impl Launch {
                     let addr = rest.trim().trim_end_matches("/metrics").parse().ok();
                     *metrics_sink.lock().unwrap() = addr;
                 }
-                if let Some(i) = line.find("Listening on http://") {
-                    let addr = line[i + "Listening on http://".len()..].trim().to_string();
+                // http:// or, with --tls-cert, https://.
+                if let Some(i) = line.find("Listening on http") {
+                    let rest = &line[i..];
+                    let addr = rest[rest.find("://").unwrap() + 3..].trim().to_string();
                     let _ = tx.send(addr);
                 }
                 sink.lock().unwrap().push(line);

@@ -246,7 +246,7 @@ export async function startServer(opts: ServerOptions = {}): Promise<ServerProce
     const line = raw.replace(ANSI, "");
     log.push(line);
     if (log.length > MAX_LOG_LINES) log.splice(0, log.length - MAX_LOG_LINES);
-    const m = line.match(/Listening on (http:\/\/[^\s]+)/);
+    const m = line.match(/Listening on (https?:\/\/[^\s]+)/);
     if (m) resolveReady(m[1].replace(/\/$/, ""));
   };
   drainLines(child.stdout, onLine);
