@@ -24,6 +24,8 @@ step() { printf '\n=== %s\n' "$*"; }
 
 need_apt=()
 command -v strace >/dev/null || need_apt+=(strace)
+# openssl makes the test CA and certificates of the TLS tests (daemon/tests/tls.rs, e2e tls_test.ts).
+command -v openssl >/dev/null || need_apt+=(openssl)
 # systemd-socket-activate (socket activation tests), systemd-analyze (unit checks).
 command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 # promtool (package prometheus) checks a /metrics scrape (daemon/tests/metrics.rs).
