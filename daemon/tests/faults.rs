@@ -273,21 +273,12 @@ async fn set_expiring(c: &Client, s: &Server, k: &str, in_ms: i64) {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_by_itself() {
-    let fs = Tmpfs::mount("3m");
-    let db: PathBuf = fs.path().join("db.sqlite");
-    let mut s = Launch::new(&db).start();
-    let c = Client::new();
-    // Rows that expire while the disk is full: the sweep that deletes them must fail quietly.
-    for i in 0..20 {
-        set_expiring(&c, &s, &format!("expiring{i}"), 1500).await;
-    }
-    let value = "x".repeat(30_000);
-    // Eight writers at once (their writes share commit batches), each until it is refused.
+/// Eight writers at once (their writes share commit batches) set `value` under new keys, each
+/// until it is refused with the full-disk 507; returns the acknowledged keys.
+async fn fill_until_full(s: &Server, value: &str) -> Vec<String> {
     let mut writers = Vec::new();
     for w in 0..8 {
-        let (url, value) = (s.url(""), value.clone());
+        let (url, value) = (s.url(""), value.to_string());
         writers.push(tokio::spawn(async move {
             let c = Client::new();
             let mut acknowledged = Vec::new();
@@ -313,6 +304,39 @@ async fn a_full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_by_itself()
         acknowledged.extend(acked);
     }
     assert!(acknowledged.len() > 10, "{}", acknowledged.len());
+    acknowledged
+}
+
+/// Space has returned: the same write, retried as Deno retries a 5xx (each refusal a 507),
+/// goes through within 10 s.
+async fn retry_until_accepted(c: &Client, s: &Server, k: &str, value: &str) {
+    let start = Instant::now();
+    loop {
+        let r = set_key(c, H2, &s.url(""), k, value).await.unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 507, "{}", r.text());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "writes did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_by_itself() {
+    let fs = Tmpfs::mount("3m");
+    let db: PathBuf = fs.path().join("db.sqlite");
+    let mut s = Launch::new(&db).start();
+    let c = Client::new();
+    // Rows that expire while the disk is full: the sweep that deletes them must fail quietly.
+    for i in 0..20 {
+        set_expiring(&c, &s, &format!("expiring{i}"), 1500).await;
+    }
+    let value = "x".repeat(30_000);
+    let acknowledged = fill_until_full(&s, &value).await;
 
     // Reads keep working.
     assert_eq!(
@@ -342,19 +366,7 @@ async fn a_full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_by_itself()
 
     // Space returns: the same write, retried as Deno retries a 5xx, goes through.
     fs.resize("64m");
-    let start = Instant::now();
-    loop {
-        let r = set_key(&c, H2, &s.url(""), "after", &value).await.unwrap();
-        if r.status == 200 {
-            break;
-        }
-        assert_eq!(r.status, 507, "{}", r.text());
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "writes did not resume"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    retry_until_accepted(&c, &s, "after", &value).await;
     let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
     assert!(status.success(), "{status:?}");
     let conn = rusqlite::Connection::open(&db).unwrap();
@@ -391,29 +403,7 @@ async fn a_full_disk_with_the_backup_on_keeps_the_server_up_and_the_backup_catch
     let mut s = launch.start();
     let c = Client::new();
     let value = "x".repeat(30_000);
-    let mut writers = Vec::new();
-    for w in 0..8 {
-        let (url, value) = (s.url(""), value.clone());
-        writers.push(tokio::spawn(async move {
-            let c = Client::new();
-            let mut acknowledged = Vec::new();
-            for i in 0..1000 {
-                let k = format!("fill{w}-{i}");
-                let r = set_key(&c, H2, &url, &k, &value).await.unwrap();
-                match r.status {
-                    200 => acknowledged.push(k),
-                    507 => return acknowledged,
-                    other => panic!("write {k}: {other} {}", r.text()),
-                }
-            }
-            panic!("writer {w}: the 3 MiB disk never filled up");
-        }));
-    }
-    let mut acknowledged = Vec::new();
-    for w in writers {
-        acknowledged.extend(w.await.unwrap());
-    }
-    assert!(acknowledged.len() > 10, "{}", acknowledged.len());
+    let acknowledged = fill_until_full(&s, &value).await;
     // The backup meets the full disk too; the server stays up and serves reads.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(s.is_running(), "the server stopped:\n{}", s.log_text());
@@ -422,19 +412,7 @@ async fn a_full_disk_with_the_backup_on_keeps_the_server_up_and_the_backup_catch
         .is_some());
 
     fs.resize("64m");
-    let start = Instant::now();
-    loop {
-        let r = set_key(&c, H2, &s.url(""), "after", &value).await.unwrap();
-        if r.status == 200 {
-            break;
-        }
-        assert_eq!(r.status, 507, "{}", r.text());
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "writes did not resume"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    retry_until_accepted(&c, &s, "after", &value).await;
     // Caught up: nothing pending (two readings of the gauges, 300 ms apart).
     let behind = |s: &Server| {
         let (_, _, text) = s.scrape();

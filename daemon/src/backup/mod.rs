@@ -7,19 +7,19 @@ pub mod names;
 pub mod replica;
 pub mod restore;
 pub mod s3;
+pub mod side;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 
 pub use self::metrics::BackupMetrics;
 pub use self::s3::Location;
-pub use self::writer::LAG_WARNING;
+pub use self::side::{ProblemSink, LAG_WARNING};
 use crate::store::outbox::OutboxReader;
 
 /// What `serve --backup-to-s3` was given.
@@ -37,15 +37,8 @@ pub struct BackupConfig {
     pub max_pending_bytes: u64,
 }
 
-/// Told what is wrong with the backup (`None`: nothing any more), for systemd's status.
-pub type ProblemSink = Box<dyn Fn(Option<&str>) + Send>;
-
 /// The running backup thread.
-pub struct Backup {
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-    stop: Arc<AtomicBool>,
-    problem: Arc<Mutex<Option<String>>>,
-}
+pub struct Backup(side::SideThread);
 
 impl Backup {
     /// Starts the thread. The database must hold the outbox (the committer, started with
@@ -59,12 +52,13 @@ impl Backup {
     ) -> anyhow::Result<Backup> {
         let outbox = OutboxReader::open(db_path)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let problem = Arc::new(Mutex::new(None));
+        let problem = side::Problem::new(on_problem);
+        let view = problem.view();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("cannot start the backup thread's runtime")?;
-        let (stop2, problem2) = (stop.clone(), problem.clone());
+        let stop2 = stop.clone();
         let path: PathBuf = db_path.to_path_buf();
         tracing::info!(
             "Backup to {} (every write within {} ms; a snapshot every {} s; retention {} s)",
@@ -85,11 +79,10 @@ impl Backup {
                         outbox,
                         metrics,
                         stop: stop2,
-                        problem: problem2,
+                        problem,
                         check_shipped: true,
                         switch,
-                        on_problem,
-                        warned_lag: Default::default(),
+                        lag_warning: Default::default(),
                         local_backoff: Duration::from_secs(1),
                         pending_counted: std::cell::Cell::new(
                             std::time::Instant::now() - Duration::from_secs(3600),
@@ -106,29 +99,17 @@ impl Backup {
                 result
             })
             .context("cannot start the backup thread")?;
-        Ok(Backup {
-            thread: Some(thread),
-            stop,
-            problem,
-        })
+        Ok(Backup(side::SideThread::new("backup", thread, stop, view)))
     }
 
     /// What is wrong with the backup now (for systemd's status), if anything.
     pub fn problem(&self) -> Option<String> {
-        self.problem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.0.problem()
     }
 
     /// Stops the thread after it ships what is pending (a few seconds at most); call after
     /// the committer has stopped.
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => anyhow::bail!("the backup thread panicked"),
-            None => Ok(()),
-        }
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.0.stop()
     }
 }

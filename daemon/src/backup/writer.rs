@@ -17,6 +17,7 @@ use super::generations::{self, Generation};
 use super::metrics::BackupMetrics;
 use super::names::{self, LogName, SnapshotName};
 use super::s3::{Bucket, S3Error};
+use super::side::LAG_WARNING;
 use super::BackupConfig;
 use crate::backup_proto::{BackupKvPair, BackupSnapshotRange};
 use crate::store::outbox::{Drained, OutboxReader, SnapshotRow};
@@ -33,8 +34,6 @@ const POLL: Duration = Duration::from_millis(50);
 /// Retries of a failed S3 request back off from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_LAST: Duration = Duration::from_secs(10);
-/// Lag above which the backup warns (log line, systemd status).
-pub const LAG_WARNING: Duration = Duration::from_secs(60);
 /// How often the pending commits and bytes are counted (a scan of the outbox).
 const PENDING_COUNT_EVERY: Duration = Duration::from_secs(1);
 /// How long the backup keeps trying to ship what is pending when the server stops.
@@ -91,18 +90,16 @@ pub(super) struct Writer {
     pub metrics: Arc<BackupMetrics>,
     pub stop: Arc<AtomicBool>,
     /// Set by the thread: what an operator should see in `systemctl status` (`None`: fine).
-    pub problem: Arc<std::sync::Mutex<Option<String>>>,
+    pub problem: super::side::Problem,
     /// After a start, the first range may already be in S3 (shipped, not acknowledged).
     pub check_shipped: bool,
-    pub on_problem: super::ProblemSink,
     /// The committer's switch: off while the outbox is over its bound.
     pub switch: crate::store::BackupOutbox,
     /// The next wait after the database refused the backup's own writes.
     pub local_backoff: Duration,
     /// When the outbox was last counted.
     pub pending_counted: std::cell::Cell<std::time::Instant>,
-    /// The lag is above `LAG_WARNING` and was logged.
-    pub warned_lag: std::cell::Cell<bool>,
+    pub lag_warning: super::side::LagWarning,
 }
 
 impl Writer {
@@ -399,11 +396,7 @@ impl Writer {
     }
 
     fn set_problem(&self, problem: Option<String>) {
-        let mut current = self.problem.lock().unwrap_or_else(|e| e.into_inner());
-        if *current != problem {
-            (self.on_problem)(problem.as_deref());
-            *current = problem;
-        }
+        self.problem.set(problem);
     }
 
     /// Sets the lag and pending gauges; warns once when the lag crosses `LAG_WARNING`.
@@ -413,26 +406,16 @@ impl Writer {
             None => Duration::ZERO,
         };
         self.metrics.lag_seconds.set(lag.as_secs_f64());
-        if lag >= LAG_WARNING && !self.warned_lag.replace(true) {
-            tracing::warn!(
-                "backup: writes of the last {} s are not in S3 yet",
-                lag.as_secs()
-            );
-            if self
-                .problem
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none()
-            {
-                self.set_problem(Some(format!(
-                    "writes of more than {} s are not in S3 yet",
-                    LAG_WARNING.as_secs()
-                )));
-            }
-        } else if lag < LAG_WARNING / 2 && self.warned_lag.replace(false) {
-            tracing::info!("backup: caught up (lag {:.1} s)", lag.as_secs_f64());
-            self.set_problem(None);
-        }
+        self.lag_warning.update(
+            lag,
+            &self.problem,
+            "backup",
+            |s| format!("writes of the last {s} s are not in S3 yet"),
+            &format!(
+                "writes of more than {} s are not in S3 yet",
+                LAG_WARNING.as_secs()
+            ),
+        );
         // Before the first snapshot nothing is in S3.
         let shipped = match self.outbox.state()? {
             Some(s) if s.generation_done || s.shipped_version > 0 => s.shipped_version,

@@ -353,16 +353,20 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     }
     notifier.ready(&serving);
     *serving_status.lock().unwrap_or_else(|e| e.into_inner()) = serving.clone();
-    // A problem the backup met before READY= is not lost under the serving status.
-    let backup_status = |backup: &Option<crate::backup::Backup>| {
-        if let Some(p) = backup.as_ref().and_then(|b| b.problem()) {
-            notifier.status(&format!("{serving}; BACKUP BEHIND: {p}"));
+    // A problem the backup or the replica met before READY= (or a reload's READY=) is not
+    // lost under the serving status.
+    let side_status = || {
+        let problems = [
+            ("BACKUP", backup.as_ref().and_then(|b| b.problem())),
+            ("REPLICA", replica.as_ref().and_then(|r| r.problem())),
+        ];
+        for (who, problem) in problems {
+            if let Some(p) = problem {
+                notifier.status(&format!("{serving}; {who} BEHIND: {p}"));
+            }
         }
     };
-    backup_status(&backup);
-    if let Some(p) = replica.as_ref().and_then(|r| r.problem()) {
-        notifier.status(&format!("{serving}; REPLICA BEHIND: {p}"));
-    }
+    side_status();
     let monitor = monitor.map(Arc::new);
     let watchdog = match (watchdog, &monitor) {
         (Some(interval), Some(monitor)) => Some(Watchdog::start(
@@ -385,10 +389,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
                     logging,
                 );
                 notifier.ready(&serving);
-                backup_status(&backup);
-                if let Some(p) = replica.as_ref().and_then(|r| r.problem()) {
-                    notifier.status(&format!("{serving}; REPLICA BEHIND: {p}"));
-                }
+                side_status();
             }
             #[cfg(debug_assertions)]
             Signal::SIGUSR1 => match &monitor {

@@ -18,8 +18,7 @@ pub mod pitr;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -28,6 +27,7 @@ use bytes::Bytes;
 pub use self::follower::Follower;
 pub use self::metrics::ReplicaMetrics;
 use crate::backup::s3::Location;
+use crate::backup::side::{self, LAG_WARNING};
 use crate::store::replica::Checkout;
 use crate::store::WatchRegistry;
 
@@ -41,17 +41,11 @@ pub struct ReplicaConfig {
     pub history: Duration,
 }
 
-/// Lag above which the replica warns (log line, systemd status).
-pub const LAG_WARNING: Duration = Duration::from_secs(60);
 /// Retries of a failed sync back off up to this.
 const RETRY_LAST: Duration = Duration::from_secs(30);
 
 /// The running replica thread.
-pub struct Replica {
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-    stop: Arc<AtomicBool>,
-    problem: Arc<Mutex<Option<String>>>,
-}
+pub struct Replica(side::SideThread);
 
 /// How the start of the replica went, told to the thread that waits for it.
 pub type Started = mpsc::Receiver<anyhow::Result<()>>;
@@ -68,7 +62,8 @@ impl Replica {
         on_problem: crate::backup::ProblemSink,
     ) -> anyhow::Result<(Replica, Started)> {
         let stop = Arc::new(AtomicBool::new(false));
-        let problem = Arc::new(Mutex::new(None));
+        let problem = side::Problem::new(on_problem);
+        let view = problem.view();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -82,14 +77,13 @@ impl Replica {
         );
         let mut sync = Sync {
             stop: stop.clone(),
-            problem: problem.clone(),
+            problem,
             metrics,
             watches,
             interval: config.interval,
             history: config.history,
             pruned: None,
-            warned_lag: false,
-            on_problem,
+            lag_warning: Default::default(),
         };
         let thread = std::thread::Builder::new()
             .name("replica".into())
@@ -116,46 +110,32 @@ impl Replica {
             })
             .context("cannot start the replica thread")?;
         Ok((
-            Replica {
-                thread: Some(thread),
-                stop,
-                problem,
-            },
+            Replica(side::SideThread::new("replica", thread, stop, view)),
             started_rx,
         ))
     }
 
     /// What is wrong with the replica now (for systemd's status), if anything.
     pub fn problem(&self) -> Option<String> {
-        self.problem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.0.problem()
     }
 
     /// Stops the thread (it finishes the sync or checkout it is in).
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => anyhow::bail!("the replica thread panicked"),
-            None => Ok(()),
-        }
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.0.stop()
     }
 }
 
 struct Sync {
     stop: Arc<AtomicBool>,
-    problem: Arc<Mutex<Option<String>>>,
+    problem: side::Problem,
     metrics: Arc<ReplicaMetrics>,
     watches: Arc<WatchRegistry>,
     interval: Duration,
     history: Duration,
     /// When the undo log was last pruned.
     pruned: Option<std::time::Instant>,
-    warned_lag: bool,
-    /// Told every change of `problem` (systemd's status line).
-    on_problem: crate::backup::ProblemSink,
+    lag_warning: side::LagWarning,
 }
 
 impl Sync {
@@ -317,45 +297,17 @@ impl Sync {
         let Some(lag) = self.metrics.lag() else {
             return;
         };
-        let lag = Duration::from_secs_f64(lag);
-        if lag >= LAG_WARNING && !self.warned_lag {
-            self.warned_lag = true;
-            tracing::warn!(
-                "replica: {} s behind the backup in S3: clients read data that old",
-                lag.as_secs()
-            );
-            if self
-                .problem
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none()
-            {
-                self.set_problem(Some(format!(
-                    "more than {} s behind",
-                    LAG_WARNING.as_secs()
-                )));
-            }
-        } else if lag < LAG_WARNING / 2 && self.warned_lag {
-            self.warned_lag = false;
-            tracing::info!("replica: caught up (lag {:.1} s)", lag.as_secs_f64());
-            let behind = self
-                .problem
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_deref()
-                .is_some_and(|p| p.starts_with("more than"));
-            if behind {
-                self.set_problem(None);
-            }
-        }
+        self.lag_warning.update(
+            Duration::from_secs_f64(lag),
+            &self.problem,
+            "replica",
+            |s| format!("{s} s behind the backup in S3: clients read data that old"),
+            &format!("more than {} s behind", LAG_WARNING.as_secs()),
+        );
     }
 
     fn set_problem(&self, problem: Option<String>) {
-        let mut current = self.problem.lock().unwrap_or_else(|e| e.into_inner());
-        if *current != problem {
-            (self.on_problem)(problem.as_deref());
-            *current = problem;
-        }
+        self.problem.set(problem);
     }
 
     /// Runs `work` to its end, or until the server stops (`None`; `work` is dropped).
