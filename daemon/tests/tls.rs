@@ -226,9 +226,17 @@ impl Sender {
 
     /// The metadata exchange: its status, HTTP version and body.
     async fn metadata(&mut self) -> (u16, http::Version, String) {
+        // A connection's sender takes a request only once it is ready (else hyper answers
+        // "connection was not ready", seen once in CI).
         let resp = match self {
-            Sender::H1(s) => s.send_request(metadata_request()).await,
-            Sender::H2(s) => s.send_request(metadata_request()).await,
+            Sender::H1(s) => {
+                s.ready().await.unwrap();
+                s.send_request(metadata_request()).await
+            }
+            Sender::H2(s) => {
+                s.ready().await.unwrap();
+                s.send_request(metadata_request()).await
+            }
         }
         .unwrap();
         let (status, version) = (resp.status().as_u16(), resp.version());
