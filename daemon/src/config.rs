@@ -49,7 +49,7 @@ pub fn parse() -> Cli {
 }
 
 /// `$CREDENTIALS_DIRECTORY/name`, when systemd passed that credential.
-fn credential(name: &str) -> Option<PathBuf> {
+pub fn credential(name: &str) -> Option<PathBuf> {
     let path = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
     path.is_file().then_some(path)
 }

@@ -489,6 +489,63 @@ async fn an_s3_outage_delays_the_backup_but_not_the_writes() {
     }
 }
 
+/// A primary with no AWS keys in its environment, given `credentials` as the systemd
+/// credential `aws-credentials` (the packaged unit's `LoadCredential=`).
+fn primary_with_credential(db: &Path, moto: &Moto, prefix: &str, credentials: &str) -> Server {
+    let dir = db.parent().unwrap().join(format!("credentials-{prefix}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("aws-credentials"), credentials).unwrap();
+    let mut launch = Launch::new(db)
+        .args(&["--backup-to-s3", "--s3-bucket", BUCKET])
+        .args(&["--s3-prefix", prefix, "--s3-endpoint", &moto.endpoint()])
+        .env("CREDENTIALS_DIRECTORY", dir.to_str().unwrap())
+        .env("AWS_REGION", "us-east-1")
+        // No instance role to wait for.
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_CONFIG_FILE",
+        "HOME",
+    ] {
+        launch = launch.env_remove(var);
+    }
+    launch.start()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aws_keys_in_the_systemd_credential_are_used() {
+    let moto = Moto::start(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The package installs an empty credential: no keys anywhere, so no request can be signed.
+    let mut unsigned = primary_with_credential(&dir.path().join("a.sqlite"), &moto, "a/", "\n");
+    let line = unsigned.wait_for_log("backup: cannot", Duration::from_secs(30));
+    assert!(line.contains("credentials"), "{line}");
+    assert!(
+        !unsigned
+            .log_text()
+            .contains("S3 credentials: the systemd credential"),
+        "an empty credential is not used"
+    );
+    assert_eq!(
+        metric(&unsigned, "denokv_backup_last_snapshot_timestamp_seconds"),
+        0.0
+    );
+    unsigned.stop();
+
+    let keys = "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n";
+    let server = primary_with_credential(&dir.path().join("b.sqlite"), &moto, "b/", keys);
+    load_for(&server.url(""), Duration::from_millis(500), 1).await;
+    wait_shipped(&server, Duration::from_secs(20));
+    assert!(server
+        .log_text()
+        .contains("S3 credentials: the systemd credential aws-credentials"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commits_made_by_another_process_while_stopped_take_a_new_snapshot() {
     let moto = Moto::start(BUCKET);

@@ -313,11 +313,12 @@ expect "the token's mode" "$(ct stat -c '%a %U %G' /etc/denokv/access-token)" "6
 token="$(ct cat /etc/denokv/access-token)"
 [[ "$token" =~ ^[0-9a-f]{64}$ ]] || die "the token is not 64 hex digits"
 expect "/var/lib/denokv" "$(ct stat -c '%a %U %G' /var/lib/denokv)" "700 denokv denokv"
+expect "the AWS credentials file" "$(ct stat -c '%a %U %G %s' /etc/denokv/aws-credentials)" "600 root root 0"
 ct getent passwd denokv | grep -q ':/var/lib/denokv:/usr/sbin/nologin$' || die "no denokv system user"
 # shellcheck disable=SC2016 # ${Conffiles} is dpkg-query's, not the shell's
 ct dpkg-query -W -f='${Conffiles}\n' denokv | grep -q '/etc/default/denokv' || die "/etc/default/denokv is not a conffile"
 expect "grep for settings in /etc/default/denokv (1: none)" "$(ct_rc grep -Ev '^[[:space:]]*(#|$)' /etc/default/denokv)" 1
-ok "token 600 root:root (64 hex digits), /var/lib/denokv 700 denokv, user denokv, /etc/default/denokv all comments"
+ok "token 600 root:root (64 hex digits), empty aws-credentials 600 root:root, /var/lib/denokv 700 denokv, user denokv, /etc/default/denokv all comments"
 
 # --- 6. a real client ---------------------------------------------------------------------
 client "$token" write http://127.0.0.1:4512 k1 v1 >&2 || { journal_dump; die "the Deno CLI could not write with the generated token"; }
@@ -419,6 +420,31 @@ ct systemctl daemon-reload
 ct systemctl restart denokv.service || die "restart on the packaged binary"
 service_active "back on the packaged binary"
 ok "watchdog: a hung committer (debug build, SIGUSR1) stopped the pings; systemd restarted the service, data intact"
+
+# --- 10c. S3 keys through the systemd credential; a backup that cannot reach S3 -----------
+# The container has no S3 (daemon/tests/backup.rs signs real requests to moto with the same
+# credential); here: the unit hands /etc/denokv/aws-credentials to the service, which uses it,
+# and the backup's trouble shows in systemd's status line.
+ct sh -c 'printf "[default]\naws_access_key_id = deb-e2e-key\naws_secret_access_key = deb-e2e-secret\n" >/etc/denokv/aws-credentials'
+ct sh -c 'printf "DENOKV_BACKUP_TO_S3=true\nDENO_KV_S3_BUCKET=deb-e2e\nDENO_KV_S3_ENDPOINT=http://127.0.0.1:9\nAWS_EC2_METADATA_DISABLED=true\n" >>/etc/default/denokv'
+ct systemctl restart denokv.service || { journal_dump; die "restart with the backup on"; }
+service_active "backup on"
+status=""
+for _ in $(seq 1 100); do
+  status="$(prop denokv.service StatusText)"
+  grep -q 'BACKUP BEHIND' <<<"$status" && break
+  sleep 0.2
+done
+grep -q 'BACKUP BEHIND: ' <<<"$status" || { journal_dump; die "no BACKUP BEHIND in the status: $status"; }
+ct journalctl -u denokv.service --no-pager -o cat | grep -q 'S3 credentials: the systemd credential aws-credentials' \
+  || { journal_dump; die "the service did not use the aws-credentials credential"; }
+if ct journalctl -u denokv.service --no-pager -o cat | grep -q 'deb-e2e-secret'; then die "the secret key is in the journal"; fi
+client "$token" write http://127.0.0.1:4600 k3 v3 >&2 || die "a write while the backup cannot reach S3"
+ok "S3 keys from /etc/denokv/aws-credentials reach the service as a credential; status: $status; writes go on"
+ct sed -i '/^DENOKV_BACKUP_TO_S3=/d; /^DENO_KV_S3_/d; /^AWS_EC2_METADATA_DISABLED=/d' /etc/default/denokv
+ct truncate -s 0 /etc/denokv/aws-credentials
+ct systemctl restart denokv.service || { journal_dump; die "restart with the backup off"; }
+service_active "backup off again"
 
 # What the service logged at warning or above (shown, not judged).
 ct journalctl -u denokv.service -p warning --no-pager -o cat | sed 's/^/  journal: /' >&2 || true

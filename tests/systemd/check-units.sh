@@ -43,6 +43,7 @@ echo "$security" | grep "Overall exposure level"
 # shellcheck disable=SC2016 # $MAINPID is systemd's, not the shell's
 for setting in 'Type=notify' 'NotifyAccess=main' 'WatchdogSec=' 'ExecReload=/bin/kill -HUP $MAINPID' \
   'LoadCredential=access-token:/etc/denokv/access-token' 'StateDirectory=denokv' \
+  'LoadCredential=aws-credentials:/etc/denokv/aws-credentials' \
   'SystemCallFilter=io_uring_setup io_uring_enter io_uring_register sched_setaffinity'; do
   grep -qF "$setting" "$UNITS/denokv.service" || { echo "check-units: denokv.service lacks $setting" >&2; exit 1; }
 done
@@ -59,5 +60,8 @@ uid="$(awk -F: '$1 == "denokv" { print $3 }' "$root/etc/passwd")"
 [ "$(stat -c '%a %u' "$root/var/lib/denokv")" = "700 $uid" ] \
   || { echo "check-units: /var/lib/denokv is $(stat -c '%a %u' "$root/var/lib/denokv"), want 700 $uid" >&2; exit 1; }
 [ -d "$root/etc/denokv" ] || { echo "check-units: tmpfiles did not create /etc/denokv" >&2; exit 1; }
+# The unit's aws-credentials credential must exist, or systemd does not start the service.
+[ "$(stat -c '%a %u %s' "$root/etc/denokv/aws-credentials" 2>&1)" = "600 0 0" ] \
+  || { echo "check-units: /etc/denokv/aws-credentials: $(stat -c '%a %u %s' "$root/etc/denokv/aws-credentials" 2>&1), want an empty 600 root file" >&2; exit 1; }
 
 echo "check-units: ok"

@@ -105,6 +105,37 @@ pub struct Bucket {
     metrics: Option<Arc<BackupMetrics>>,
 }
 
+/// The systemd credential that holds an AWS credentials file (`LoadCredential=` in the unit).
+const CREDENTIAL: &str = "aws-credentials";
+
+/// The profile files to read when systemd passed a non-empty `aws-credentials` credential
+/// (the package installs an empty one, so that the unit starts without it) and
+/// `AWS_SHARED_CREDENTIALS_FILE` does not name another file. `None`: the SDK's defaults.
+fn credential_files() -> Option<aws_runtime::env_config::file::EnvConfigFiles> {
+    use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
+    if std::env::var_os("AWS_SHARED_CREDENTIALS_FILE").is_some() {
+        return None;
+    }
+    let path = crate::config::credential(CREDENTIAL)?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::warn!("S3 credentials: cannot read {}: {e}", path.display());
+            return None;
+        }
+    };
+    if text.trim().is_empty() {
+        return None;
+    }
+    tracing::info!("S3 credentials: the systemd credential {CREDENTIAL}");
+    Some(
+        EnvConfigFiles::builder()
+            .include_default_config_file(true)
+            .with_file(EnvConfigFileKind::Credentials, path)
+            .build(),
+    )
+}
+
 /// Per request: a stuck connection must not stall the backup for ever.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -128,6 +159,9 @@ impl Bucket {
             .timeout_config(timeouts);
         if let Some(endpoint) = &location.endpoint {
             loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(files) = credential_files() {
+            loader = loader.profile_files(files);
         }
         let shared = loader.load().await;
         let mut config = aws_sdk_s3::config::Builder::from(&shared)

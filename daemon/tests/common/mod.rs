@@ -169,6 +169,8 @@ pub struct Launch {
     /// Connect here once first: `systemd-socket-activate` starts the server on the first
     /// connection.
     kick: Option<SocketAddr>,
+    /// Variables removed from the environment the server inherits.
+    unset: Vec<String>,
 }
 
 impl Launch {
@@ -191,6 +193,7 @@ impl Launch {
                 ("RUST_LOG".into(), "info".into()),
                 ("DENOKV_METRICS_ADDR".into(), "127.0.0.1:0".into()),
             ],
+            unset: Vec::new(),
             forks: false,
             kick: None,
         }
@@ -203,6 +206,12 @@ impl Launch {
 
     pub fn env(mut self, key: &str, value: &str) -> Launch {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Starts the server without `key`, whatever the environment of the tests holds.
+    pub fn env_remove(mut self, key: &str) -> Launch {
+        self.unset.push(key.into());
         self
     }
 
@@ -236,6 +245,9 @@ impl Launch {
             if k.to_str().is_some_and(|k| k.starts_with("OTEL_")) {
                 command.env_remove(k);
             }
+        }
+        for k in &self.unset {
+            command.env_remove(k);
         }
         for (k, v) in &self.env {
             command.env(k, v);

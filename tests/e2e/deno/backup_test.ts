@@ -2,9 +2,11 @@
 // (moto, from the venv tests/s3/setup.sh makes; $E2E_MOTO_SERVER overrides), written by
 // Deno over KV Connect and, while it is stopped, by Deno's own local KV on the same file;
 // then `denokv restore` writes a new file that Deno's local KV opens with the same entries
-// (values, versionstamps) as the primary's file. Server only.
+// (values, versionstamps) as the primary's file; and the upstream denokv, started as a replica
+// of the backup (`--sync-from-s3`), serves Deno the primary's entries and follows its new
+// writes. Server only.
 
-import { assert, e2eTest, fmt, listAll, serverBinary, sleep } from "./server.ts";
+import { assert, e2eTest, fmt, listAll, openRemoteKv, serverBinary, sleep, startServer } from "./server.ts";
 
 const opts = { serverOnly: true, timeoutMs: 90_000 };
 const BUCKET = "e2e-backups";
@@ -141,3 +143,91 @@ e2eTest("backup: a database restored from S3 opens in Deno with the primary's en
     await moto.stop();
   }
 }, opts);
+
+/** The upstream denokv binary ($DENOKV_UPSTREAM_BIN; tests/run-all.sh installs it). */
+function upstreamBinary(): string {
+  const bin = Deno.env.get("DENOKV_UPSTREAM_BIN") ??
+    `${Deno.env.get("HOME")}/.cache/denokv/upstream/bin/denokv`;
+  try {
+    Deno.statSync(bin);
+  } catch {
+    throw new Error(
+      `no upstream denokv at ${bin}: cargo install denokv --locked --root ~/.cache/denokv/upstream ` +
+        "(tests/run-all.sh does), or set DENOKV_UPSTREAM_BIN",
+    );
+  }
+  return bin;
+}
+
+/** Every entry of `kv`, normalized, until it equals `want` (or fails after `ms`). */
+async function waitForEntries(kv: Deno.Kv, want: ReturnType<typeof normalize>[], ms: number, what: string) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const got = (await listAll(kv, { prefix: [] })).map(normalize);
+    try {
+      assert.deepStrictEqual(got, want, what);
+      return;
+    } catch (e) {
+      if (Date.now() > deadline) throw e;
+    }
+    await sleep(250);
+  }
+}
+
+e2eTest("backup: the upstream denokv, a replica of our backup, serves Deno the primary's entries", async (ctx) => {
+  const upstream = upstreamBinary();
+  const moto = await startMoto();
+  for (const [k, v] of Object.entries(S3_ENV)) Deno.env.set(k, v);
+  const s3 = ["--s3-bucket", BUCKET, "--s3-prefix", "upstream/", "--s3-endpoint", moto.endpoint];
+  let replica: Awaited<ReturnType<typeof startServer>> | null = null;
+  try {
+    const dir = await ctx.tempDir("denokv-upstream-replica-");
+    const primary = await ctx.server({
+      dbPath: `${dir}/primary.sqlite`,
+      extraArgs: ["--backup-to-s3", ...s3, "--metrics-addr", "127.0.0.1:0"],
+    });
+    const kv = await ctx.open(primary);
+    await kv.set(["s", "str"], "hello 🦕");
+    await kv.set(["s", "obj"], { a: [1, { b: new Map([["x", 1n]]) }], d: new Date(1700000000000) });
+    await kv.set(["s", "bytes"], new Uint8Array([0, 1, 255]));
+    await kv.set(["s", "far"], "expires in an hour", { expireIn: 3_600_000 });
+    await kv.atomic().sum(["s", "u64"], 40n).commit();
+    await kv.atomic().sum(["s", "u64"], 2n).commit();
+    await kv.atomic().min(["s", "min"], 7n).commit();
+    await kv.set(["gone"], 1);
+    await kv.delete(["gone"]);
+    for (let i = 0; i < 100; i++) await kv.set(["many", i], "v".repeat(i));
+    for (let i = 0;; i++) {
+      const text = await scrape(primary);
+      if (gauge(text, "denokv_backup_lag_versions") === 0 && gauge(text, "denokv_backup_pending_commits") === 0) break;
+      if (i > 200) throw new Error("the backup did not catch up:\n" + text);
+      await sleep(100);
+    }
+
+    replica = await startServer({
+      bin: upstream,
+      token: primary.token,
+      dbPath: `${dir}/upstream-replica.sqlite`,
+      extraArgs: ["--sync-from-s3", ...s3],
+      readyTimeoutMs: 60_000,
+    });
+    const fromReplica = await openRemoteKv(replica);
+    const want = (await listAll(kv, { prefix: [] })).map(normalize);
+    assert.ok(want.length > 100, `entries written: ${want.length}`);
+    // The upstream replica syncs every 10-15 s.
+    await waitForEntries(fromReplica, want, 60_000, "the upstream replica serves the primary's entries");
+
+    // It follows: new writes, a delete and a sum on the primary reach it through S3.
+    await kv.set(["later"], "after the replica started");
+    await kv.delete(["many", 5]);
+    await kv.atomic().sum(["s", "u64"], 8n).commit();
+    const after = (await listAll(kv, { prefix: [] })).map(normalize);
+    await waitForEntries(fromReplica, after, 60_000, "the upstream replica follows the primary's new writes");
+    const u64 = await fromReplica.get<Deno.KvU64>(["s", "u64"]);
+    assert.equal(u64.value?.value, 50n);
+    fromReplica.close();
+  } finally {
+    if (replica) await replica.kill("SIGKILL");
+    await moto.stop();
+  }
+}, { ...opts, timeoutMs: 180_000 });

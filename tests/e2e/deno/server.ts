@@ -69,6 +69,8 @@ export interface ServerOptions {
   addr?: string;
   extraArgs?: string[];
   readyTimeoutMs?: number;
+  /** Another server binary with the same command line (the upstream denokv); default ours. */
+  bin?: string;
 }
 
 export class ServerProcess {
@@ -204,7 +206,7 @@ export function serverEnv(): Record<string, string> {
 
 /** Start the real denokv binary. Always a real server, whatever TARGET says. */
 export async function startServer(opts: ServerOptions = {}): Promise<ServerProcess> {
-  const bin = serverBinary();
+  const bin = opts.bin ?? serverBinary();
   try {
     const st = await Deno.stat(bin);
     if (!st.isFile) throw new Error("not a file");
