@@ -197,7 +197,8 @@ impl Bucket {
         }
         S3Error {
             operation,
-            key: self.full(key),
+            // The whole address: a listing of an empty prefix has no key of its own.
+            key: format!("s3://{}/{}", self.location.bucket, self.full(key)),
             cause: error_chain(&e),
         }
     }
