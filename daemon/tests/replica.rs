@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use common::moto::{Moto, Proxy, S3_ENV};
+use common::notify::NotifySocket;
 use common::*;
 use denokv::proto as pb;
 use http_body_util::BodyExt;
@@ -923,7 +924,10 @@ async fn an_s3_outage_leaves_the_replica_serving_and_it_catches_up() {
         "200",
     ];
     args.extend(s3_args(&endpoint, prefix));
-    let replica = with_s3(Launch::new(&dir.path().join("replica.sqlite")).args(&args)).start();
+    let notify = NotifySocket::bind(false);
+    let replica = with_s3(Launch::new(&dir.path().join("replica.sqlite")).args(&args))
+        .env("NOTIFY_SOCKET", &notify.name)
+        .start();
     wait_for_value(&c, &replica.url(""), "k", "before", Duration::from_secs(10)).await;
 
     proxy.up.store(false, Ordering::Relaxed);
@@ -942,10 +946,28 @@ async fn an_s3_outage_leaves_the_replica_serving_and_it_catches_up() {
     );
     let lag = metric(&metrics, "denokv_replica_lag_seconds").unwrap();
     assert!(lag >= 3.0, "lag {lag} while S3 is away");
+    // systemd's status line says so after what is served.
+    let states = notify.collect_until(Duration::from_secs(5), |m| {
+        m.last()
+            .is_some_and(|(_, msg)| msg.contains("REPLICA BEHIND"))
+    });
+    let behind = &states.last().unwrap().1;
+    assert!(
+        behind.starts_with("STATUS=Serving ") && behind.contains("; REPLICA BEHIND: cannot sync"),
+        "{states:?}"
+    );
 
     proxy.up.store(true, Ordering::Relaxed);
     wait_for_value(&c, &replica.url(""), "k", "during", Duration::from_secs(40)).await;
     replica.wait_for_log("syncing from S3 works again", Duration::from_secs(5));
+    let states = notify.collect_until(Duration::from_secs(5), |m| {
+        m.last()
+            .is_some_and(|(_, msg)| msg.starts_with("STATUS=") && !msg.contains("BEHIND"))
+    });
+    assert!(
+        states.last().unwrap().1.starts_with("STATUS=Serving "),
+        "{states:?}"
+    );
     let (_, _, metrics) = replica.scrape();
     let lag = metric(&metrics, "denokv_replica_lag_seconds").unwrap();
     assert!(lag < 3.0, "lag {lag} after S3 came back");

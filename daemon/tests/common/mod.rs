@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use prost::Message;
 
 pub mod moto;
+pub mod notify;
 
 pub const TOKEN: &str = "0123456789abcdef";
 pub const NIL_ID: &str = "00000000-0000-0000-0000-000000000000";
