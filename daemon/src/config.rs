@@ -207,6 +207,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
 
+    /// How the serving threads wait for their sockets: auto (io_uring where the kernel allows
+    /// it, else epoll), io-uring, or epoll.
+    #[arg(long, env = "DENOKV_IO_DRIVER", value_enum, default_value = "auto")]
+    pub io_driver: crate::runtime::IoDriver,
+
     /// full: fsync every commit (an acknowledged write survives power loss);
     /// normal: fsync at checkpoints only (faster, may lose the last writes on power loss).
     #[arg(long, env = "DENOKV_SYNC_MODE", value_enum, default_value = "full")]
@@ -487,6 +492,7 @@ impl ServeArgs {
             backup,
             replica,
             threads,
+            io_driver: self.io_driver,
             sync_mode: self.sync_mode,
             wal_writes: self.wal_writes,
             drain_timeout: Duration::from_secs(self.drain_timeout),

@@ -179,6 +179,13 @@ async fn serves_on_epoll_when_io_uring_is_denied() {
     ];
     let mut s = Server::start_on(&db, &[], &wrapper);
     assert!(s.log_text().contains("cores on epoll"), "{}", s.log_text());
+    serves_both_protocols(&s).await;
+    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert!(status.success());
+}
+
+/// Sets a key and reads it back over both protocols.
+async fn serves_both_protocols(s: &Server) {
     let c = Client::new();
     let url = s.url("");
     for p in BOTH {
@@ -191,9 +198,47 @@ async fn serves_on_epoll_when_io_uring_is_denied() {
             "works"
         );
     }
-    drop(c);
+}
+
+#[tokio::test]
+async fn the_io_driver_can_be_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start_on(
+        &dir.path().join("db.sqlite"),
+        &["--io-driver", "epoll"],
+        &[],
+    );
+    assert!(s.log_text().contains("cores on epoll"), "{}", s.log_text());
+    serves_both_protocols(&s).await;
     let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
     assert!(status.success());
+
+    // io_uring asked for but denied (as a seccomp filter or kernel.io_uring_disabled would):
+    // the server does not start, and says why.
+    let out = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=io_uring_setup"])
+        .args([
+            "-e",
+            "inject=io_uring_setup:error=ENOSYS",
+            binary(),
+            "--sqlite-path",
+        ])
+        .arg(dir.path().join("db2.sqlite"))
+        .args(["serve", "--access-token", TOKEN, "--addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "off", "--io-driver", "io-uring"])
+        .env_remove("DENO_KV_ACCESS_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("strace is needed for this test (apt-get install strace)");
+    let (status, out) = (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!status.success());
+    assert!(
+        out.contains("cannot start the io_uring driver (--io-driver)"),
+        "{out}"
+    );
 }
 
 /// The WAL system calls the committer thread of a server makes while it commits `writes`

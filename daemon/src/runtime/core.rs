@@ -41,23 +41,61 @@ pub struct CoreSetup {
     pub heartbeat: Option<Beater>,
     /// `--tls-cert`: every connection is TLS.
     pub tls: Option<Arc<Tls>>,
+    pub io_driver: IoDriver,
 }
 
 /// Runs the core until shutdown, then lets open connections finish (bounded by the drain
 /// timeout). Returns how many connections the drain timeout cut off.
 pub fn run(setup: CoreSetup) -> anyhow::Result<usize> {
-    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build()?;
+    let mut rt = build_runtime(setup.io_driver).map_err(|e| {
+        anyhow::anyhow!(
+            "core {}: cannot start the {} driver (--io-driver): {e}",
+            setup.index,
+            driver_name(setup.io_driver)
+        )
+    })?;
     rt.block_on(serve(setup))
 }
 
-/// The io driver the runtime of the calling thread uses.
-pub fn driver_name() -> &'static str {
-    if monoio::utils::detect_uring() {
-        "io_uring"
-    } else {
-        "epoll"
+/// How a core waits for its sockets (`--io-driver`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, else epoll.
+    Auto,
+    /// io_uring; a core that cannot set up a ring fails to start.
+    IoUring,
+    /// epoll and non-blocking system calls (monoio's legacy driver).
+    Epoll,
+}
+
+type CoreRuntime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
+
+fn build_runtime(driver: IoDriver) -> std::io::Result<CoreRuntime> {
+    match driver {
+        IoDriver::Auto => monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build(),
+        IoDriver::IoUring => Ok(monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()?
+            .into()),
+        IoDriver::Epoll => Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .into()),
+    }
+}
+
+/// The io driver the cores use with `driver`.
+pub fn driver_name(driver: IoDriver) -> &'static str {
+    match driver {
+        IoDriver::IoUring => "io_uring",
+        IoDriver::Epoll => "epoll",
+        IoDriver::Auto if monoio::utils::detect_uring() => "io_uring",
+        IoDriver::Auto => "epoll",
     }
 }
 

@@ -9,6 +9,8 @@ mod listener;
 mod signals;
 pub mod tls;
 
+pub use self::core::IoDriver;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
@@ -42,6 +44,7 @@ pub struct ServeOptions {
     /// `--sync-from-s3`: the replica's settings (then `read_only` is set too).
     pub replica: Option<crate::backup::replica::ReplicaConfig>,
     pub threads: usize,
+    pub io_driver: IoDriver,
     pub sync_mode: SyncMode,
     pub wal_writes: WalWrites,
     pub drain_timeout: Duration,
@@ -281,6 +284,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
                     .as_mut()
                     .map(|m| m.heartbeat(&format!("core {index}"))),
                 tls: tls.clone(),
+                io_driver: opts.io_driver,
             },
             Err(e) => {
                 started = Err(e);
@@ -321,7 +325,7 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
         return Err(cores_result.err().unwrap_or(e));
     }
 
-    let driver = core::driver_name();
+    let driver = core::driver_name(opts.io_driver);
     tracing::info!("{} cores on {driver}", opts.threads);
     for addr in &addrs {
         let scheme = if tls.is_some() { "https" } else { "http" };
