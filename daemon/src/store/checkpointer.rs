@@ -12,6 +12,8 @@
 //! WAL file is truncated back to `JOURNAL_SIZE_LIMIT` when it rewinds.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,12 +28,41 @@ pub const RESTART_FRAMES: i64 = 8192;
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// Pokes the checkpointer; dropping it stops the thread.
-pub struct CheckpointPoke(flume::Sender<()>);
+pub struct CheckpointPoke {
+    tx: flume::Sender<()>,
+    /// Set by a poke, cleared when a checkpoint starts: pokes in between send nothing, so the
+    /// thread is woken once per checkpoint, not once per commit (a context switch on the
+    /// committer's path to its reply, on a machine with few cores).
+    pending: Arc<AtomicBool>,
+}
 
 impl CheckpointPoke {
     /// Says that commits happened; never blocks.
     pub fn poke(&self) {
-        let _ = self.0.try_send(());
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            let _ = self.tx.try_send(());
+        }
+    }
+}
+
+/// The checkpointer's side of the pokes.
+struct Pokes {
+    rx: flume::Receiver<()>,
+    pending: Arc<AtomicBool>,
+}
+
+impl Pokes {
+    fn recv(&self) -> Result<(), flume::RecvError> {
+        self.rx.recv()
+    }
+
+    fn recv_deadline(&self, deadline: std::time::Instant) -> Result<(), flume::RecvTimeoutError> {
+        self.rx.recv_deadline(deadline)
+    }
+
+    /// A checkpoint starts: commits from now on poke again.
+    fn taken(&self) {
+        self.pending.store(false, Ordering::Release);
     }
 }
 
@@ -51,18 +82,30 @@ pub fn spawn_with(
     )?;
     conn.busy_timeout(Duration::from_millis(5000))?;
     limit_wal_file(&conn)?;
-    let (tx, rx) = flume::bounded::<()>(1);
+    let (poke, pokes) = channel();
     let thread = std::thread::Builder::new()
         .name("checkpointer".into())
-        .spawn(move || run(&conn, &rx, restart_frames))?;
-    Ok((CheckpointPoke(tx), thread))
+        .spawn(move || run(&conn, &pokes, restart_frames))?;
+    Ok((poke, thread))
+}
+
+fn channel() -> (CheckpointPoke, Pokes) {
+    let (tx, rx) = flume::bounded::<()>(1);
+    let pending = Arc::new(AtomicBool::new(false));
+    let poke = CheckpointPoke {
+        tx,
+        pending: pending.clone(),
+    };
+    let pokes = Pokes { rx, pending };
+    (poke, pokes)
 }
 
 /// Checkpoints when poked, at most once per `MIN_INTERVAL`; returns as soon as the poker is
 /// dropped, even in the middle of a pause.
-fn run(conn: &Connection, pokes: &flume::Receiver<()>, restart_frames: i64) {
+fn run(conn: &Connection, pokes: &Pokes, restart_frames: i64) {
     let mut poked = pokes.recv().is_ok();
     while poked {
+        pokes.taken();
         crate::fatal::debug::panic_point("checkpointer");
         let result = match checkpoint(conn, "PASSIVE") {
             Ok((frames, _)) if frames >= restart_frames => checkpoint(conn, "RESTART").map(|_| ()),
@@ -160,5 +203,26 @@ mod tests {
             largest < 24 * 1024 * 1024,
             "the WAL file reached {largest} bytes"
         );
+    }
+
+    #[test]
+    fn pokes_between_two_checkpoints_wake_the_thread_once() {
+        let (poke, pokes) = channel();
+        for _ in 0..1000 {
+            poke.poke();
+        }
+        assert_eq!(pokes.rx.len(), 1, "one message for a thousand commits");
+        pokes.recv().unwrap();
+        // Not yet taken: commits while the checkpointer pauses send nothing.
+        poke.poke();
+        assert_eq!(pokes.rx.len(), 0);
+        // A checkpoint starts: the next commit pokes again, and is not lost.
+        pokes.taken();
+        poke.poke();
+        poke.poke();
+        assert_eq!(pokes.rx.len(), 1);
+        drop(poke);
+        assert!(pokes.recv().is_ok(), "the queued poke outlives the poker");
+        assert!(pokes.recv().is_err(), "then the thread stops");
     }
 }
