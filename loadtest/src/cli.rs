@@ -57,6 +57,71 @@ pub enum Command {
     /// Measures this machine's storage ceilings in --dir: fdatasync/s, and SQLite commits/s
     /// at synchronous=FULL and NORMAL.
     Disk(DiskArgs),
+    /// Starts a denokv server on loopback and sends it mutated requests of every route over
+    /// HTTP/1.1 (raw sockets), HTTP/2 (hyper's client) and raw HTTP/2 frames; exit 1 on a 5xx
+    /// answer, a hang, a crash, a failed canary write and read, a changed sentinel key, an
+    /// unclean stop or a failed integrity check of the database.
+    HttpFuzz(HttpFuzzArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HttpFuzzArgs {
+    /// The denokv binary to start [default: `denokv` beside this program].
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+
+    /// More flags for `denokv serve` (repeat it: --server-arg=--threads --server-arg=1).
+    #[arg(long, allow_hyphen_values = true)]
+    pub server_arg: Vec<String>,
+
+    /// Seed of every choice: request N of a seed is the same whatever --concurrency.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Stop after this many requests (0: --duration alone ends the run).
+    #[arg(long, default_value_t = 0)]
+    pub requests: u64,
+
+    /// Stop after this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+
+    /// A request neither answered nor ended by the server (a closed or reset connection or
+    /// stream) this long after it was sent is a hang.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub hang_timeout: Duration,
+
+    /// Ways to send requests, comma-separated [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub modes: Vec<crate::httpfuzz::Mode>,
+
+    /// Where each request that got a 5xx, hung or found the server gone is saved (JSON: the
+    /// bytes sent and what came back), for --replay.
+    #[arg(long, default_value = "httpfuzz-findings")]
+    pub findings: PathBuf,
+
+    /// Send only request number N of --seed, and print it.
+    #[arg(long, conflicts_with = "replay")]
+    pub only: Option<u64>,
+
+    /// Send a saved finding again to a fresh server (of the finding's seed) and print the answer.
+    #[arg(long)]
+    pub replay: Option<PathBuf>,
+
+    /// The server's folder (database, token file) [default: a temporary folder, removed after].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+
+    /// Print the counts every 10 s on stderr.
+    #[arg(long)]
+    pub progress: bool,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Args, Debug, Clone)]

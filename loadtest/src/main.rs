@@ -9,6 +9,7 @@
 //! denokv-loadtest idle  --url ... --proto h1 --concurrency 10000 --server-pid $PID
 //! denokv-loadtest disk --dir /var/lib/denokv             # fdatasync/s, SQLite commits/s
 //! denokv-loadtest gen-db --path big.sqlite --keys 10000000   # then serve it and `read`
+//! denokv-loadtest http-fuzz --duration 30s --seed 1     # starts its own server (see httpfuzz)
 //! denokv-loadtest write --url ... --ack-log acks.log     # kill -9 the server meanwhile,
 //! denokv-loadtest verify --url ... --ack-log acks.log    # restart it, then check
 //! denokv-loadtest crash-mix --url ... --ack-log acks.log --stop-when-down   # tests/crash/
@@ -26,6 +27,7 @@ mod client;
 mod data;
 mod disk;
 mod gendb;
+mod httpfuzz;
 mod idle;
 mod report;
 mod run;
@@ -69,8 +71,27 @@ fn main() {
         }
         return;
     }
+    if let Command::HttpFuzz(a) = &cli.command {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("cannot start the tokio runtime");
+        match runtime.block_on(httpfuzz::run(a)).and_then(|r| {
+            report::emit(&r, &r.table(), &a.output)?;
+            Ok(r.passed)
+        }) {
+            Ok(true) => return,
+            Ok(false) => std::process::exit(1),
+            Err(e) => {
+                eprintln!("denokv-loadtest: {e:#}");
+                std::process::exit(2);
+            }
+        }
+    }
     let client_args = match &cli.command {
-        Command::GenDb(_) | Command::Disk(_) => unreachable!("handled above"),
+        Command::GenDb(_) | Command::Disk(_) | Command::HttpFuzz(_) => {
+            unreachable!("handled above")
+        }
         Command::Idle(a) => &a.client,
         Command::Verify(a) => &a.client,
         Command::Write(a)
@@ -103,7 +124,9 @@ fn main() {
 /// Runs the command and prints its report; true if it passed.
 async fn dispatch(command: Command) -> anyhow::Result<bool> {
     let (workload, args) = match command {
-        Command::GenDb(_) | Command::Disk(_) => unreachable!("these need no runtime"),
+        Command::GenDb(_) | Command::Disk(_) | Command::HttpFuzz(_) => {
+            unreachable!("these need no runtime of this kind")
+        }
         Command::Idle(args) => {
             let result = idle::run(&args).await?;
             report::emit(&result, &result.table(), &args.output)?;
