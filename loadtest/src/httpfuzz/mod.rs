@@ -713,17 +713,6 @@ pub async fn run(args: &HttpFuzzArgs) -> anyhow::Result<FuzzReport> {
         m
     };
     let hang = args.hang_timeout;
-    if let Some(f) = &replay {
-        let ex = execute(&f.wire, addr, &mut None, hang).await;
-        println!(
-            "replayed {} (seed {}, request {}):\n{}\n",
-            f.what,
-            f.seed,
-            f.index,
-            f.wire.text()
-        );
-        println!("answer: {}", serde_json::to_string_pretty(&ex)?);
-    }
     let (start_index, limit) = match (args.only, replay.is_some()) {
         (_, true) => (0, 0),
         (Some(n), _) => (n, n + 1),
@@ -752,6 +741,18 @@ pub async fn run(args: &HttpFuzzArgs) -> anyhow::Result<FuzzReport> {
         now_ms: now_ms(),
         verbose: args.only.is_some(),
     });
+    if let Some(f) = &replay {
+        let ex = execute(&f.wire, addr, &mut None, hang).await;
+        println!(
+            "replayed {} (seed {}, request {}):\n{}\n",
+            f.what,
+            f.seed,
+            f.index,
+            f.wire.text()
+        );
+        println!("answer: {}\n", serde_json::to_string_pretty(&ex)?);
+        run.record(f.index, &f.wire, &ex);
+    }
     if let Some(n) = args.only {
         let wire = generate(seed, n, &modes, &run.creds, run.now_ms);
         println!("request {n} of seed {seed}:\n{}\n", wire.text());
