@@ -2,7 +2,8 @@
 # Runs every test of denokv on a fresh Debian machine with Rust:
 #   formatting and lints, the Rust unit and integration tests (against the real binary),
 #   SIGKILL crash cycles under load (tests/crash/sigkill-cycles.py), power cuts simulated by a
-#   FUSE layer (tests/powerloss/; needs root and /dev/fuse), a bounded run of every fuzz target
+#   FUSE layer (tests/powerloss/; needs root and /dev/fuse), 30 s of mutated HTTP requests against
+#   the running server (denokv-loadtest http-fuzz), a bounded run of every fuzz target
 #   (tests/fuzz/run.sh, nightly toolchain; installs cargo-fuzz),
 #   the end-to-end suites driven by the Deno CLI and the npm @deno/kv client, and the Debian
 #   package installed in a booted Debian container (tests/packaging/deb-e2e.sh; needs root).
@@ -91,6 +92,14 @@ for wal in pwrite io-uring; do
 done
 # Without an fsync per commit, acknowledged writes must be lost: proves the test can fail.
 tests/powerloss/run.sh --cycles 3 --sync-mode normal --cut drop --expect-loss
+
+# Mutated requests against the real server (the debug binaries cargo test built): 30 s, exit 1 on a
+# 5xx, a hang, a crash, a changed sentinel key or a failed integrity check. The seed changes daily
+# (DENOKV_HTTPFUZZ_SEED to repeat one); what it found is saved for `http-fuzz --replay FILE`.
+step "http-fuzz: mutated HTTP/1.1, h2 and raw h2 frame requests against a running server for 30 s"
+HTTPFUZZ_SEED="${DENOKV_HTTPFUZZ_SEED:-$(( $(date +%s) / 86400 ))}"
+"$CARGO_TARGET_DIR/debug/denokv-loadtest" http-fuzz --duration 30s --seed "$HTTPFUZZ_SEED" \
+  --server-bin "$CARGO_TARGET_DIR/debug/denokv" --findings "$CARGO_TARGET_DIR/httpfuzz-findings"
 
 # A bounded run (10 s a target); by hand, longer: tests/fuzz/run.sh 600. Its own target dir:
 # nightly and sanitizer builds.
