@@ -285,7 +285,8 @@ pub struct FuzzReport {
     /// Requests sent (a pipelined HTTP/1.1 group or an h2 frame connection counts once).
     pub executions: u64,
     pub per_sec: f64,
-    /// What came back, per mode: statuses, and `closed`, `reset`, `watch-stream`, …
+    /// Requests sent, and what came back, per mode: statuses, and `closed`, `reset`,
+    /// `watch-stream`, …
     pub by_mode: BTreeMap<&'static str, BTreeMap<String, u64>>,
     /// Every status seen, all modes together.
     pub statuses: BTreeMap<String, u64>,
@@ -424,6 +425,7 @@ impl Run {
             }
         }
         let per_mode = c.by_mode.entry(mode).or_default();
+        *per_mode.entry("requests".into()).or_default() += 1;
         for k in keys {
             *per_mode.entry(k).or_default() += 1;
         }
