@@ -4,8 +4,10 @@
     loadtest/perf-report.py                 # the full run (about half an hour on 2 cores)
     loadtest/perf-report.py --quick         # a short smoke run of the same steps
     loadtest/perf-report.py --out /tmp/p.md # somewhere else
+    loadtest/perf-report.py --no-build      # with the binaries already built
 
-It builds the release binaries, then measures in one sitting on this machine: the ceilings
+It builds the release binaries (into $CARGO_TARGET_DIR, default ~/.cache/denokv/target, where it
+also reads them from), then measures in one sitting on this machine: the ceilings
 (a trivial HTTP server, fdatasync/s, SQLite commits/s), this server and the upstream `denokv`
 side by side (write, read, mixed, cas, list, sum at 1/16/64/256 clients over HTTP/1.1 and h2),
 cost as the database grows (10 thousand to 10 million keys), memory with idle connections and
@@ -178,10 +180,23 @@ class Report:
 
     # ---- steps -----------------------------------------------------------------------------
 
-    def build(self):
+    def cargo_env(self):
+        # Build where the binaries are read from (cargo alone would use ROOT/target).
+        return {**os.environ, "CARGO_TARGET_DIR": str(self.target)}
+
+    def build(self, names):
+        """Builds the release binaries, or with --no-build checks that `names` exist."""
+        if self.args.no_build:
+            missing = [n for n in names if not (self.bin / n).is_file()]
+            if missing:
+                sys.exit(f"--no-build: {', '.join(missing)} not found in {self.bin}")
+            for n in names:
+                mtime = datetime.datetime.fromtimestamp((self.bin / n).stat().st_mtime)
+                log(f"using {self.bin / n} (built {mtime:%Y-%m-%d %H:%M})")
+            return
         log("building release binaries")
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "denokv",
-                        "-p", "denokv-loadtest"], cwd=ROOT, check=True)
+                        "-p", "denokv-loadtest"], cwd=ROOT, check=True, env=self.cargo_env())
 
     def find_upstream(self):
         if self.args.no_upstream:
@@ -301,7 +316,7 @@ class Report:
                 "commit_batch"]
         started = time.time()
         subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+                       stderr=subprocess.DEVNULL, env=self.cargo_env())
         out = {}
         base = self.target / "criterion"
         for group in sorted(base.glob("commit_batch_*")):
@@ -582,12 +597,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short loads, fewer sizes: a smoke run")
     ap.add_argument("--no-upstream", action="store_true", help="do not measure upstream denokv")
+    ap.add_argument("--no-build", action="store_true",
+                    help="use the release binaries already in $CARGO_TARGET_DIR/release "
+                    "(the criterion step still runs cargo bench)")
     ap.add_argument("--duration", default="3s", help="measured time of each load (default 3s)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     args = ap.parse_args()
     started = time.time()
     rep = Report(args)
-    rep.build()
+    rep.build(["denokv", "denokv-loadtest", "denokv-trivial-server"])
     rep.find_upstream()
     ceil = rep.ceilings()
     ours = rep.matrix("ours")
