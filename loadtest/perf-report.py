@@ -19,6 +19,12 @@ The upstream server is taken from $UPSTREAM_DENOKV, else ~/.cache/denokv/upstrea
 else installed there with `cargo install denokv --locked` (about 20 minutes); --no-upstream
 skips it. Servers and load generator share the machine's cores; every server started is
 stopped, and everything listens on loopback only.
+
+Also the real Deno client (`loadtest/deno/kvload.ts`, run by the Deno CLI that
+tests/e2e/run.sh installs, or $DENO) against ours and upstream; skipped with a note in the
+document when no Deno CLI can be found or installed.
+
+    loadtest/perf-report.py --only deno --no-build   # just that section, replaced in --out
 """
 
 import argparse
@@ -41,6 +47,20 @@ TRIVIAL_TOKEN = "trivial-server-token"
 WORKLOADS = ["write", "read", "mixed", "cas", "list", "sum"]
 PRELOADED = {"read", "mixed", "list"}
 KEYS = 10_000
+# Real Deno client loads (loadtest/deno/kvload.ts): (mix, processes, concurrent ops each).
+DENO_LOADS = [("reads", 1, 64), ("rw", 1, 64), ("writes", 1, 64), ("app", 4, 32)]
+DENO_MIXES = {"reads": "point reads (kv.get)", "rw": "80% kv.get, 20% kv.set",
+              "writes": "kv.set", "app": "80% kv.get, 15% kv.set, 5% get + atomic check+set"}
+OURS_T1 = "ours --threads 1"
+OURS_DEFAULT = "ours, default threads"
+
+
+def seconds(d):
+    """'3s', '500ms' or '0.5' as seconds."""
+    d = str(d)
+    if d.endswith("ms"):
+        return float(d[:-2]) / 1000
+    return float(d.rstrip("s"))
 
 
 def log(msg):
@@ -118,6 +138,7 @@ class Report:
         self.dbs.mkdir(parents=True, exist_ok=True)
         self.runs = 0
         self.errors = []
+        self.deno_skipped = None
         self.loadavg_start = open("/proc/loadavg").read().split(" ", 3)[:3]
         q = args.quick
         self.duration = "0.5s" if q else args.duration
@@ -129,12 +150,12 @@ class Report:
 
     # ---- processes -------------------------------------------------------------------------
 
-    def ours(self, db, extra=()):
+    def ours(self, db, extra=(), default_threads=False):
         port = free_port()
         argv = [str(self.bin / "denokv"), "--sqlite-path", str(db), "serve",
                 "--access-token", TOKEN, "--addr", f"127.0.0.1:{port}", "--metrics-addr", "off"]
         argv += list(extra)
-        if "--threads" not in extra:
+        if "--threads" not in extra and not default_threads:
             argv += ["--threads", "2"]
         return Server("ours", argv, port, self.work / "ours.log")
 
@@ -328,6 +349,91 @@ class Report:
                     out[(group.name, n)] = n / (ns * 1e-9)
         return out
 
+    def find_deno(self):
+        """The Deno CLI the e2e tests install (tests/e2e/run.sh), installing it if missing."""
+        cache = Path(os.environ.get("E2E_CACHE", Path.home() / ".cache/denokv/e2e"))
+
+        def candidates():
+            yield os.environ.get("DENO")
+            yield from sorted(str(p) for p in cache.glob("node_modules/@deno/linux-*/deno"))
+            yield str(cache / "node_modules/deno/deno")
+            yield shutil.which("deno")
+
+        def find():
+            for c in candidates():
+                if c and Path(c).is_file():
+                    p = subprocess.run([c, "--version"], capture_output=True, text=True)
+                    if p.returncode == 0:
+                        return c, p.stdout.split("\n")[0]
+            return None
+
+        found = find()
+        if not found:
+            log("installing the Deno CLI with tests/e2e/run.sh (E2E_TARGET=local E2E_SUITES=none)")
+            p = subprocess.run([str(ROOT / "tests/e2e/run.sh")], cwd=ROOT,
+                               env={**os.environ, "E2E_TARGET": "local", "E2E_SUITES": "none"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            found = find()
+            if not found:
+                self.deno_skipped = ("no Deno CLI: not found (set $DENO) and tests/e2e/run.sh "
+                                     f"did not install one: {p.stderr.strip()[-300:]}")
+                log(f"!!! SKIPPING the real Deno client loads: {self.deno_skipped}")
+                return None
+        self.deno_bin, self.deno_version = found
+        self.deno_env = {**os.environ, "DENO_NO_UPDATE_CHECK": "1", "DENO_NO_PROMPT": "1",
+                         "NO_COLOR": "1",
+                         "DENO_DIR": os.environ.get("DENO_DIR", str(cache / "deno_dir"))}
+        log(f"deno: {self.deno_bin} ({self.deno_version})")
+        return self.deno_bin
+
+    def kvload(self, server, mix, processes, concurrency, preload=False):
+        """Runs loadtest/deno/kvload.ts against a server; returns its JSON report."""
+        self.runs += 1
+        out = self.work / f"run-{self.runs:04d}-kvload-{mix}.json"
+        argv = [self.deno_bin, "run", "-A", "--unstable-kv", "--no-config",
+                str(ROOT / "loadtest/deno/kvload.ts"), "--url", server.url, "--token", TOKEN,
+                "--processes", processes, "--concurrency", concurrency, "--mix", mix,
+                "--keys", KEYS, "--duration", seconds(self.duration),
+                "--warmup", seconds(self.warmup), "--server-pid", server.pid, "--json", out]
+        if preload:
+            argv.append("--preload")
+        argv = [str(a) for a in argv]
+        try:
+            p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=self.deno_env, preexec_fn=lift_nofile, timeout=300)
+            rc, stderr = p.returncode, p.stderr
+        except subprocess.TimeoutExpired:
+            rc, stderr = "timeout", "did not finish in 300 s"
+        try:
+            report = json.loads(out.read_text())
+        except (OSError, ValueError):
+            report = {"ops_per_sec": 0, "error_total": 1, "errors": {stderr.strip(): 1}}
+        report["exit"] = rc
+        if rc != 0:
+            errs = "; ".join(f"{n}× {m}" for m, n in report.get("errors", {}).items())
+            self.errors.append(f"`kvload.ts --mix {mix} --processes {processes} --concurrency "
+                               f"{concurrency}` against {server.name} exited {rc}: "
+                               f"{(errs or stderr.strip())[-300:]}")
+        return report
+
+    def deno_clients(self):
+        """The real Deno client (loadtest/deno/kvload.ts) against ours and upstream."""
+        if not self.find_deno():
+            return None
+        log("real Deno clients")
+        out = {}
+        servers = [(OURS_T1, lambda db: self.ours(db, ["--threads", "1"])),
+                   (OURS_DEFAULT, lambda db: self.ours(db, default_threads=True))]
+        if self.upstream_bin:
+            servers.append(("upstream", self.upstream))
+        for label, mk in servers:
+            with mk(self.fresh_db("deno")) as srv:
+                for i, (mix, procs, conc) in enumerate(DENO_LOADS):
+                    log(f"  {label}: {mix} {procs}×{conc}")
+                    out[(label, mix, procs, conc)] = self.kvload(srv, mix, procs, conc,
+                                                                 preload=i == 0)
+        return out
+
     def profile(self):
         if not shutil.which("perf"):
             return None
@@ -401,7 +507,65 @@ def git_rev():
     return p.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 
-def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof):
+def render_deno(rep, deno):
+    """The "Real Deno clients" section."""
+    L = []
+    w = L.append
+    w("## Real Deno clients\n")
+    if deno is None:
+        w(f"**Not measured: {rep.deno_skipped}**\n")
+        return L
+    threads = len(os.sched_getaffinity(0))
+    w(f"`loadtest/deno/kvload.ts` under {rep.deno_version}: the real client, `Deno.openKv(url)`. "
+      "Each process is a Deno subprocess with its own `Deno.openKv`, so its own h2 connection, "
+      "as each app server process has; each keeps C operations in flight (closed loop). "
+      f"{rep.warmup} warm-up, {rep.duration} measured; {KEYS:,} preloaded keys, 100-byte "
+      "values. `cas` is what an app does for a checked update: `kv.get`, then "
+      "`kv.atomic().check({ key, versionstamp }).set(...).commit()` (two requests, timed "
+      "together); a check that fails because another writer got there first is counted apart, "
+      "not in ops/s and not as an error. Errors: every operation that threw, returned a wrong "
+      "or missing value, or had no answer 10 s after the window. CPU µs/op: the server's and the "
+      "Deno processes' own user+system time over the window (both share the same cores). "
+      f"Ours: `--threads 1`, and the default (one serving thread per CPU: {threads} here); "
+      "upstream: its defaults.\n")
+    w("| load | processes × ops in flight | server | ops/s | errors | failed checks | "
+      "server CPU µs/op | client CPU µs/op | ÷ upstream |")
+    w("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    labels = list(dict.fromkeys(k[0] for k in deno))
+    for mix, procs, conc in DENO_LOADS:
+        u = deno.get(("upstream", mix, procs, conc), {})
+        for label in labels:
+            r = deno.get((label, mix, procs, conc), {})
+            w(f"| {DENO_MIXES[mix]} | {procs} × {conc} | {label} | {fmt(r.get('ops_per_sec'))} | "
+              f"{r.get('error_total', '–')} | {r.get('check_failed', '–')} | {cpu(r)} | "
+              f"{client_cpu(r)} | "
+              f"{ratio(r.get('ops_per_sec'), u.get('ops_per_sec')) if label != 'upstream' else ''} |")
+    w("")
+    o, u = (deno.get((OURS_DEFAULT, "app", 4, 32), {}), deno.get(("upstream", "app", 4, 32), {}))
+    oo, uu = o.get("ops_per_sec"), u.get("ops_per_sec")
+    met = bool(oo and uu and not o.get("error_total")) and oo >= 3 * uu
+    w(f"- Target, 4 Deno processes × 32 on the app mix, ours ≥ 3× upstream: "
+      f"{fmt(oo)} ÷ {fmt(uu)} = {ratio(oo, uu)}: {'met' if met else '**not met**'}.")
+    a, b = (deno.get((OURS_DEFAULT, "reads", 1, 64), {}).get("ops_per_sec"),
+            deno.get((OURS_T1, "reads", 1, 64), {}).get("ops_per_sec"))
+    w(f"- One Deno app (1 process × 64 point reads): default threads ÷ `--threads 1` = "
+      f"{fmt(a)} ÷ {fmt(b)} = {ratio(a, b)} (the issue's aim for one h2 connection: ≥ 1.5×).\n")
+    w("Latency per operation (ms; percentiles from 1%-wide buckets):\n")
+    w("| load | server | operation | count | p50 | p90 | p99 | max |")
+    w("|---|---|---|---:|---:|---:|---:|---:|")
+    for mix, procs, conc in DENO_LOADS:
+        for label in labels:
+            r = deno.get((label, mix, procs, conc), {})
+            for op in r.get("per_op", {}):
+                l_ = lat(r, op) or {}
+                w(f"| {mix} {procs} × {conc} | {label} | {op} | {fmt(l_.get('count'))} | "
+                  f"{fmt(l_.get('p50'), 2)} | {fmt(l_.get('p90'), 2)} | {fmt(l_.get('p99'), 2)} | "
+                  f"{fmt(l_.get('max'), 2)} |")
+    w("")
+    return L
+
+
+def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof, deno):
     L = []
     w = L.append
     elapsed = (time.time() - started) / 60
@@ -516,6 +680,8 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
       "keys) are counted apart. sum and cas verify afterwards that the counters equal the "
       "acknowledged operations; a failed check would show as an error below.\n")
 
+    L += render_deno(rep, deno)
+
     w("## Cost as the database grows (ours, h2, 64 clients)\n")
     w("| keys | file size | reads/s | read p99 ms | server CPU µs/read | writes/s | write p99 ms | server CPU µs/write |")
     w("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -593,6 +759,30 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
     return "\n".join(L) + "\n"
 
 
+SECTIONS = {"deno": "## Real Deno clients"}
+
+
+def splice(doc, sections):
+    """`doc` with each (heading prefix, markdown) of `sections` in place of its `## ` section
+    with that heading, or, if it has none, inserted before the scaling section (else at the
+    end)."""
+    trailing = doc[len(doc.rstrip("\n")):] or "\n"
+    lines = doc.rstrip("\n").split("\n")
+    for prefix, text in sections:
+        new = text.rstrip("\n").split("\n") + [""]
+        start = next((i for i, l in enumerate(lines) if l.startswith(prefix)), None)
+        if start is not None:
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                       len(lines))
+        else:
+            start = end = next((i for i, l in enumerate(lines) if l.startswith(
+                "## Cost as the database grows")), len(lines))
+            if start == len(lines):
+                new = [""] + new
+        lines[start:end] = new
+    return "\n".join(lines).rstrip("\n") + trailing
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short loads, fewer sizes: a smoke run")
@@ -600,23 +790,62 @@ def main():
     ap.add_argument("--no-build", action="store_true",
                     help="use the release binaries already in $CARGO_TARGET_DIR/release "
                     "(the criterion step still runs cargo bench)")
+    ap.add_argument("--only", metavar="SECTIONS",
+                    help="run only these sections (comma-separated: " + ", ".join(SECTIONS) +
+                    ") and replace just them in --out, which keeps the rest")
     ap.add_argument("--duration", default="3s", help="measured time of each load (default 3s)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     args = ap.parse_args()
+    only = None
+    if args.only is not None:
+        only = [x.strip() for x in args.only.split(",") if x.strip()]
+        bad = [x for x in only if x not in SECTIONS]
+        if bad or not only:
+            ap.error(f"--only: unknown section {', '.join(bad)} (known: {', '.join(SECTIONS)})")
     started = time.time()
     rep = Report(args)
+    if only is not None:
+        rep.build(["denokv"])
+        rep.find_upstream()
+        sections = []
+        for name in only:
+            before = len(rep.errors)
+            deno = rep.deno_clients()
+            L = render_deno(rep, deno)
+            flags = " ".join([f"--only {','.join(only)}"] + (["--quick"] if args.quick else []) +
+                             ([f"--duration {args.duration}"] if not args.quick else []) +
+                             (["--no-upstream"] if args.no_upstream else []))
+            L.insert(1, f"*Measured apart from the rest of this document: "
+                        f"`loadtest/perf-report.py {flags}` on "
+                        f"{datetime.date.today().isoformat()} at commit {git_rev()}; "
+                        f"{machine()}; load average (1/5/15 min) at the start "
+                        f"{rep.loadavg_start}, at the end "
+                        f"{open('/proc/loadavg').read().split(' ', 3)[:3]}.*\n")
+            if len(rep.errors) > before:
+                L.append("Runs of this section that did not pass:\n")
+                L += [f"- {e}" for e in rep.errors[before:]] + [""]
+            sections.append((SECTIONS[name], "\n".join(L)))
+        out = Path(args.out)
+        doc = out.read_text() if out.exists() else "# Performance\n"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(splice(doc, sections))
+        shutil.rmtree(rep.work / "db", ignore_errors=True)
+        log(f"wrote {', '.join(only)} into {args.out} ({len(rep.errors)} runs did not pass)")
+        return
     rep.build(["denokv", "denokv-loadtest", "denokv-trivial-server"])
     rep.find_upstream()
     ceil = rep.ceilings()
     ours = rep.matrix("ours")
     up = rep.matrix("upstream") if rep.upstream_bin else {}
+    deno = rep.deno_clients()
     scale = rep.scaling()
     mem_ours = rep.memory("ours")
     mem_up = rep.memory("upstream") if rep.upstream_bin else {}
     variants = rep.variants()
     bench = rep.batch_bench()
     prof = rep.profile()
-    text = render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof)
+    text = render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof,
+                  deno)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     shutil.rmtree(rep.work / "db", ignore_errors=True)
