@@ -20,11 +20,14 @@ else installed there with `cargo install denokv --locked` (about 20 minutes); --
 skips it. Servers and load generator share the machine's cores; every server started is
 stopped, and everything listens on loopback only.
 
-Also the real Deno client (`loadtest/deno/kvload.ts`, run by the Deno CLI that
-tests/e2e/run.sh installs, or $DENO) against ours and upstream; skipped with a note in the
-document when no Deno CLI can be found or installed.
+Two more sections: the real Deno client (`loadtest/deno/kvload.ts`, run by the Deno CLI that
+tests/e2e/run.sh installs, or $DENO) against ours and upstream, and Redis from Debian with
+every write fsynced (`redis-server --appendonly yes --appendfsync always`, installed with
+apt-get when missing) measured with its own `redis-benchmark`, as a yardstick. Either is
+skipped with a note in the document when its tool cannot be found or installed.
 
-    loadtest/perf-report.py --only deno --no-build   # just that section, replaced in --out
+    loadtest/perf-report.py --only deno,redis --no-build   # just these two sections,
+                                                            # replaced in --out in place
 """
 
 import argparse
@@ -33,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -61,6 +65,16 @@ def seconds(d):
     if d.endswith("ms"):
         return float(d[:-2]) / 1000
     return float(d.rstrip("s"))
+
+
+def cpu_ticks(pid):
+    """User+system CPU clock ticks of a process so far, or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        f = stat[stat.rindex(")") + 2:].split()
+        return int(f[11]) + int(f[12])
+    except (OSError, ValueError):
+        return None
 
 
 def log(msg):
@@ -139,6 +153,7 @@ class Report:
         self.runs = 0
         self.errors = []
         self.deno_skipped = None
+        self.redis_skipped = None
         self.loadavg_start = open("/proc/loadavg").read().split(" ", 3)[:3]
         q = args.quick
         self.duration = "0.5s" if q else args.duration
@@ -434,6 +449,101 @@ class Report:
                                                                  preload=i == 0)
         return out
 
+    def find_redis(self):
+        """redis-server and redis-benchmark, installed from Debian when missing."""
+        names = ["redis-server", "redis-benchmark", "redis-cli"]
+        if all(shutil.which(n) for n in names):
+            return True
+        if shutil.which("apt-get") and os.geteuid() == 0:
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            install = ["apt-get", "install", "-y", "-q", "redis-server", "redis-tools"]
+            log("installing Redis: " + " ".join(install))
+            p = subprocess.run(install, env=env, capture_output=True, text=True)
+            if p.returncode != 0:
+                log("apt-get install failed; apt-get update, then again")
+                subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+                p = subprocess.run(install, env=env, capture_output=True, text=True)
+            if all(shutil.which(n) for n in names):
+                return True
+            why = f"`{' '.join(install)}` failed: {(p.stderr or p.stdout).strip()[-300:]}"
+        else:
+            why = "not installed, and apt-get as root is not available to install it"
+        self.redis_skipped = (f"Redis ({', '.join(names)}) {why}; install `redis-server` "
+                              "and `redis-tools` and re-run")
+        log(f"!!! SKIPPING the Redis anchor: {self.redis_skipped}")
+        return False
+
+    def redis_benchmark(self, srv, label, *args):
+        """One redis-benchmark run (one test): its CSV row, with server and client CPU."""
+        argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(srv.port), "-d", "100",
+                "-r", "100000", "-e", "--csv", *[str(a) for a in args]]
+        before = cpu_ticks(srv.pid)
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        after = cpu_ticks(srv.pid)
+        rows, other = [], []
+        for line in p.stdout.splitlines():
+            f = [x.strip('"') for x in line.split('","')]
+            if len(f) >= 8 and f[0] != "test":
+                rows.append(f)
+            elif line.strip() and not line.startswith('"test"'):
+                other.append(line.strip())
+        shown = [a for a in argv[:1] + argv[5:] if a not in ("-e", "--csv")]
+        r = {"command": " ".join(shown), "exit": p.returncode,
+             "error_total": len(other) + (p.returncode != 0), "errors": other[:5]}
+        if rows:
+            f = rows[-1]
+            r["test"] = f[0]
+            r["ops_per_sec"] = float(f[1])
+            r["latency_ms"] = {"all": {"mean": float(f[2]), "p50": float(f[4]),
+                                       "p95": float(f[5]), "p99": float(f[6]),
+                                       "max": float(f[7])}}
+            n = int(args[args.index("-n") + 1])
+            hz = os.sysconf("SC_CLK_TCK")
+            if before is not None and after is not None:
+                r["server_cpu_ms_per_1k_ops"] = (after - before) / hz * 1e6 / n
+            client = (ru2.ru_utime + ru2.ru_stime) - (ru.ru_utime + ru.ru_stime)
+            r["client_cpu_ms_per_1k_ops"] = client * 1e6 / n
+        else:
+            r["error_total"] += 1
+        if r["error_total"]:
+            self.errors.append(f"`{r['command']}` ({label}) exited {p.returncode}: "
+                               f"{'; '.join(other[:3]) or p.stderr.strip()[-300:]}")
+        return r
+
+    def redis(self):
+        """The Redis anchor: Redis from Debian, AOF fsynced always, with its own client."""
+        if not self.find_redis():
+            return None
+        log("Redis anchor (redis-benchmark)")
+        d = self.work / "db" / f"redis-{self.runs}"
+        d.mkdir(parents=True)
+        self.runs += 1
+        port = free_port()
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                "--daemonize", "no"]
+        out = {"argv": shlex.join(argv[:5] + ["--dir", "<fresh dir>"] + argv[7:])}
+        version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
+        out["version"] = version.stdout.strip()
+        dur = seconds(self.duration)
+        n64 = max(10_000, int(40_000 * dur))
+        n1 = max(1_000, int(2_000 * dur))
+        with Server("redis", argv, port, self.work / "redis.log") as srv:
+            conf = {}
+            for k in ["appendonly", "appendfsync", "save"]:
+                p = subprocess.run(["redis-cli", "-p", str(port), "config", "get", k],
+                                   capture_output=True, text=True)
+                v = p.stdout.split("\n")
+                conf[k] = v[1] if len(v) > 1 else "?"
+            out["config"] = conf
+            for test, c, n in [("set", 64, n64), ("get", 64, n64), ("set", 1, n1)]:
+                log(f"  redis {test} {c} clients, {n:,} requests")
+                out[(test, c)] = self.redis_benchmark(srv, f"{test} {c}", "-t", test,
+                                                      "-c", c, "-n", n)
+        return out
+
     def profile(self):
         if not shutil.which("perf"):
             return None
@@ -565,7 +675,62 @@ def render_deno(rep, deno):
     return L
 
 
-def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof, deno):
+def render_redis(rep, redis, ours, up, deno):
+    """The Redis anchor, with the loads of ours and upstream closest to it beside it."""
+    L = []
+    w = L.append
+    w("## Redis, for scale (its own client, not our protocol)\n")
+    if redis is None:
+        w(f"**Not measured: {rep.redis_skipped}**\n")
+        return L
+    c = redis["config"]
+    w(f"{redis['version']} from Debian, started as `{redis['argv']}` in a fresh directory on "
+      f"the same disk as our databases (read back with CONFIG GET: appendonly {c['appendonly']}, "
+      f"appendfsync {c['appendfsync']}, save '{c['save']}'), so every write is in the "
+      "append-only file and fsynced before Redis answers; it fsyncs once per event-loop pass "
+      "for all the clients served in it, a group commit like ours. Measured with Redis's own "
+      "client, `redis-benchmark -d 100 -r 100000` (RESP, a connection per client, one request "
+      "in flight each, no pipelining), once per row below; GET runs after SET and asks for a random "
+      "one of the same 100,000 keys (one that SET has not written answers nil). It is a yardstick, not a comparison "
+      "of like with like: RESP is a far lighter protocol than HTTP with protobuf, a SET is not "
+      "an atomic KV Connect commit with a versionstamp, and redis-benchmark is not our load "
+      "generator. The rows after Redis's are ours and upstream's closest loads from this "
+      "report, each with its own client as named.\n")
+    w("| server | client | load | ops/s | p50 ms | p99 ms | server CPU µs/op | "
+      "client CPU µs/op | errors |")
+    w("|---|---|---|---:|---:|---:|---:|---:|---:|")
+
+    def row(server, client, load, r):
+        if not r:
+            return
+        l_ = lat(r) or {}
+        w(f"| {server} | {client} | {load} | {fmt(r.get('ops_per_sec'))} | "
+          f"{fmt(l_.get('p50'), 2)} | {fmt(l_.get('p99'), 2)} | {cpu(r)} | {client_cpu(r)} | "
+          f"{r.get('error_total', '–')} |")
+
+    for (test, c), label in [(("set", 64), "SET, 64 clients"), (("get", 64), "GET, 64 clients"),
+                             (("set", 1), "SET, 1 client")]:
+        row("Redis", "redis-benchmark", label, redis.get((test, c), {}))
+    for name, table in [("ours", ours), ("upstream", up)]:
+        for (wl, c), label in [(("write", 64), "write, 64 clients"),
+                               (("read", 64), "point read, 64 clients"),
+                               (("write", 1), "write, 1 client")]:
+            row(name, "denokv-loadtest, HTTP/1.1", label, table.get((wl, "h1", c)))
+    for label in [OURS_DEFAULT, "upstream"]:
+        for mix, text in [("writes", "kv.set, 1 process × 64"),
+                          ("reads", "kv.get, 1 process × 64")]:
+            row(label, "Deno.openKv, h2", text, (deno or {}).get((label, mix, 1, 64)))
+    w("")
+    w("Redis's rows, in order: " + "; ".join(
+        f"`{redis[k]['command']}`" for k in [("set", 64), ("get", 64), ("set", 1)] if k in redis)
+      + " (with `-e --csv`: server errors printed and counted, CSV output; the p50/p99 are "
+      "redis-benchmark's own). Its server CPU is the redis-server process's over the whole "
+      "run, its client CPU redis-benchmark's.\n")
+    return L
+
+
+def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof, deno,
+           redis):
     L = []
     w = L.append
     elapsed = (time.time() - started) / 60
@@ -681,6 +846,7 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
       "acknowledged operations; a failed check would show as an error below.\n")
 
     L += render_deno(rep, deno)
+    L += render_redis(rep, redis, ours, up, deno)
 
     w("## Cost as the database grows (ours, h2, 64 clients)\n")
     w("| keys | file size | reads/s | read p99 ms | server CPU µs/read | writes/s | write p99 ms | server CPU µs/write |")
@@ -759,7 +925,7 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
     return "\n".join(L) + "\n"
 
 
-SECTIONS = {"deno": "## Real Deno clients"}
+SECTIONS = {"deno": "## Real Deno clients", "redis": "## Redis"}
 
 
 def splice(doc, sections):
@@ -802,16 +968,21 @@ def main():
         bad = [x for x in only if x not in SECTIONS]
         if bad or not only:
             ap.error(f"--only: unknown section {', '.join(bad)} (known: {', '.join(SECTIONS)})")
+        only = [x for x in SECTIONS if x in only]  # deno first: the Redis table quotes it
     started = time.time()
     rep = Report(args)
     if only is not None:
         rep.build(["denokv"])
         rep.find_upstream()
         sections = []
+        deno = None
         for name in only:
             before = len(rep.errors)
-            deno = rep.deno_clients()
-            L = render_deno(rep, deno)
+            if name == "deno":
+                deno = rep.deno_clients()
+                L = render_deno(rep, deno)
+            else:
+                L = render_redis(rep, rep.redis(), {}, {}, deno)
             flags = " ".join([f"--only {','.join(only)}"] + (["--quick"] if args.quick else []) +
                              ([f"--duration {args.duration}"] if not args.quick else []) +
                              (["--no-upstream"] if args.no_upstream else []))
@@ -838,6 +1009,7 @@ def main():
     ours = rep.matrix("ours")
     up = rep.matrix("upstream") if rep.upstream_bin else {}
     deno = rep.deno_clients()
+    redis = rep.redis()
     scale = rep.scaling()
     mem_ours = rep.memory("ours")
     mem_up = rep.memory("upstream") if rep.upstream_bin else {}
@@ -845,7 +1017,7 @@ def main():
     bench = rep.batch_bench()
     prof = rep.profile()
     text = render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof,
-                  deno)
+                  deno, redis)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     shutil.rmtree(rep.work / "db", ignore_errors=True)
