@@ -61,14 +61,16 @@ interface Args {
   seed: number;
 }
 
-function usage(msg: string): never {
-  console.error(`kvload: ${msg}`);
-  console.error(
+function usage(msg: string | null): never {
+  if (msg) console.error(`kvload: ${msg}`);
+  (msg ? console.error : console.log)(
     "usage: kvload.ts --url URL [--token T] [--processes N] [--concurrency C] " +
       "[--duration S] [--warmup S] [--keys K] [--mix reads|rw|app|writes|get=80,set=15,cas=5] " +
-      "[--preload] [--server-pid PID] [--json FILE]",
+      "[--preload] [--server-pid PID] [--json FILE]\n" +
+      "(the token can come from $DENO_KV_ACCESS_TOKEN; the comment at the top of " +
+      "loadtest/deno/kvload.ts says what is measured and how)",
   );
-  Deno.exit(2);
+  Deno.exit(msg ? 2 : 0);
 }
 
 function parseMix(s: string): Record<string, number> {
@@ -144,6 +146,10 @@ function parseArgs(argv: string[]): Args {
         break;
       case "--json":
         a.json = v();
+        break;
+      case "--help":
+      case "-h":
+        usage(null);
         break;
       case "--child":
         a.child = true;
