@@ -234,6 +234,14 @@ class Report:
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "denokv",
                         "-p", "denokv-loadtest"], cwd=ROOT, check=True, env=self.cargo_env())
 
+    def binaries_note(self):
+        """With --no-build, which binary ran (it need not be built from this commit)."""
+        if not self.args.no_build:
+            return ""
+        t = datetime.datetime.fromtimestamp((self.bin / "denokv").stat().st_mtime)
+        return (f", with `--no-build`: the `denokv` already in {self.bin} (built "
+                f"{t:%Y-%m-%d %H:%M}, not necessarily from that commit)")
+
     def find_upstream(self):
         if self.args.no_upstream:
             self.upstream_bin = None
@@ -736,7 +744,8 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
     elapsed = (time.time() - started) / 60
     w("# Performance\n")
     w(f"Produced by `loadtest/perf-report.py{' --quick' if rep.args.quick else ''}` on "
-      f"{datetime.date.today().isoformat()} at commit {git_rev()}, in one sitting of "
+      f"{datetime.date.today().isoformat()} at commit {git_rev()}{rep.binaries_note()}, in one "
+      f"sitting of "
       f"{elapsed:.0f} minutes. Re-run it to check any number here; raw JSON reports are kept in "
       f"`$CARGO_TARGET_DIR/perf-report/`.\n")
     w(f"- Machine: {machine()}. Servers and the load generator share these cores, so every "
@@ -988,7 +997,8 @@ def main():
                              (["--no-upstream"] if args.no_upstream else []))
             L.insert(1, f"*Measured apart from the rest of this document: "
                         f"`loadtest/perf-report.py {flags}` on "
-                        f"{datetime.date.today().isoformat()} at commit {git_rev()}; "
+                        f"{datetime.date.today().isoformat()} at commit {git_rev()}"
+                        f"{rep.binaries_note()}; "
                         f"{machine()}; load average (1/5/15 min) at the start "
                         f"{rep.loadavg_start}, at the end "
                         f"{open('/proc/loadavg').read().split(' ', 3)[:3]}.*\n")
