@@ -31,6 +31,7 @@ skipped with a note in the document when its tool cannot be found or installed.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -75,6 +76,28 @@ def cpu_ticks(pid):
         return int(f[11]) + int(f[12])
     except (OSError, ValueError):
         return None
+
+
+def median_run(reports):
+    """The report of the median run by ops/s (lower median), with the errors of all the runs
+    and every run's ops/s in `ops_per_sec_rounds`."""
+    chosen = dict(sorted(reports, key=lambda r: r.get("ops_per_sec") or 0)[(len(reports) - 1) // 2])
+    chosen["ops_per_sec_rounds"] = [r.get("ops_per_sec") or 0 for r in reports]
+    chosen["error_total"] = sum(r.get("error_total", 0) for r in reports)
+    return chosen
+
+
+def rounds_note(rep):
+    n = rep.args.rounds
+    return (f"; each figure is the median of {n} rounds by ops/s (their range in brackets; "
+            "errors: all rounds)" if n > 1 else "")
+
+
+def ops_cell(r):
+    """ops/s, with the range over the rounds when there were several."""
+    rounds = r.get("ops_per_sec_rounds") or []
+    spread = f" ({fmt(min(rounds))}–{fmt(max(rounds))})" if len(rounds) > 1 else ""
+    return fmt(r.get("ops_per_sec")) + spread
 
 
 def log(msg):
@@ -440,22 +463,27 @@ class Report:
         return report
 
     def deno_clients(self):
-        """The real Deno client (loadtest/deno/kvload.ts) against ours and upstream."""
+        """The real Deno client (loadtest/deno/kvload.ts) against ours and upstream. All the
+        servers run at once, idle but for the one under load, and take turns on each load, so
+        that other work on the machine falls on all of them alike; --rounds N repeats that."""
         if not self.find_deno():
             return None
         log("real Deno clients")
-        out = {}
         servers = [(OURS_T1, lambda db: self.ours(db, ["--threads", "1"])),
                    (OURS_DEFAULT, lambda db: self.ours(db, default_threads=True))]
         if self.upstream_bin:
             servers.append(("upstream", self.upstream))
-        for label, mk in servers:
-            with mk(self.fresh_db("deno")) as srv:
+        runs = {}
+        with contextlib.ExitStack() as stack:
+            started = [(label, stack.enter_context(mk(self.fresh_db("deno"))))
+                       for label, mk in servers]
+            for rnd in range(self.args.rounds):
                 for i, (mix, procs, conc) in enumerate(DENO_LOADS):
-                    log(f"  {label}: {mix} {procs}×{conc}")
-                    out[(label, mix, procs, conc)] = self.kvload(srv, mix, procs, conc,
-                                                                 preload=i == 0)
-        return out
+                    for label, srv in started:
+                        log(f"  round {rnd + 1}: {label}: {mix} {procs}×{conc}")
+                        runs.setdefault((label, mix, procs, conc), []).append(
+                            self.kvload(srv, mix, procs, conc, preload=rnd == 0 and i == 0))
+        return {k: median_run(v) for k, v in runs.items()}
 
     def find_redis(self):
         """redis-server and redis-benchmark, installed from Debian when missing."""
@@ -546,10 +574,13 @@ class Report:
                 v = p.stdout.split("\n")
                 conf[k] = v[1] if len(v) > 1 else "?"
             out["config"] = conf
-            for test, c, n in [("set", 64, n64), ("get", 64, n64), ("set", 1, n1)]:
-                log(f"  redis {test} {c} clients, {n:,} requests")
-                out[(test, c)] = self.redis_benchmark(srv, f"{test} {c}", "-t", test,
-                                                      "-c", c, "-n", n)
+            runs = {}
+            for rnd in range(self.args.rounds):
+                for test, c, n in [("set", 64, n64), ("get", 64, n64), ("set", 1, n1)]:
+                    log(f"  round {rnd + 1}: redis {test} {c} clients, {n:,} requests")
+                    runs.setdefault((test, c), []).append(self.redis_benchmark(
+                        srv, f"{test} {c}", "-t", test, "-c", c, "-n", n))
+        out.update({k: median_run(v) for k, v in runs.items()})
         return out
 
     def profile(self):
@@ -645,7 +676,9 @@ def render_deno(rep, deno):
       "or missing value, or had no answer 10 s after the window. CPU µs/op: the server's and the "
       "Deno processes' own user+system time over the window (both share the same cores). "
       f"Ours: `--threads 1`, and the default (one serving thread per CPU: {threads} here); "
-      "upstream: its defaults.\n")
+      "upstream: its defaults. The three servers run at once, idle but for the one under "
+      "load, and take turns on each load, so other work on the machine falls on all alike"
+      + rounds_note(rep) + ".\n")
     w("| load | processes × ops in flight | server | ops/s | errors | failed checks | "
       "server CPU µs/op | client CPU µs/op | ÷ upstream |")
     w("|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -654,7 +687,7 @@ def render_deno(rep, deno):
         u = deno.get(("upstream", mix, procs, conc), {})
         for label in labels:
             r = deno.get((label, mix, procs, conc), {})
-            w(f"| {DENO_MIXES[mix]} | {procs} × {conc} | {label} | {fmt(r.get('ops_per_sec'))} | "
+            w(f"| {DENO_MIXES[mix]} | {procs} × {conc} | {label} | {ops_cell(r)} | "
               f"{r.get('error_total', '–')} | {r.get('check_failed', '–')} | {cpu(r)} | "
               f"{client_cpu(r)} | "
               f"{ratio(r.get('ops_per_sec'), u.get('ops_per_sec')) if label != 'upstream' else ''} |")
@@ -703,7 +736,7 @@ def render_redis(rep, redis, ours, up, deno):
       "of like with like: RESP is a far lighter protocol than HTTP with protobuf, a SET is not "
       "an atomic KV Connect commit with a versionstamp, and redis-benchmark is not our load "
       "generator. The rows after Redis's are ours and upstream's closest loads from this "
-      "report, each with its own client as named.\n")
+      "report, each with its own client as named" + rounds_note(rep) + ".\n")
     w("| server | client | load | ops/s | p50 ms | p99 ms | server CPU µs/op | "
       "client CPU µs/op | errors |")
     w("|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -712,7 +745,7 @@ def render_redis(rep, redis, ours, up, deno):
         if not r:
             return
         l_ = lat(r) or {}
-        w(f"| {server} | {client} | {load} | {fmt(r.get('ops_per_sec'))} | "
+        w(f"| {server} | {client} | {load} | {ops_cell(r)} | "
           f"{fmt(l_.get('p50'), 2)} | {fmt(l_.get('p99'), 2)} | {cpu(r)} | {client_cpu(r)} | "
           f"{r.get('error_total', '–')} |")
 
@@ -969,8 +1002,13 @@ def main():
                     help="run only these sections (comma-separated: " + ", ".join(SECTIONS) +
                     ") and replace just them in --out, which keeps the rest")
     ap.add_argument("--duration", default="3s", help="measured time of each load (default 3s)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="Deno and Redis sections: run every load N times, servers taking "
+                    "turns, and report the median run by ops/s (default 1)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     only = None
     if args.only is not None:
         only = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -994,6 +1032,7 @@ def main():
                 L = render_redis(rep, rep.redis(), {}, {}, deno)
             flags = " ".join([f"--only {','.join(only)}"] + (["--quick"] if args.quick else []) +
                              ([f"--duration {args.duration}"] if not args.quick else []) +
+                             ([f"--rounds {args.rounds}"] if args.rounds != 1 else []) +
                              (["--no-upstream"] if args.no_upstream else []))
             L.insert(1, f"*Measured apart from the rest of this document: "
                         f"`loadtest/perf-report.py {flags}` on "
