@@ -193,6 +193,7 @@ def main():
         raise SystemExit(f"no release binary at {binary}: cargo build --release -p denokv")
     work = Path(tempfile.mkdtemp(prefix="denokv-conn-cost-"))
     tls = make_cert(work)
+    load_before = os.getloadavg()[0]
 
     def client_ctx(alpn):
         ctx = ssl.create_default_context(cafile=str(tls[0]))
@@ -209,7 +210,8 @@ def main():
     n = args.connections
     rows = [
         f"Measured by `loadtest/conn-cost-report.py --connections {n} --seconds {args.seconds}` on "
-        f"{time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, release build, loopback). Each row: a fresh "
+        f"{time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, release build, loopback; load average "
+        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after: other work shared the cores). Each row: a fresh "
         f"server, {n:,} connections each after one answered request (`GET /`), held idle; the server's "
         "resident memory before and with them.",
         "",
