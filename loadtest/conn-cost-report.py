@@ -25,30 +25,21 @@ import socket
 import ssl
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from reportlib import ROOT, free_port, log, rss_kib, write_section
+
 TOKEN = "conn-cost-report-token-0123456789"
 BEGIN, END = "<!-- conn-cost-report:begin -->", "<!-- conn-cost-report:end -->"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def rss_kib(pid):
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1))
 
 
 def h2_frame(kind, flags, stream, payload=b""):
@@ -239,11 +230,7 @@ def main():
     ]
     text = "\n".join(rows)
     print(text)
-    doc = args.out.read_text() if args.out.exists() else ""
-    if BEGIN not in doc:
-        doc += f"\n## What a connection costs\n\n{BEGIN}\n{END}\n"
-    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
-    args.out.write_text(doc)
+    write_section(args.out, BEGIN, END, "What a connection costs", text)
 
 
 if __name__ == "__main__":

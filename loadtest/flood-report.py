@@ -19,20 +19,18 @@ set-then-get loop on one key space throughout. Needs the release binary
 
 import argparse
 import asyncio
-import glob
 import json
 import os
-import re
 import resource
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from reportlib import ROOT, find_deno, free_port, log, rss_kib, write_section
+
 TOKEN = "flood-report-token-0123456789"
 BEGIN, END = "<!-- flood-report:begin -->", "<!-- flood-report:end -->"
 IDLE_SOURCES = [f"127.0.0.{i}" for i in range(2, 22)]
@@ -64,27 +62,12 @@ console.log(JSON.stringify({ n: lat.length, errors, p50: q(50), p99: q(99), max:
 """
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def rss_mib(pid):
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
 
 
-def find_deno():
-    cache = Path(os.environ.get("E2E_CACHE", Path.home() / ".cache/denokv/e2e"))
-    for c in glob.glob(str(cache / "node_modules/@deno/linux-*/deno")) + [str(cache / "node_modules/deno/deno")]:
-        if os.access(c, os.X_OK):
-            return c
-    raise SystemExit("no Deno: run tests/e2e/run.sh once (it installs Deno from npm)")
 
 
 class Idle(threading.Thread):
@@ -202,14 +185,14 @@ def main():
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "DENO_KV_ACCESS_TOKEN": TOKEN, "NO_COLOR": "1",
                "DENO_DIR": str(Path.home() / ".cache/denokv/e2e/deno_dir")}
-        rss0 = rss_mib(server.pid)
+        rss0 = rss_kib(server.pid) / 1024
         log("baseline: the Deno client alone")
         base = finish(*deno_phase(deno, url, args.seconds, env))
         log(f"opening {args.idle} idle connections")
         idle = Idle(port, args.idle)
         idle.start()
         idle.ready.wait()
-        rss_idle = rss_mib(server.pid)
+        rss_idle = rss_kib(server.pid) / 1024
         log(f"{idle.held} idle connections held; flooding with {args.attempts} attempts under the Deno client")
         # The client runs for exactly as long as the flood.
         stop_file = work / "stop"
@@ -218,7 +201,7 @@ def main():
         fl = asyncio.run(flood(port, args.attempts, 256))
         stop_file.touch()
         during = finish(p, script)
-        rss_after = rss_mib(server.pid)
+        rss_after = rss_kib(server.pid) / 1024
         idle.release.set()
         idle.join()
         alive = server.poll() is None
@@ -248,11 +231,7 @@ def main():
     ]
     text = "\n".join(rows)
     print(text)
-    doc = args.out.read_text() if args.out.exists() else ""
-    if BEGIN not in doc:
-        doc += f"\n## Idle connections and a connection flood\n\n{BEGIN}\n{END}\n"
-    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
-    args.out.write_text(doc)
+    write_section(args.out, BEGIN, END, "Idle connections and a connection flood", text)
 
 
 if __name__ == "__main__":

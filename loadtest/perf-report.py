@@ -46,7 +46,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from reportlib import ROOT, free_port, log
+
 TOKEN = "perf-report-token-0123456789"
 TRIVIAL_TOKEN = "trivial-server-token"
 WORKLOADS = ["write", "read", "mixed", "cas", "list", "sum"]
@@ -100,14 +101,8 @@ def ops_cell(r):
     return fmt(r.get("ops_per_sec")) + spread
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lift_nofile():

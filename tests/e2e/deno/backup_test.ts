@@ -66,6 +66,21 @@ function gauge(text: string, name: string): number {
   return Number(line.split(" ")[1]);
 }
 
+/** Values of every kind, a sum, a max and a min, a delete, and `many` keys of growing size. */
+async function writeSample(kv: Deno.Kv, many: number) {
+  await kv.set(["s", "str"], "hello 🦕");
+  await kv.set(["s", "obj"], { a: [1, { b: new Map([["x", 1n]]) }], d: new Date(1700000000000) });
+  await kv.set(["s", "bytes"], new Uint8Array([0, 1, 255]));
+  await kv.set(["s", "far"], "expires in an hour", { expireIn: 3_600_000 });
+  await kv.atomic().sum(["s", "u64"], 40n).commit();
+  await kv.atomic().sum(["s", "u64"], 2n).commit();
+  await kv.atomic().max(["s", "max"], 7n).commit();
+  await kv.atomic().min(["s", "min"], 7n).commit();
+  await kv.set(["gone"], 1);
+  await kv.delete(["gone"]);
+  for (let i = 0; i < many; i++) await kv.set(["many", i], "v".repeat(i));
+}
+
 type Entry = Deno.KvEntry<unknown>;
 function normalize(e: Entry) {
   const v = e.value instanceof Deno.KvU64 ? { KvU64: e.value.value } : e.value;
@@ -84,16 +99,7 @@ e2eTest("backup: a database restored from S3 opens in Deno with the primary's en
     ];
     let server = await ctx.server({ dbPath: path, extraArgs: backupArgs });
     let kv = await ctx.open(server);
-    await kv.set(["s", "str"], "hello 🦕");
-    await kv.set(["s", "obj"], { a: [1, { b: new Map([["x", 1n]]) }], d: new Date(1700000000000) });
-    await kv.set(["s", "bytes"], new Uint8Array([0, 1, 255]));
-    await kv.set(["s", "far"], "expires in an hour", { expireIn: 3_600_000 });
-    await kv.atomic().sum(["s", "u64"], 40n).commit();
-    await kv.atomic().sum(["s", "u64"], 2n).commit();
-    await kv.atomic().max(["s", "max"], 7n).commit();
-    await kv.set(["gone"], 1);
-    await kv.delete(["gone"]);
-    for (let i = 0; i < 200; i++) await kv.set(["many", i], "v".repeat(i));
+    await writeSample(kv, 200);
     kv.close();
     await server.stop();
 
@@ -187,16 +193,7 @@ e2eTest("backup: the upstream denokv, a replica of our backup, serves Deno the p
       extraArgs: ["--backup-to-s3", ...s3, "--metrics-addr", "127.0.0.1:0"],
     });
     const kv = await ctx.open(primary);
-    await kv.set(["s", "str"], "hello 🦕");
-    await kv.set(["s", "obj"], { a: [1, { b: new Map([["x", 1n]]) }], d: new Date(1700000000000) });
-    await kv.set(["s", "bytes"], new Uint8Array([0, 1, 255]));
-    await kv.set(["s", "far"], "expires in an hour", { expireIn: 3_600_000 });
-    await kv.atomic().sum(["s", "u64"], 40n).commit();
-    await kv.atomic().sum(["s", "u64"], 2n).commit();
-    await kv.atomic().min(["s", "min"], 7n).commit();
-    await kv.set(["gone"], 1);
-    await kv.delete(["gone"]);
-    for (let i = 0; i < 100; i++) await kv.set(["many", i], "v".repeat(i));
+    await writeSample(kv, 100);
     for (let i = 0;; i++) {
       const text = await scrape(primary);
       if (gauge(text, "denokv_backup_lag_versions") === 0 && gauge(text, "denokv_backup_pending_commits") === 0) break;
