@@ -20,7 +20,6 @@ is stopped.
 import argparse
 import os
 import re
-import resource
 import socket
 import ssl
 import struct
@@ -29,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from reportlib import ROOT, free_port, log, rss_kib, write_section
+from reportlib import ROOT, free_port, log, raise_open_files, release_binary, rss_kib, write_section
 
 TOKEN = "conn-cost-report-token-0123456789"
 BEGIN, END = "<!-- conn-cost-report:begin -->", "<!-- conn-cost-report:end -->"
@@ -174,12 +173,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=6, help="each openssl s_time run")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/RELIABILITY.md")
     args = ap.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard < args.connections + 500:
-        raise SystemExit(f"the open files limit ({hard}) is below {args.connections + 500}")
-    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/denokv/target"))
-    binary = target / "release/denokv"
+    raise_open_files(args.connections + 500)
+    binary = release_binary()
     if not binary.exists():
         raise SystemExit(f"no release binary at {binary}: cargo build --release -p denokv")
     work = Path(tempfile.mkdtemp(prefix="denokv-conn-cost-"))

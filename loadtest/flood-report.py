@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import socket
 import subprocess
 import tempfile
@@ -29,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from reportlib import ROOT, find_deno, free_port, log, rss_kib, write_section
+from reportlib import ROOT, find_deno, free_port, log, raise_open_files, release_binary, rss_kib, write_section
 
 TOKEN = "flood-report-token-0123456789"
 BEGIN, END = "<!-- flood-report:begin -->", "<!-- flood-report:end -->"
@@ -155,12 +154,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=15, help="each Deno client phase")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/RELIABILITY.md")
     args = ap.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard < args.idle + 1000:
-        raise SystemExit(f"the open files limit ({hard}) is below {args.idle + 1000}")
-    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/denokv/target"))
-    binary = target / "release/denokv"
+    raise_open_files(args.idle + 1000)
+    binary = release_binary()
     deno = find_deno()
     work = Path(tempfile.mkdtemp(prefix="denokv-flood-"))
     port = free_port()

@@ -4,6 +4,7 @@ suite's Deno CLI, and rewriting one marked section of a document."""
 import glob
 import os
 import re
+import resource
 import socket
 import sys
 import time
@@ -56,3 +57,17 @@ def write_section(path, begin, end, title, text):
         doc += f"\n## {title}\n\n{begin}\n{end}\n"
     doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{text}\n{end}", doc, flags=re.S)
     path.write_text(doc)
+
+
+def raise_open_files(need):
+    """Lifts the soft open-files limit to the hard one; exits when that is below `need`."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < need:
+        raise SystemExit(f"the open files limit ({hard}) is below {need}")
+
+
+def release_binary():
+    """The release server in $CARGO_TARGET_DIR (default ~/.cache/denokv/target)."""
+    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/denokv/target"))
+    return target / "release/denokv"

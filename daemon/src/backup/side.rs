@@ -163,25 +163,15 @@ mod tests {
         let (problem, told) = recorded();
         let lag = LagWarning::default();
         let over = LAG_WARNING + Duration::from_secs(1);
-        lag.update(over, &problem, "t", |s| format!("{s} s"), "behind");
-        lag.update(over, &problem, "t", |s| format!("{s} s"), "behind");
-        lag.update(
-            Duration::ZERO,
-            &problem,
-            "t",
-            |s| format!("{s} s"),
-            "behind",
-        );
+        let update =
+            |behind: Duration| lag.update(behind, &problem, "t", |s| format!("{s} s"), "behind");
+        update(over);
+        update(over);
+        update(Duration::ZERO);
         // Another problem set meanwhile is neither replaced nor cleared.
         problem.set(Some("S3 down".into()));
-        lag.update(over, &problem, "t", |s| format!("{s} s"), "behind");
-        lag.update(
-            Duration::ZERO,
-            &problem,
-            "t",
-            |s| format!("{s} s"),
-            "behind",
-        );
+        update(over);
+        update(Duration::ZERO);
         assert_eq!(
             *told.lock().unwrap(),
             [
