@@ -212,6 +212,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DENOKV_IO_DRIVER", value_enum, default_value = "auto")]
     pub io_driver: crate::runtime::IoDriver,
 
+    /// on: a core with reads waiting hands some to idle cores, so that one busy connection (a
+    /// Deno app's) uses every core; off: each connection's reads stay on its core.
+    #[arg(long, env = "DENOKV_READ_SHARING", value_enum, default_value = "on")]
+    pub read_sharing: crate::http::read_share::ReadSharing,
+
     /// full: fsync every commit (an acknowledged write survives power loss);
     /// normal: fsync at checkpoints only (faster, may lose the last writes on power loss).
     #[arg(long, env = "DENOKV_SYNC_MODE", value_enum, default_value = "full")]
@@ -493,6 +498,7 @@ impl ServeArgs {
             replica,
             threads,
             io_driver: self.io_driver,
+            read_sharing: self.read_sharing,
             sync_mode: self.sync_mode,
             wal_writes: self.wal_writes,
             drain_timeout: Duration::from_secs(self.drain_timeout),

@@ -182,6 +182,8 @@ pub struct Metrics {
     mutations: [IntCounter; MutationLabel::COUNT],
     pub enqueues: IntCounter,
     pub read_rows: IntCounter,
+    /// Snapshot reads a busy core handed to an idle core's reader (`http::read_share`).
+    pub reads_handed_over: IntCounter,
     pub open_connections: IntGauge,
     connections_refused: [IntCounter; Refusal::COUNT],
     connections_closed: [IntCounter; Expiry::COUNT],
@@ -392,6 +394,11 @@ impl Metrics {
             read_rows: counter(
                 "denokv_read_rows_total",
                 "Rows returned by reads (snapshot reads and watch reads).",
+            ),
+            reads_handed_over: counter(
+                "denokv_reads_handed_over_total",
+                "Snapshot reads a core with reads waiting handed to an idle core, which ran \
+                 them on its own reader.",
             ),
             open_connections: gauge(
                 "denokv_open_connections",

@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod metadata;
 pub mod read_answer;
+pub mod read_share;
 mod watch;
 
 use std::cell::RefCell;
@@ -59,6 +60,8 @@ pub struct CoreContext {
     pub max_body_bytes: usize,
     /// Shared by every core: `--max-read-buffer-mb`.
     pub read_budget: Arc<read_answer::ReadBudget>,
+    /// This core's load, and the reads it hands to idle cores or takes from busy ones.
+    pub reads: std::rc::Rc<read_share::CoreReads>,
 }
 
 /// Answers one request; errors become their plain-text responses. Every answer is counted,
@@ -100,6 +103,11 @@ pub async fn handle(
         .metrics
         .http_request(route.label(), status, start.elapsed());
     resp
+}
+
+/// Whether `req` is a snapshot read (which another core may answer).
+pub fn is_snapshot_read(req: &Request) -> bool {
+    Route::of(req.uri().path()) == Route::SnapshotRead
 }
 
 fn protocol_version(v: Version) -> &'static str {

@@ -19,6 +19,7 @@ use super::limits::{Admission, ConnWatches, Limits, Permit, RequestRefusal};
 use super::tls::{self, MaybeTls, Protocol, Tls};
 use crate::health::Beater;
 use crate::http::auth::CoreTokens;
+use crate::http::read_share::{self, CoreReads, Inbox, ReadShare};
 use crate::http::{self, CoreContext, Shared};
 use crate::metrics::GaugeGuard;
 use crate::store::Reader;
@@ -42,6 +43,10 @@ pub struct CoreSetup {
     /// `--tls-cert`: every connection is TLS.
     pub tls: Option<Arc<Tls>>,
     pub io_driver: IoDriver,
+    /// What the cores see of each other's load, to share reads.
+    pub read_share: Arc<ReadShare>,
+    /// The reads other cores hand to this one.
+    pub inbox: Inbox,
 }
 
 /// Runs the core until shutdown, then lets open connections finish (bounded by the drain
@@ -115,6 +120,7 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         .into_iter()
         .map(monoio::net::TcpListener::from_std)
         .collect::<Result<Vec<_>, _>>()?;
+    let handed_over = setup.shared.metrics.reads_handed_over.clone();
     let ctx = Rc::new(CoreContext {
         tokens: CoreTokens::new(setup.shared.tokens.clone()),
         shared: setup.shared,
@@ -123,7 +129,17 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         shutdown: setup.shutdown.clone(),
         max_body_bytes: setup.limits.max_body_bytes,
         read_budget: setup.admission.reads.clone(),
+        reads: Rc::new(CoreReads::new(
+            setup.read_share,
+            setup.index,
+            setup.inbox,
+            handed_over,
+        )),
     });
+    monoio::spawn(read_share::serve_inbox(
+        ctx.clone(),
+        ConnWatches::new(setup.admission.watches.clone()),
+    ));
     let mut builder = auto::Builder::new(LocalExec);
     builder
         .http1()
@@ -177,6 +193,8 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
     while open.get() > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Reads other cores handed over during the drain are answered, not cut off.
+    ctx.reads.close(deadline).await;
     let cut_off = open.get();
     if cut_off > 0 {
         tracing::warn!(
@@ -332,10 +350,11 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
         let state = state.clone();
         service_fn(move |req: http::Request| {
             let active = state.request_started(req.version() == hyper::Version::HTTP_2);
+            let arrival = ctx.reads.arrived(http::is_snapshot_read(&req));
             let ctx = ctx.clone();
             let watches = watches.clone();
             async move {
-                let response = http::handle(req, &ctx, &watches).await;
+                let response = read_share::handle(req, &ctx, &watches, arrival).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, active)))
             }
         })

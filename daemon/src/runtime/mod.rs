@@ -45,6 +45,7 @@ pub struct ServeOptions {
     pub replica: Option<crate::backup::replica::ReplicaConfig>,
     pub threads: usize,
     pub io_driver: IoDriver,
+    pub read_sharing: crate::http::read_share::ReadSharing,
     pub sync_mode: SyncMode,
     pub wal_writes: WalWrites,
     pub drain_timeout: Duration,
@@ -266,9 +267,11 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = mpsc::channel();
+    let (read_share, inboxes) =
+        crate::http::read_share::ReadShare::new(per_core.len(), opts.read_sharing);
     let mut cores = Vec::with_capacity(opts.threads);
     let mut started = Ok(());
-    for (index, listeners) in per_core.into_iter().enumerate() {
+    for ((index, listeners), inbox) in per_core.into_iter().enumerate().zip(inboxes) {
         let setup = match Reader::open(&opts.db_path) {
             Ok(reader) => core::CoreSetup {
                 reader: reader.with_metrics(&metrics),
@@ -285,6 +288,8 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
                     .map(|m| m.heartbeat(&format!("core {index}"))),
                 tls: tls.clone(),
                 io_driver: opts.io_driver,
+                read_share: read_share.clone(),
+                inbox,
             },
             Err(e) => {
                 started = Err(e);
