@@ -213,8 +213,9 @@ pub struct ServeArgs {
     pub io_driver: crate::runtime::IoDriver,
 
     /// on: a core with reads waiting hands some to idle cores, so that one busy connection (a
-    /// Deno app's) uses every core; off: each connection's reads stay on its core.
-    #[arg(long, env = "DENOKV_READ_SHARING", value_enum, default_value = "on")]
+    /// Deno app's) uses every core; worth it where cores idle while one connection's core is
+    /// busy (clients on other machines). off: each connection's reads stay on its core.
+    #[arg(long, env = "DENOKV_READ_SHARING", value_enum, default_value = "off")]
     pub read_sharing: crate::http::read_share::ReadSharing,
 
     /// full: fsync every commit (an acknowledged write survives power loss);

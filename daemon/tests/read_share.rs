@@ -61,7 +61,7 @@ fn reads() -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_of_one_h2_connection_reach_both_cores_and_answer_as_on_one() {
-    let s = Server::start(&["--threads", "2"]);
+    let s = Server::start(&["--threads", "2", "--read-sharing", "on"]);
     let c = Client::new();
     let now = denokv::kv::now_ms();
     let mut mutations: Vec<pb::Mutation> = (0..200)
@@ -138,7 +138,7 @@ async fn reads_of_one_h2_connection_reach_both_cores_and_answer_as_on_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_in_flight_when_the_server_stops_are_answered() {
-    let mut s = Server::start(&["--threads", "2"]);
+    let mut s = Server::start(&["--threads", "2", "--read-sharing", "on"]);
     let c = std::sync::Arc::new(Client::new());
     let w = pb::AtomicWrite {
         mutations: (0..100).map(|i| set_bytes(&k(i), b"v")).collect(),

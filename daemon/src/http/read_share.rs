@@ -6,13 +6,18 @@
 //! to an idle core, which answers it as its own (token check, body, decoding, its own reader,
 //! the encoded answer) and gives the response back; the connection's core only frames it.
 //! Handing over just the SQLite step saved the connection's core too little: the hop cost
-//! about as much as the read (docs/PERFORMANCE.md, "One connection, every core").
+//! about as much as the read. Off by default (`--read-sharing`): it halves what the
+//! connection's core spends per read but adds CPU in all, which pays only where other cores
+//! idle (docs/PERFORMANCE.md, "Reading the results", read sharing).
 //!
 //! The policy:
 //! - A read is answered on its own core when nothing else waits there (a lone client pays no
 //!   hop), or when no other core is idle.
-//! - Idle means no request of the core's own in flight, so cores that each serve their own
-//!   connections (the many-connection case) keep thread-per-core: they do not trade reads.
+//! - Idle means no request of the core's own in flight and none for `IDLE_FOR`, so cores that
+//!   each serve connections of their own (the many-connection case), even in bursts with gaps
+//!   between them, keep thread-per-core: they do not trade reads. (Measured: with "none in
+//!   flight" alone, two h2 connections, one per core, traded a quarter to three quarters of
+//!   their reads in the gaps of their bursts, and lost throughput.)
 //! - An idle core takes at most `SHARE` reads for each still waiting on the busy core (which
 //!   also frames every answer), and `MAX_QUEUED` in all; past that the busy core answers
 //!   itself, so that both cores stay busy. An idle core that took the whole burst left the
@@ -30,8 +35,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::Response;
@@ -51,6 +56,10 @@ const SHARE: usize = 2;
 /// Answers sent back in a batch of this many, so that the connection's core frames them while
 /// the rest are read.
 const ANSWERS_BATCH: usize = 8;
+
+/// A core is idle when its own connections brought no request for this long: cores that each
+/// serve connections of their own, even in bursts, do not trade reads.
+const IDLE_FOR: Duration = Duration::from_millis(10);
 
 /// What a core that took a read sends back: the response, or the request it could not take.
 type Reply = Result<Response<Body>, Request>;
@@ -97,6 +106,9 @@ struct Slot {
     /// Requests of the core's own connections without a response head yet (written by the
     /// core only).
     in_flight: AtomicUsize,
+    /// When the core's own connections last brought a request, in µs since `epoch()` (written
+    /// by the core only).
+    last_own: AtomicU64,
     /// Reads handed to the core and not yet answered.
     queued: AtomicUsize,
     /// False once the core stops taking reads (it is shutting down).
@@ -116,6 +128,7 @@ impl ReadShare {
                 let slot = Slot {
                     inbox: tx,
                     in_flight: AtomicUsize::new(0),
+                    last_own: AtomicU64::new(0),
                     queued: AtomicUsize::new(0),
                     open: AtomicBool::new(true),
                 };
@@ -174,18 +187,21 @@ impl CoreReads {
 
     /// A request arrived on this core. Called as hyper hands it to the service, so that a burst
     /// of streams is counted before the first of them runs; the guard ends it.
-    pub fn arrived(&self, is_read: bool) -> Arrival {
+    pub fn arrived(self: &Rc<Self>, is_read: bool) -> Arrival {
         let slot = self.slot();
-        // Only this core writes its count: a load and a store need no read-modify-write.
+        // Only this core writes these: a load and a store need no read-modify-write.
         let n = slot.in_flight.load(Ordering::Relaxed);
         slot.in_flight.store(n + 1, Ordering::Relaxed);
+        if self.share.on {
+            // 0 means never.
+            slot.last_own.store(micros_now().max(1), Ordering::Relaxed);
+        }
         if is_read {
             self.waiting.set(self.waiting.get() + 1);
         }
         Arrival {
-            share: self.share.clone(),
-            index: self.index,
-            waiting: is_read.then(|| self.waiting.clone()),
+            core: self.clone(),
+            waiting: is_read,
         }
     }
 
@@ -195,13 +211,16 @@ impl CoreReads {
         if self.waiting.get() == 0 || cores.len() < 2 || !self.share.on {
             return None;
         }
+        let now = micros_now();
         let start = self.next.get();
         for i in 0..cores.len() {
             let peer = (start + i) % cores.len();
             let slot = &cores[peer];
             let queued = slot.queued.load(Ordering::Relaxed);
+            let last_own = slot.last_own.load(Ordering::Relaxed);
             if peer == self.index
                 || slot.in_flight.load(Ordering::Relaxed) > 0
+                || (last_own > 0 && now.saturating_sub(last_own) < IDLE_FOR.as_micros() as u64)
                 || queued >= MAX_QUEUED
                 || queued > SHARE * self.waiting.get()
             {
@@ -288,32 +307,36 @@ fn deliver(answers: Vec<(oneshot::Sender<Reply>, Response<Body>)>) {
 
 /// A request in flight on its core, from its arrival to its response head.
 pub struct Arrival {
-    share: Arc<ReadShare>,
-    index: usize,
-    /// Set for a read not yet being answered.
-    waiting: Option<Rc<Cell<usize>>>,
+    core: Rc<CoreReads>,
+    /// A read not yet being answered.
+    waiting: bool,
 }
 
 impl Arrival {
     /// The request starts being answered; true for a read.
     fn started(&mut self) -> bool {
-        match self.waiting.take() {
-            Some(waiting) => {
-                waiting.set(waiting.get() - 1);
-                true
-            }
-            None => false,
+        let read = std::mem::take(&mut self.waiting);
+        if read {
+            let waiting = &self.core.waiting;
+            waiting.set(waiting.get() - 1);
         }
+        read
     }
 }
 
 impl Drop for Arrival {
     fn drop(&mut self) {
         self.started();
-        let slot = &self.share.cores[self.index];
+        let slot = self.core.slot();
         let n = slot.in_flight.load(Ordering::Relaxed);
         slot.in_flight.store(n - 1, Ordering::Relaxed);
     }
+}
+
+/// µs since the first call: a clock all cores share.
+fn micros_now() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
 /// Answers `req`: here, or on an idle core when it is a read and other reads wait here.
@@ -323,6 +346,32 @@ pub async fn handle(
     watches: &ConnWatches,
     mut arrival: Arrival,
 ) -> Response<Body> {
+    let req = match hand_over(req, ctx, &mut arrival) {
+        Ok(answer) => match answer.await {
+            Ok(Ok(response)) => {
+                ctx.reads.handed.inc();
+                return response;
+            }
+            // The other core stopped before it took the read.
+            Ok(Err(req)) => req,
+            // Its runtime ended with the read half answered: nothing was changed, so the
+            // client may retry.
+            Err(_) => return ApiError::unavailable().into_response(),
+        },
+        Err(req) => req,
+    };
+    // One call site: the request's future is moved into its task, so it stays small.
+    super::handle(req, ctx, watches).await
+}
+
+/// Posts `req` to an idle core if it is a read and others wait here; else gives it back.
+// The request is moved once either way; boxing it would cost an allocation per request.
+#[allow(clippy::result_large_err)]
+fn hand_over(
+    req: Request,
+    ctx: &CoreContext,
+    arrival: &mut Arrival,
+) -> Result<oneshot::Receiver<Reply>, Request> {
     let peer = match arrival.started() {
         true => ctx.reads.idle_peer(),
         false => None,
@@ -330,7 +379,7 @@ pub async fn handle(
     let Some(peer) = peer else {
         // Reads handed over earlier in this burst leave first, so the other core starts now.
         ctx.reads.send_reads();
-        return super::handle(req, ctx, watches).await;
+        return Err(req);
     };
     let (reply, answer) = oneshot::channel();
     let job = Job {
@@ -339,18 +388,7 @@ pub async fn handle(
         from: ctx.reads.index,
     };
     ctx.reads.post(peer, |out| out.reads.push(job));
-    let response = match answer.await {
-        Ok(Ok(response)) => {
-            ctx.reads.handed.inc();
-            response
-        }
-        Ok(Err(req)) => super::handle(req, ctx, watches).await,
-        // The other core's runtime ended with the read half answered: nothing was changed,
-        // so the client may retry.
-        Err(_) => ApiError::unavailable().into_response(),
-    };
-    drop(arrival);
-    response
+    Ok(answer)
 }
 
 /// Serves this core's inbox until the runtime ends: answers the reads other cores hand over
@@ -384,18 +422,18 @@ pub async fn serve_inbox(ctx: Rc<CoreContext>, watches: ConnWatches) {
 mod tests {
     use super::*;
 
-    fn cores(n: usize) -> Vec<CoreReads> {
+    fn cores(n: usize) -> Vec<Rc<CoreReads>> {
         cores_sharing(n, ReadSharing::On)
     }
 
-    fn cores_sharing(n: usize, sharing: ReadSharing) -> Vec<CoreReads> {
+    fn cores_sharing(n: usize, sharing: ReadSharing) -> Vec<Rc<CoreReads>> {
         let (share, inboxes) = ReadShare::new(n, sharing);
         inboxes
             .into_iter()
             .enumerate()
             .map(|(i, inbox)| {
                 let handed = IntCounter::new("handed", "handed").unwrap();
-                CoreReads::new(share.clone(), i, inbox, handed)
+                Rc::new(CoreReads::new(share.clone(), i, inbox, handed))
             })
             .collect()
     }
@@ -432,12 +470,23 @@ mod tests {
     }
 
     #[test]
-    fn a_core_busy_with_its_own_requests_or_stopping_takes_none() {
+    fn a_core_with_requests_of_its_own_takes_none_until_they_pause() {
         let c = cores(2);
         let own = c[1].arrived(false);
         let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
         assert_eq!(start_all(&c[0], &mut burst), 0);
+        // Answered, but its connections may bring more at once: still not idle.
         drop(own);
+        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
+        assert_eq!(start_all(&c[0], &mut burst), 0);
+        std::thread::sleep(IDLE_FOR + Duration::from_millis(5));
+        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
+        assert!(start_all(&c[0], &mut burst) > 0);
+    }
+
+    #[test]
+    fn a_stopping_core_takes_none() {
+        let c = cores(2);
         c[1].slot().open.store(false, Ordering::SeqCst);
         let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
         assert_eq!(start_all(&c[0], &mut burst), 0);

@@ -36,7 +36,9 @@ struct LocalSleep(Pin<Box<monoio::time::Sleep>>);
 
 // SAFETY: hyper's `Sleep` must be Send + Sync, but a connection and everything hyper creates for
 // it live and die on the core thread that accepted it (tasks are spawned with `monoio::spawn`,
-// which never moves them), so this sleep is never touched from another thread.
+// which never moves them), so this sleep is never touched from another thread. A read request
+// handed to another core (`http::read_share`) takes no sleep along: hyper's sleeps (header read
+// timeout, h2 keep-alive) belong to the connection's task, and the h2 body only reads the clock.
 unsafe impl Send for LocalSleep {}
 unsafe impl Sync for LocalSleep {}
 
