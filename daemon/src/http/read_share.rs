@@ -186,29 +186,31 @@ impl CoreReads {
     }
 
     /// A request arrived on this core. Called as hyper hands it to the service, so that a burst
-    /// of streams is counted before the first of them runs; the guard ends it.
-    pub fn arrived(self: &Rc<Self>, is_read: bool) -> Arrival {
+    /// of streams is counted before the first of them runs; the guard ends it. `None` (nothing
+    /// counted) when reads are not shared.
+    pub fn arrived(self: &Rc<Self>, is_read: bool) -> Option<Arrival> {
+        if !self.share.on || self.share.cores.len() < 2 {
+            return None;
+        }
         let slot = self.slot();
         // Only this core writes these: a load and a store need no read-modify-write.
         let n = slot.in_flight.load(Ordering::Relaxed);
         slot.in_flight.store(n + 1, Ordering::Relaxed);
-        if self.share.on {
-            // 0 means never.
-            slot.last_own.store(micros_now().max(1), Ordering::Relaxed);
-        }
+        // 0 means never.
+        slot.last_own.store(micros_now().max(1), Ordering::Relaxed);
         if is_read {
             self.waiting.set(self.waiting.get() + 1);
         }
-        Arrival {
+        Some(Arrival {
             core: self.clone(),
             waiting: is_read,
-        }
+        })
     }
 
     /// An idle core that takes a read now, if reads wait on this one.
     fn idle_peer(&self) -> Option<usize> {
         let cores = &self.share.cores;
-        if self.waiting.get() == 0 || cores.len() < 2 || !self.share.on {
+        if self.waiting.get() == 0 {
             return None;
         }
         let now = micros_now();
@@ -344,9 +346,13 @@ pub async fn handle(
     req: Request,
     ctx: &Rc<CoreContext>,
     watches: &ConnWatches,
-    mut arrival: Arrival,
+    mut arrival: Option<Arrival>,
 ) -> Response<Body> {
-    let req = match hand_over(req, ctx, &mut arrival) {
+    let placed = match &mut arrival {
+        Some(arrival) => hand_over(req, ctx, arrival),
+        None => Err(req),
+    };
+    let req = match placed {
         Ok(answer) => match answer.await {
             Ok(Ok(response)) => {
                 ctx.reads.handed.inc();
@@ -361,7 +367,9 @@ pub async fn handle(
         Err(req) => req,
     };
     // One call site: the request's future is moved into its task, so it stays small.
-    super::handle(req, ctx, watches).await
+    let response = super::handle(req, ctx, watches).await;
+    drop(arrival);
+    response
 }
 
 /// Posts `req` to an idle core if it is a read and others wait here; else gives it back.
@@ -452,7 +460,7 @@ mod tests {
     #[test]
     fn a_lone_read_is_answered_by_its_own_core() {
         let c = cores(2);
-        let mut a = c[0].arrived(true);
+        let mut a = c[0].arrived(true).unwrap();
         assert!(a.started());
         assert_eq!(c[0].idle_peer(), None);
     }
@@ -460,7 +468,7 @@ mod tests {
     #[test]
     fn reads_waiting_go_to_an_idle_core_which_takes_two_for_each_left_waiting() {
         let c = cores(2);
-        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
+        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true).unwrap()).collect();
         // Waiting behind each: 9, 8, ... 0; handed while queued <= 2 × waiting.
         assert_eq!(start_all(&c[0], &mut burst), 7);
         assert_eq!(c[0].share.cores[1].queued.load(Ordering::Relaxed), 7);
@@ -472,15 +480,15 @@ mod tests {
     #[test]
     fn a_core_with_requests_of_its_own_takes_none_until_they_pause() {
         let c = cores(2);
-        let own = c[1].arrived(false);
-        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
+        let own = c[1].arrived(false).unwrap();
+        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true).unwrap()).collect();
         assert_eq!(start_all(&c[0], &mut burst), 0);
         // Answered, but its connections may bring more at once: still not idle.
         drop(own);
-        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
+        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true).unwrap()).collect();
         assert_eq!(start_all(&c[0], &mut burst), 0);
         std::thread::sleep(IDLE_FOR + Duration::from_millis(5));
-        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
+        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true).unwrap()).collect();
         assert!(start_all(&c[0], &mut burst) > 0);
     }
 
@@ -488,29 +496,30 @@ mod tests {
     fn a_stopping_core_takes_none() {
         let c = cores(2);
         c[1].slot().open.store(false, Ordering::SeqCst);
-        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
+        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true).unwrap()).collect();
         assert_eq!(start_all(&c[0], &mut burst), 0);
         assert_eq!(c[1].slot().queued.load(Ordering::Relaxed), 0);
     }
 
     #[test]
-    fn with_read_sharing_off_no_read_is_handed_over() {
-        let c = cores_sharing(2, ReadSharing::Off);
-        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(true)).collect();
-        assert_eq!(start_all(&c[0], &mut burst), 0);
+    fn with_read_sharing_off_or_one_core_nothing_is_counted_or_handed_over() {
+        assert!(cores_sharing(2, ReadSharing::Off)[0]
+            .arrived(true)
+            .is_none());
+        assert!(cores(1)[0].arrived(true).is_none());
     }
 
     #[test]
     fn writes_and_other_requests_are_never_handed_over() {
         let c = cores(2);
-        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(false)).collect();
+        let mut burst: Vec<Arrival> = (0..10).map(|_| c[0].arrived(false).unwrap()).collect();
         assert_eq!(start_all(&c[0], &mut burst), 0);
     }
 
     #[test]
     fn hand_overs_spread_over_the_idle_cores() {
         let c = cores(3);
-        let mut burst: Vec<Arrival> = (0..12).map(|_| c[0].arrived(true)).collect();
+        let mut burst: Vec<Arrival> = (0..12).map(|_| c[0].arrived(true).unwrap()).collect();
         let handed = start_all(&c[0], &mut burst);
         let (q1, q2) = (
             c[0].share.cores[1].queued.load(Ordering::Relaxed),
