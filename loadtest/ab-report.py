@@ -6,7 +6,9 @@ alternating order, and the table gives the median of the rounds with their range
     loadtest/ab-report.py --variant before=/path/denokv --variant 'after=/path/denokv' \\
         --load one-conn-t1 --load one-conn-t2 --rounds 5
 
-A variant is LABEL=BINARY[ ARGS...] (extra server arguments after the binary). The loads are
+A variant is LABEL=BINARY[ ARGS...] (extra server arguments after the binary);
+--upstream LABEL=BINARY adds the upstream server as a variant (its own defaults; no metrics,
+so it takes no h2load loads and shows no share handed over). The loads are
 denokv-loadtest runs (its CPU accounting: server and client µs per operation), plus h2load
 (nghttp2-client; apt-get install nghttp2-client) for one connection's point reads with a client
 that costs little CPU: there the server's CPU per request is also given per thread, which shows
@@ -47,6 +49,8 @@ LOADS = {
     "h2-write-64": (2, ["write"] + ONE_CONN),
     "h1-read-1": (2, ["read", "--proto", "h1", "--concurrency", "1"]),
     "h2-read-1": (2, ["read", "--proto", "h2", "--concurrency", "1"]),
+    "h1-write-1": (2, ["write", "--proto", "h1", "--concurrency", "1"]),
+    "h2-write-1": (2, ["write", "--proto", "h2", "--concurrency", "1"]),
 }
 
 
@@ -62,7 +66,9 @@ def point_read_body():
 
 
 def scrape(port):
-    """Successful snapshot reads and reads handed over, from /metrics."""
+    """Successful snapshot reads and reads handed over, from /metrics (none without)."""
+    if port is None:
+        return {"reads": 0.0, "handed": 0.0}
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {"reads": 0.0, "handed": 0.0}
     for line in body.splitlines():
@@ -97,15 +103,19 @@ class Runner:
         self.body = work / "read.bin"
         self.body.write_bytes(point_read_body())
 
-    def run(self, argv, threads, load):
+    def run(self, argv, threads, load, upstream=False):
+        if upstream and isinstance(load, tuple):
+            return None
         self.n += 1
         d = self.work / f"run{self.n}"
         d.mkdir()
         shutil.copy(self.db, d / "db.sqlite")
-        port, mport = free_port(), free_port()
+        port, mport = free_port(), None if upstream else free_port()
         cmd = [argv[0], "--sqlite-path", str(d / "db.sqlite"), "serve", "--access-token", TOKEN,
-               "--addr", f"127.0.0.1:{port}", "--metrics-addr", f"127.0.0.1:{mport}",
-               "--threads", str(threads)] + argv[1:]
+               "--addr", f"127.0.0.1:{port}"]
+        if not upstream:
+            cmd += ["--metrics-addr", f"127.0.0.1:{mport}", "--threads", str(threads)]
+        cmd += argv[1:]
         with open(d / "server.log", "wb") as logf:
             srv = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
             try:
@@ -161,7 +171,8 @@ class Runner:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", required=True, help="LABEL=BINARY[ ARGS...]")
+    ap.add_argument("--variant", action="append", default=[], help="LABEL=BINARY[ ARGS...]")
+    ap.add_argument("--upstream", action="append", default=[], help="LABEL=BINARY of upstream")
     ap.add_argument("--load", action="append", required=True, choices=sorted(LOADS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", default="3s", help="measured whole seconds of each load (e.g. 3s)")
@@ -172,18 +183,20 @@ def main():
     if any(isinstance(LOADS[x][1], tuple) for x in a.load) and not shutil.which("h2load"):
         sys.exit("h2load is missing: apt-get install nghttp2-client")
     variants = []
-    for v in a.variant:
+    for v, upstream in [(v, False) for v in a.variant] + [(v, True) for v in a.upstream]:
         label, rest = v.split("=", 1)
-        variants.append((label, rest.split()))
+        variants.append((label, rest.split(), upstream))
+    if not variants:
+        sys.exit("no variant: give --variant or --upstream")
     results = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="ab-report-") as tmp:
         runner = Runner(a, Path(tmp))
         for r in range(a.rounds):
             order = variants if r % 2 == 0 else variants[::-1]
-            for label, argv in order:
+            for label, argv, upstream in order:
                 for load in a.load:
                     threads, spec = LOADS[load]
-                    res = runner.run(argv, threads, spec)
+                    res = runner.run(argv, threads, spec, upstream)
                     if res is None:
                         continue
                     res["load_avg"] = os.getloadavg()[0]
@@ -196,7 +209,7 @@ def main():
           "client µs/op | handed over | errors |")
     print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     for load in a.load:
-        for label, _ in variants:
+        for label, *_ in variants:
             rows = results.get((load, label))
             if not rows:
                 continue

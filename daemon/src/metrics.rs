@@ -184,6 +184,8 @@ pub struct Metrics {
     pub read_rows: IntCounter,
     /// Snapshot reads a busy core handed to an idle core's reader (`http::read_share`).
     pub reads_handed_over: IntCounter,
+    /// Write batches a core committed itself, the committer being idle.
+    pub inline_commits: IntCounter,
     pub open_connections: IntGauge,
     connections_refused: [IntCounter; Refusal::COUNT],
     connections_closed: [IntCounter; Expiry::COUNT],
@@ -394,6 +396,12 @@ impl Metrics {
             read_rows: counter(
                 "denokv_read_rows_total",
                 "Rows returned by reads (snapshot reads and watch reads).",
+            ),
+            inline_commits: counter(
+                "denokv_inline_commits_total",
+                "Writes committed on the serving thread that received them, without the hand-over \
+                 to the committer thread (the committer was idle and the thread had nothing else \
+                 to do).",
             ),
             reads_handed_over: counter(
                 "denokv_reads_handed_over_total",

@@ -179,7 +179,22 @@ async fn a_panic_on_any_thread_aborts_the_process_with_a_clear_line() {
         s.wait_for_log("panics at its next panic point", Duration::from_secs(5));
         // Pass the place's panic point (the poller passes its own every 100 ms).
         match place {
-            "core" | "committer" => drop(set_key(&c, H2, &s.url(""), "after", "v").await),
+            "core" => drop(set_key(&c, H2, &s.url(""), "after", "v").await),
+            "committer" => {
+                // A lone write is committed on its core: writes in flight together reach the
+                // committer's thread.
+                let writes: Vec<_> = (0..16)
+                    .map(|i| {
+                        let (c, url) = (c.clone(), s.url(""));
+                        tokio::spawn(async move {
+                            set_key(&c, H2, &url, &format!("after{i}"), "v").await
+                        })
+                    })
+                    .collect();
+                for w in writes {
+                    let _ = w.await;
+                }
+            }
             "checkpointer" => {
                 // Checkpoints are at least 200 ms apart; a new commit pokes again.
                 tokio::time::sleep(Duration::from_millis(300)).await;

@@ -432,6 +432,7 @@ fn the_listener_answers_only_get_metrics() {
         "denokv_enqueues_total",
         "denokv_read_rows_total",
         "denokv_reads_handed_over_total",
+        "denokv_inline_commits_total",
         "denokv_open_connections",
         "denokv_watch_streams",
         "denokv_committer_queue_depth",

@@ -241,10 +241,11 @@ async fn the_io_driver_can_be_chosen() {
     );
 }
 
-/// The WAL system calls the committer thread of a server makes while it commits `writes`
-/// writes one at a time, by name (`pwrite64`, `fsync`, `fdatasync`, `io_uring_enter`). Only
-/// the committer's calls count: the checkpointer syncs the WAL too, as often as timing has it.
-async fn committer_wal_syscalls(
+/// The WAL system calls the threads that commit (the committer's and the cores') make while a
+/// server commits `writes` writes one at a time, by name (`pwrite64`, `fsync`, `fdatasync`,
+/// `io_uring_enter`). The checkpointer's calls do not count: it syncs the WAL too, as often
+/// as timing has it. The cores wait on epoll, so that their io_uring calls are the WAL's.
+async fn writer_wal_syscalls(
     extra: &[&str],
     writes: usize,
 ) -> std::collections::HashMap<String, usize> {
@@ -262,16 +263,24 @@ async fn committer_wal_syscalls(
         "-e",
         "trace=pwrite64,fsync,fdatasync,io_uring_enter",
     ];
-    let mut s = Server::start_on(&db, extra, &wrapper);
+    let args: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(["--io-driver", "epoll"])
+        .collect();
+    let mut s = Server::start_on(&db, &args, &wrapper);
     let pid = s.pid();
-    let committer = std::fs::read_dir(format!("/proc/{pid}/task"))
+    // The threads that commit: the committer's, and the cores' (a lone write is committed on
+    // the core that received it).
+    let writers: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .map(|t| t.unwrap().file_name().into_string().unwrap())
-        .find(|tid| {
+        .filter(|tid| {
             std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .is_ok_and(|c| c.trim() == "committer")
+                .is_ok_and(|c| c.trim() == "committer" || c.starts_with("core-"))
         })
-        .expect("a committer thread");
+        .collect();
+    assert!(writers.len() >= 2, "a committer thread and a core");
     let c = Client::new();
     let url = s.url("");
     for i in 0..writes {
@@ -286,7 +295,10 @@ async fn committer_wal_syscalls(
     let mut counts = std::collections::HashMap::new();
     for line in std::fs::read_to_string(&trace).unwrap().lines() {
         let mut fields = line.split_whitespace();
-        if fields.next() != Some(committer.as_str()) {
+        if !fields
+            .next()
+            .is_some_and(|tid| writers.iter().any(|w| w == tid))
+        {
             continue;
         }
         let Some(call) = fields.next() else { continue };
@@ -301,14 +313,14 @@ async fn committer_wal_syscalls(
 #[tokio::test]
 async fn io_uring_wal_writes_replace_the_pwrites_and_fsyncs_of_each_commit() {
     const WRITES: usize = 30;
-    let plain = committer_wal_syscalls(&["--wal-writes", "pwrite"], WRITES).await;
+    let plain = writer_wal_syscalls(&["--wal-writes", "pwrite"], WRITES).await;
     let get =
         |m: &std::collections::HashMap<String, usize>, k: &str| m.get(k).copied().unwrap_or(0);
     // SQLite itself: a frame header and a page per written page, and an fsync per commit.
     assert!(get(&plain, "pwrite64") >= 2 * WRITES, "{plain:?}");
     assert!(get(&plain, "fsync") >= WRITES, "{plain:?}");
 
-    let uring = committer_wal_syscalls(&["--wal-writes", "io-uring"], WRITES).await;
+    let uring = writer_wal_syscalls(&["--wal-writes", "io-uring"], WRITES).await;
     eprintln!("pwrite: {plain:?}\nio_uring: {uring:?}");
     // Ours: the first sync of the WAL goes through SQLite (it also syncs the directory
     // then); every later commit is one io_uring submission.

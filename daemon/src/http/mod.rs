@@ -24,7 +24,7 @@ use crate::kv::{now_ms, validate};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::proto as pb;
 use crate::runtime::limits::{ConnWatches, RequestRefusal};
-use crate::store::{CommitterHandle, Reader, WatchRegistry};
+use crate::store::{CommitterHandle, Inline, Reader, WatchRegistry};
 use crate::traces::Span;
 use auth::{Access, CoreTokens, SharedTokens};
 use body::{empty, full, read_limited, Body};
@@ -62,6 +62,25 @@ pub struct CoreContext {
     pub read_budget: Arc<read_answer::ReadBudget>,
     /// This core's load, and the reads it hands to idle cores or takes from busy ones.
     pub reads: std::rc::Rc<read_share::CoreReads>,
+    /// Requests of this core's connections being answered (`Handling`).
+    pub handling: std::cell::Cell<usize>,
+}
+
+/// A request of the core's own connections, from hyper handing it over to its response head.
+/// A write that is the only one may be committed on the core's thread (`Inline`).
+pub struct Handling(std::rc::Rc<CoreContext>);
+
+impl Handling {
+    pub fn start(ctx: &std::rc::Rc<CoreContext>) -> Handling {
+        ctx.handling.set(ctx.handling.get() + 1);
+        Handling(ctx.clone())
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.handling.set(self.0.handling.get() - 1);
+    }
 }
 
 /// Answers one request; errors become their plain-text responses. Every answer is counted,
@@ -382,7 +401,13 @@ async fn atomic_write(
             ..Default::default()
         }));
     };
-    let (outcome, batch) = committer.write_traced(write, span.context()).await;
+    // Alone on its core, the write may be committed right here: blocking this thread for the
+    // commit then holds up no other request.
+    let inline = match ctx.handling.get() {
+        1 => Inline::WhenIdle,
+        _ => Inline::Never,
+    };
+    let (outcome, batch) = committer.write_traced(write, span.context(), inline).await;
     if let Some(batch) = &batch {
         // The commit batch span that carried this write (it links back to this span).
         span.add_link(batch);

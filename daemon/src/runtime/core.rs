@@ -129,6 +129,7 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         shutdown: setup.shutdown.clone(),
         max_body_bytes: setup.limits.max_body_bytes,
         read_budget: setup.admission.reads.clone(),
+        handling: Default::default(),
         reads: Rc::new(CoreReads::new(
             setup.read_share,
             setup.index,
@@ -351,10 +352,12 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
         service_fn(move |req: http::Request| {
             let active = state.request_started(req.version() == hyper::Version::HTTP_2);
             let arrival = ctx.reads.arrived(http::is_snapshot_read(&req));
+            let handling = http::Handling::start(&ctx);
             let ctx = ctx.clone();
             let watches = watches.clone();
             async move {
                 let response = read_share::handle(req, &ctx, &watches, arrival).await;
+                drop(handling);
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, active)))
             }
         })

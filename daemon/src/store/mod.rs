@@ -16,7 +16,7 @@ use std::fmt;
 
 use crate::kv::KvError;
 
-pub use committer::CommitterHandle;
+pub use committer::{CommitterHandle, Inline};
 pub use outbox::BackupOutbox;
 pub use reader::Reader;
 pub use schema::SyncMode;

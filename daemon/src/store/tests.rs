@@ -815,3 +815,137 @@ async fn with_backup_every_committed_write_reaches_the_outbox_once_in_order() {
         s.stop();
     }
 }
+
+/// A threaded committer recording into its own metrics.
+fn spawn_counted(
+    path: &std::path::Path,
+    wal: WalWrites,
+) -> (
+    CommitterHandle,
+    std::thread::JoinHandle<()>,
+    Arc<crate::metrics::Metrics>,
+) {
+    let conn = schema::open_writer(path, SyncMode::Full, wal).unwrap();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let (handle, thread) = committer::spawn_with_heartbeat(
+        conn,
+        Arc::new(WatchRegistry::default()),
+        None,
+        metrics.clone(),
+        BackupOutbox::disabled(),
+    )
+    .unwrap();
+    (handle, thread, metrics)
+}
+
+// The test's thread is its runtime's only thread: a fault plan set on it reaches a write
+// committed inline, and only such a write.
+#[tokio::test]
+async fn a_write_alone_is_committed_on_the_calling_thread_when_the_committer_is_idle() {
+    for wal in WAL_WRITES {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let (c, thread, metrics) = spawn_counted(&path, wal);
+        c.wait_idle();
+        let (outcome, _) = c
+            .write_traced(write(vec![set("a", "1")]), None, Inline::WhenIdle)
+            .await;
+        committed(outcome);
+        assert_eq!(metrics.inline_commits.get(), 1, "{wal:?}");
+        committed(c.write(write(vec![set("b", "1")])).await);
+        assert_eq!(
+            metrics.inline_commits.get(),
+            1,
+            "{wal:?}: Never goes to the thread"
+        );
+        assert_eq!(metrics.writes_committed.get(), 2, "{wal:?}");
+
+        // A full disk on this thread only: the inline write meets it (and is rolled back,
+        // as on the committer's thread); the same write sent to the committer does not.
+        wal_vfs::inject_faults(Some("write:ENOSPC".parse().unwrap()));
+        c.wait_idle();
+        let (outcome, _) = c
+            .write_traced(write(vec![set("c", "1")]), None, Inline::WhenIdle)
+            .await;
+        let handed = c.write(write(vec![set("c", "1")])).await;
+        wal_vfs::inject_faults(None);
+        assert!(
+            matches!(outcome, Err(StoreError::DiskFull)),
+            "{wal:?}: {outcome:?}"
+        );
+        committed(handed);
+        // The committer goes on after a clean failure, inline or not.
+        c.wait_idle();
+        let (outcome, _) = c
+            .write_traced(write(vec![set("d", "1")]), None, Inline::WhenIdle)
+            .await;
+        committed(outcome);
+        assert_eq!(metrics.inline_commits.get(), 3, "{wal:?}");
+        drop(c);
+        thread.join().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_ambiguous_inline_commit_stops_the_committer_and_nothing_commits_after_it() {
+    for wal in WAL_WRITES {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let (c, thread, metrics) = spawn_counted(&path, wal);
+        committed(c.write(write(vec![sum("counter", 1)])).await);
+
+        wal_vfs::inject_faults(Some("sync:EIO:times=1".parse().unwrap()));
+        c.wait_idle();
+        let (outcome, _) = c
+            .write_traced(write(vec![sum("counter", 1)]), None, Inline::WhenIdle)
+            .await;
+        wal_vfs::inject_faults(None);
+        assert!(
+            matches!(outcome, Err(StoreError::OutcomeUnknown)),
+            "{wal:?}: {outcome:?}"
+        );
+        assert!(
+            crate::fatal::reason().is_some(),
+            "the server is told to stop"
+        );
+        // Neither the committer's thread nor this one commits anything more.
+        let handed = c.write(write(vec![set("later", "x")])).await;
+        assert!(
+            matches!(handed, Err(StoreError::Unavailable)),
+            "{wal:?}: {handed:?}"
+        );
+        let (inline, _) = c
+            .write_traced(write(vec![set("later", "x")]), None, Inline::WhenIdle)
+            .await;
+        assert!(
+            matches!(inline, Err(StoreError::Unavailable)),
+            "{wal:?}: {inline:?}"
+        );
+        assert_eq!(metrics.inline_commits.get(), 1, "{wal:?}");
+        thread.join().unwrap();
+        drop(c);
+        // The connection was never closed (closing would checkpoint and delete the WAL), and
+        // the commit whose sync "failed" comes back when the files are opened after a crash.
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crashed.path().join("db.sqlite");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::copy(
+            dir.path().join("db.sqlite-wal"),
+            crashed.path().join("db.sqlite-wal"),
+        )
+        .expect("the WAL is still there");
+        let entries = Reader::open(&copy)
+            .unwrap()
+            .read_keys(
+                &[Bytes::from_static(b"counter"), Bytes::from_static(b"later")],
+                crate::kv::now_ms(),
+            )
+            .unwrap();
+        assert_eq!(
+            entries[0].as_ref().unwrap().value.as_u64(),
+            Some(2),
+            "{wal:?}"
+        );
+        assert!(entries[1].is_none(), "{wal:?}");
+    }
+}

@@ -373,6 +373,7 @@ pub enum Proto {
 pub const BOTH: [Proto; 2] = [Proto::H1, Proto::H2];
 
 /// An HTTP/1.1 and an h2c (prior knowledge) client.
+#[derive(Clone)]
 pub struct Client {
     h1: HyperClient<HttpConnector, Full<Bytes>>,
     h2: HyperClient<HttpConnector, Full<Bytes>>,

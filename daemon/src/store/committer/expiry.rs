@@ -86,9 +86,10 @@ impl Committer {
                 Err(failure) => {
                     self.metrics.commit_failures(failure.phase).inc();
                     if failure.is_ambiguous() {
+                        self.stopped = true;
                         return Err(failure);
                     }
-                    self.rollback()?;
+                    self.rollback().inspect_err(|_| self.stopped = true)?;
                     let pause = self.schedule.failed();
                     tracing::error!(
                         "expiry sweep {failure}; rolled back, next attempt in {} s",

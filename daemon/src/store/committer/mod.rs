@@ -6,13 +6,19 @@
 //! and only then answers the writers and wakes the watchers (`batch`). It also sweeps expired
 //! rows (`expiry`). When a commit fails in a way that leaves its outcome unknown, it answers
 //! accordingly, stops taking writes and stops the server (`failure`, `crate::fatal`).
+//!
+//! A write whose core has nothing else to do, sent while the committer is idle (no write
+//! queued, none being committed), is committed on the core's own thread instead: the same
+//! code under the same lock, without the two cross-thread wake-ups of the hand-over, which
+//! are most of what a lone writer waits for beside the fsync (docs/PERFORMANCE.md).
 
 mod apply;
 mod batch;
 mod expiry;
 pub mod failure;
 
-use std::sync::Arc;
+use std::mem::ManuallyDrop;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -52,6 +58,8 @@ type Reply = (Result<WriteOutcome, StoreError>, Option<SpanContext>);
 
 enum Message {
     Write(WriteJob),
+    /// A core's commit brought the next expiry sweep forward: wait less.
+    Reschedule,
     /// Commit what is queued, then stop.
     Stop,
 }
@@ -61,31 +69,46 @@ enum Message {
 #[derive(Clone)]
 pub struct CommitterHandle {
     tx: flume::Sender<Message>,
+    /// The committer's state: its thread takes it for each batch, a core for a write it
+    /// commits itself.
+    shared: Arc<Mutex<Committer>>,
 }
 
 impl CommitterHandle {
     /// Queues a write and waits for its outcome. Waits for room when the queue is full.
     pub async fn write(&self, write: AtomicWrite) -> Result<WriteOutcome, StoreError> {
-        self.write_traced(write, None).await.0
+        self.write_traced(write, None, Inline::Never).await.0
     }
 
     /// [`write`](Self::write) from the request span `trace`; also returns the span of the
     /// commit batch that carried the write (when traces are on and the batch was committed or
-    /// rolled back).
+    /// rolled back). With `Inline::WhenIdle` the write is committed on the calling thread
+    /// when the committer is idle.
     pub async fn write_traced(
         &self,
         mut write: AtomicWrite,
         trace: Option<SpanContext>,
+        inline: Inline,
     ) -> (Result<WriteOutcome, StoreError>, Option<SpanContext>) {
         // The write may wait in the queue: let go of the request body it was decoded from.
         write.detach();
         let (reply, outcome) = oneshot::channel();
-        let job = WriteJob {
+        let mut job = WriteJob {
             size: write.size_bytes(),
             write,
             trace,
             reply,
         };
+        if inline == Inline::WhenIdle {
+            job = match self.commit_here(job) {
+                None => {
+                    return outcome
+                        .await
+                        .unwrap_or((Err(StoreError::Unavailable), None))
+                }
+                Some(job) => job,
+            };
+        }
         // A committer that stopped (shutting down, or after a failure) committed nothing of
         // what it did not answer: retrying is safe.
         if self.tx.send_async(Message::Write(job)).await.is_err() {
@@ -94,6 +117,40 @@ impl CommitterHandle {
         outcome
             .await
             .unwrap_or((Err(StoreError::Unavailable), None))
+    }
+
+    /// Commits `job` on the calling thread if the committer is idle: no write queued, none
+    /// being committed, not stopped. Gives the job back otherwise.
+    fn commit_here(&self, job: WriteJob) -> Option<WriteJob> {
+        if !self.tx.is_empty() {
+            return Some(job);
+        }
+        let Ok(mut committer) = self.shared.try_lock() else {
+            return Some(job);
+        };
+        if committer.stopped || committer.failed.is_some() {
+            return Some(job);
+        }
+        committer.metrics.inline_commits.inc();
+        let sweep_due = committer.schedule.due_in();
+        if let Err(failure) = committer.commit_batch(vec![job]) {
+            // As the committer's thread would: stop the server now; the thread answers the
+            // writes queued meanwhile and never closes the connection.
+            crate::fatal::stop(stop_reason(&failure));
+            committer.failed = Some(failure);
+        } else if committer.schedule.due_in() < sweep_due {
+            // The thread waits for the sweep it knew of; a full queue is woken anyway.
+            let _ = self.tx.try_send(Message::Reschedule);
+        }
+        None
+    }
+
+    /// Waits until the committer's thread lets go of its state (it then waits for writes).
+    #[cfg(test)]
+    pub fn wait_idle(&self) {
+        while self.shared.try_lock().is_err() {
+            std::thread::yield_now();
+        }
     }
 
     /// Asks the committer to commit every write already queued and stop. Blocks while the
@@ -106,6 +163,15 @@ impl CommitterHandle {
     pub fn queue_depth(&self) -> usize {
         self.tx.len()
     }
+}
+
+/// Whether a write may be committed on the thread that sends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inline {
+    /// The sender's thread has nothing else to do: commit there if the committer is idle.
+    WhenIdle,
+    /// Always hand the write to the committer's thread.
+    Never,
 }
 
 /// Starts the committer thread on the write connection.
@@ -140,24 +206,25 @@ pub fn spawn_with_heartbeat(
     let mut committer = Committer::new(conn, watches, metrics, backup)?;
     committer.checkpoints = Some(checkpoints);
     committer.heartbeat = heartbeat;
+    let shared = Arc::new(Mutex::new(committer));
+    let state = shared.clone();
     let thread = std::thread::Builder::new()
         .name("committer".into())
         .spawn(move || {
             super::wal_vfs::inject_faults_from_env();
-            let failed = match committer.sweep() {
+            // The guard of the first sweep is dropped before `run` takes the lock.
+            let swept = lock(&state).sweep();
+            let failed = match swept {
                 Err(failure) => Some(failure),
-                Ok(()) => committer.run(&rx).err(),
+                Ok(()) => run(&state, &rx).err(),
             };
+            let mut committer = lock(&state);
+            // No core commits from here on.
+            committer.stopped = true;
             committer.checkpoints = None;
             let _ = checkpointer.join();
             match failed {
-                Some(failure) => {
-                    committer.fail_stop(failure, rx);
-                    // Never close the connection: the last connection to close checkpoints
-                    // and deletes the WAL, which would decide the unknown commit (as not
-                    // committed) instead of leaving it to recovery at the next open.
-                    std::mem::forget(committer);
-                }
+                Some(failure) => committer.fail_stop(failure, rx),
                 None => {
                     // Leave a small WAL behind for whoever opens the file next.
                     if let Err(e) = checkpointer::checkpoint(&committer.conn, "TRUNCATE") {
@@ -166,11 +233,78 @@ pub fn spawn_with_heartbeat(
                 }
             }
         })?;
-    Ok((CommitterHandle { tx }, thread))
+    Ok((CommitterHandle { tx, shared }, thread))
+}
+
+/// The committer's state. A core that panics holding it aborts the process (`crate::fatal`),
+/// so a poisoned lock is never seen by the server; in tests it fails the committer too.
+fn lock(shared: &Mutex<Committer>) -> MutexGuard<'_, Committer> {
+    shared.lock().expect("a thread panicked while committing")
+}
+
+/// Commits batches until told to stop (or every handle is gone), then commits what is still
+/// queued. Returns the failure that makes the server stop, if one happens (here or in a
+/// write a core committed).
+fn run(shared: &Mutex<Committer>, rx: &flume::Receiver<Message>) -> Result<(), Failure> {
+    let mut wait = lock(shared).next_wait();
+    loop {
+        crate::fatal::debug::panic_point("committer");
+        let message = rx.recv_timeout(wait);
+        // Held from here to the next wait, so that no core commits in between.
+        let mut committer = lock(shared);
+        committer.take_failure()?;
+        let first = match message {
+            Ok(Message::Write(job)) => job,
+            Ok(Message::Stop) | Err(flume::RecvTimeoutError::Disconnected) => break,
+            Ok(Message::Reschedule) | Err(flume::RecvTimeoutError::Timeout) => {
+                committer.sweep_if_due()?;
+                wait = committer.next_wait();
+                continue;
+            }
+        };
+        let mut batch = vec![first];
+        let stopping = fill(&mut batch, || rx.try_recv().ok());
+        committer.commit_batch(batch)?;
+        committer.sweep_if_due()?;
+        if stopping {
+            break;
+        }
+        wait = committer.next_wait();
+    }
+    // Commit whatever is still queued: those writers are waiting for an answer.
+    let mut committer = lock(shared);
+    committer.take_failure()?;
+    let mut rest = rx.drain();
+    loop {
+        let mut batch = Vec::new();
+        fill(&mut batch, || rest.next());
+        if batch.is_empty() {
+            break;
+        }
+        committer.commit_batch(batch)?;
+    }
+    tracing::debug!("committer stopped with an empty queue");
+    Ok(())
+}
+
+/// Why the server stops after `failure`.
+fn stop_reason(failure: &Failure) -> String {
+    format!(
+        "the committer stopped: a commit {failure}. Its outcome is decided by SQLite's \
+         recovery when the database is opened again; no further writes are taken"
+    )
 }
 
 struct Committer {
-    conn: Connection,
+    /// Never closed after a failure: the last connection to close checkpoints and deletes the
+    /// WAL, which would decide an unknown commit (as not committed) instead of leaving it to
+    /// recovery at the next open.
+    conn: ManuallyDrop<Connection>,
+    /// A commit failed in a way that stops the server (`failure`); nothing more is committed.
+    failed: Option<Failure>,
+    /// The committer's thread has ended its loop, or a commit failed: nothing more is
+    /// committed here, and cores commit nothing.
+    stopped: bool,
     /// Told after commits; `None` once stopping.
     checkpoints: Option<CheckpointPoke>,
     /// Last committed global version (`data_version.version`).
@@ -195,7 +329,9 @@ impl Committer {
         let version: i64 = conn.query_row(GET_VERSION, [], |r| r.get(0))?;
         Ok(Committer {
             outbox,
-            conn,
+            conn: ManuallyDrop::new(conn),
+            failed: None,
+            stopped: false,
             checkpoints: None,
             version: version as u64,
             watches,
@@ -203,44 +339,6 @@ impl Committer {
             heartbeat: None,
             metrics,
         })
-    }
-
-    /// Commits batches until told to stop (or every handle is gone), then commits what is
-    /// still queued. Returns the failure that makes the server stop, if one happens.
-    fn run(&mut self, rx: &flume::Receiver<Message>) -> Result<(), Failure> {
-        let mut stopping = false;
-        while !stopping {
-            crate::fatal::debug::panic_point("committer");
-            let mut wait = self.schedule.due_in();
-            if let Some(heartbeat) = &self.heartbeat {
-                heartbeat.beat();
-                wait = wait.min(heartbeat.period());
-            }
-            let first = match rx.recv_timeout(wait) {
-                Ok(Message::Write(job)) => job,
-                Ok(Message::Stop) | Err(flume::RecvTimeoutError::Disconnected) => break,
-                Err(flume::RecvTimeoutError::Timeout) => {
-                    self.sweep_if_due()?;
-                    continue;
-                }
-            };
-            let mut batch = vec![first];
-            stopping = fill(&mut batch, || rx.try_recv().ok());
-            self.commit_batch(batch)?;
-            self.sweep_if_due()?;
-        }
-        // Commit whatever is still queued: those writers are waiting for an answer.
-        let mut rest = rx.drain();
-        loop {
-            let mut batch = Vec::new();
-            fill(&mut batch, || rest.next());
-            if batch.is_empty() {
-                break;
-            }
-            self.commit_batch(batch)?;
-        }
-        tracing::debug!("committer stopped with an empty queue");
-        Ok(())
     }
 
     fn commit_batch(&mut self, batch: Vec<WriteJob>) -> Result<(), Failure> {
@@ -263,7 +361,10 @@ impl Committer {
             outcome.tally.describe(&mut span, size);
         }
         match outcome.fatal {
-            Some(failure) => Err(failure),
+            Some(failure) => {
+                self.stopped = true;
+                Err(failure)
+            }
             None => Ok(()),
         }
     }
@@ -272,10 +373,8 @@ impl Committer {
     /// every write still queued as not committed (it was not, and never will be by this
     /// process), so that clients retry against the restarted server.
     fn fail_stop(&mut self, failure: Failure, rx: flume::Receiver<Message>) {
-        crate::fatal::stop(format!(
-            "the committer stopped: a commit {failure}. Its outcome is decided by SQLite's \
-             recovery when the database is opened again; no further writes are taken"
-        ));
+        crate::fatal::stop(stop_reason(&failure));
+        self.failed = Some(failure);
         // Writes sent after this are refused by the closed channel (also "not committed").
         for message in rx.drain() {
             if let Message::Write(job) = message {
@@ -328,9 +427,42 @@ impl Committer {
         self.watches.committed(version, keys);
     }
 
+    /// Beats the heartbeat; how long to wait for writes before the next turn (a sweep, or a
+    /// beat, is due then).
+    fn next_wait(&self) -> std::time::Duration {
+        let wait = self.schedule.due_in();
+        match &self.heartbeat {
+            Some(heartbeat) => {
+                heartbeat.beat();
+                wait.min(heartbeat.period())
+            }
+            None => wait,
+        }
+    }
+
+    /// The failure of a write a core committed, if one failed.
+    fn take_failure(&mut self) -> Result<(), Failure> {
+        match self.failed.take() {
+            Some(failure) => {
+                self.stopped = true;
+                Err(failure)
+            }
+            None => Ok(()),
+        }
+    }
+
     fn beat(&self) {
         if let Some(h) = &self.heartbeat {
             h.beat();
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        if self.failed.is_none() {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe { ManuallyDrop::drop(&mut self.conn) };
         }
     }
 }
@@ -346,6 +478,8 @@ fn fill(batch: &mut Vec<WriteJob>, mut next: impl FnMut() -> Option<Message>) ->
                 batch.push(job);
             }
             Some(Message::Stop) => return true,
+            // The turn after this batch computes its wait afresh.
+            Some(Message::Reschedule) => continue,
             None => break,
         }
     }

@@ -1,14 +1,17 @@
 //! Injected WAL failures, to test what the committer answers when the disk fails. Debug builds
 //! only: in release builds [`check`] is always `None` and compiles away.
 //!
-//! A plan fails the WAL writes or syncs made on the thread that set it (the committer's), after
-//! letting some through. A failed write writes nothing (as `ENOSPC` does); a failed sync first
-//! syncs for real and then reports the error, the worst case: the commit is on the disk while
-//! SQLite is told it failed. In a debug server, the committer thread reads its plan from
+//! A plan fails WAL writes or syncs, after letting some through: a thread's own plan (tests
+//! set it) those made on that thread, the process's plan those of every other thread (a
+//! write is committed on the committer's thread or on a core's). A failed write writes
+//! nothing (as `ENOSPC` does); a failed sync first syncs for real and then reports the error,
+//! the worst case: the commit is on the disk while SQLite is told it failed. A debug server
+//! reads the process's plan from
 //! `DENOKV_DEBUG_WAL_FAULT=<write|sync>:<EIO|ENOSPC>[:after=N][:times=K]` (`after`: operations
 //! of that kind let through first, default 0; `times`: how many then fail, default all).
 
 use std::cell::Cell;
+use std::sync::Mutex;
 
 /// A WAL operation that can be made to fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,28 +69,46 @@ impl std::str::FromStr for Plan {
     }
 }
 
+/// A plan and how many operations of its kind it has seen.
+type Counted = Option<(Plan, u64)>;
+
 thread_local! {
-    /// The plan and how many operations of its kind it has seen.
-    static PLAN: Cell<Option<(Plan, u64)>> = const { Cell::new(None) };
+    static THREAD_PLAN: Cell<Counted> = const { Cell::new(None) };
 }
+
+/// For the threads without a plan of their own.
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
+static PROCESS_PLAN: Mutex<Counted> = Mutex::new(None);
 
 /// Sets (or clears) the plan of the calling thread.
 pub fn inject(plan: Option<Plan>) {
-    PLAN.with(|p| p.set(plan.map(|plan| (plan, 0))));
+    THREAD_PLAN.with(|p| p.set(plan.map(|plan| (plan, 0))));
 }
 
-/// Debug builds: sets the calling thread's plan from `DENOKV_DEBUG_WAL_FAULT`, if set.
+/// Debug builds: sets the process's plan from `DENOKV_DEBUG_WAL_FAULT`, if set.
 pub fn inject_from_env() {
     #[cfg(debug_assertions)]
     if let Ok(spec) = std::env::var("DENOKV_DEBUG_WAL_FAULT") {
-        match spec.parse() {
+        match spec.parse::<Plan>() {
             Ok(plan) => {
                 tracing::warn!("debug build: WAL faults injected: {plan:?}");
-                inject(Some(plan));
+                *PROCESS_PLAN.lock().unwrap_or_else(|e| e.into_inner()) = Some((plan, 0));
             }
             Err(e) => tracing::error!("DENOKV_DEBUG_WAL_FAULT ignored: {e}"),
         }
     }
+}
+
+/// Counts `op` against `counted`: the errno it must fail with, if it must.
+#[cfg(debug_assertions)]
+fn count(counted: &mut Counted, op: Op) -> Option<i32> {
+    let (plan, seen) = counted.as_mut()?;
+    if plan.op != op {
+        return None;
+    }
+    let failing = *seen >= plan.after && *seen - plan.after < plan.times;
+    *seen += 1;
+    failing.then_some(plan.errno)
 }
 
 /// Called by the VFS before each WAL operation: the errno it must fail with, if it must.
@@ -95,15 +116,16 @@ pub fn inject_from_env() {
 pub fn check(op: Op) -> Option<i32> {
     #[cfg(debug_assertions)]
     {
-        PLAN.with(|p| {
-            let (plan, seen) = p.get()?;
-            if plan.op != op {
-                return None;
-            }
-            p.set(Some((plan, seen + 1)));
-            let failing = seen >= plan.after && seen - plan.after < plan.times;
-            failing.then_some(plan.errno)
-        })
+        let mut own = THREAD_PLAN.get();
+        if own.is_some() {
+            let errno = count(&mut own, op);
+            THREAD_PLAN.set(own);
+            return errno;
+        }
+        count(
+            &mut PROCESS_PLAN.lock().unwrap_or_else(|e| e.into_inner()),
+            op,
+        )
     }
     #[cfg(not(debug_assertions))]
     {
