@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use monoio::io::IntoPollIo;
 
+use super::coalesce::coalesce;
 use super::connection::{ConnState, Expiry, Open, Tracked, Watched};
 use super::hyper_compat::{LocalExec, MonoioTimer};
 use super::limits::{Admission, ConnWatches, Limits, Permit, RequestRefusal};
@@ -365,12 +366,15 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
     let refused = metrics
         .requests_refused(RequestRefusal::MaxH2Streams)
         .clone();
+    // What hyper writes is gathered and written out after each poll of the connection (above
+    // TLS: bigger records); `writer.drained` polls it wherever it is polled below.
+    let (io, writer) = coalesce(io);
     let io = TokioIo::new(Watched::new(io, state.clone(), refused));
     let mut conn = pin!(builder.serve_connection(io, service));
     loop {
         let timer = until(state.deadline(&limits));
         monoio::select! {
-            result = conn.as_mut() => {
+            result = writer.drained(conn.as_mut()) => {
                 if let Err(e) = result {
                     tracing::debug!("connection ended with an error: {e}");
                 }
@@ -393,7 +397,7 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
             // Nothing in flight: HTTP/1.1 closes at once, h2 says GOAWAY first.
             conn.as_mut().graceful_shutdown();
             monoio::select! {
-                _ = conn.as_mut() => {}
+                _ = writer.drained(conn.as_mut()) => {}
                 _ = monoio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
@@ -402,7 +406,7 @@ async fn connection(stream: monoio::net::TcpStream, serving: Serving, _permit: P
     }
     // Finish requests in flight; HTTP/2 clients get GOAWAY and retry elsewhere.
     conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    let _ = writer.drained(conn.as_mut()).await;
 }
 
 /// Resolves at the deadline; never without one.

@@ -1,6 +1,7 @@
 //! The process: opens the store, starts the committer and one serving thread per core, tells
 //! systemd when it is ready, reloads on SIGHUP, and on SIGTERM or SIGINT shuts down in order.
 
+mod coalesce;
 pub mod connection;
 mod core;
 pub(crate) mod hyper_compat;
