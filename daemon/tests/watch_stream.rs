@@ -449,3 +449,73 @@ async fn watch_streams_past_a_cap_get_429_and_a_closed_one_frees_its_slot() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A commit that wakes many watch streams on one h2 connection writes their frames to the
+/// socket in a few system calls, not one per frame (the h2 crate flushes after each DATA
+/// frame of 256 bytes or more; the server gathers what it writes in a poll of the connection).
+#[tokio::test]
+async fn one_commit_reaches_many_watch_streams_on_one_connection_in_few_socket_writes() {
+    const STREAMS: usize = 64;
+    const COMMITS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace");
+    let trace_arg = trace.display().to_string();
+    let wrapper = [
+        "strace",
+        "-f",
+        "-qq",
+        "-y",
+        "-ttt",
+        "-o",
+        &trace_arg,
+        "-e",
+        "trace=write,writev",
+    ];
+    let mut s = Server::start_on(&dir.path().join("db.sqlite"), &[], &wrapper);
+    let c = Client::new();
+    let hot = key("hot");
+    // A watch frame of about 1.6 KB, as in the watch load.
+    set(&c, &s, &hot, &[0; 1_500]).await;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut frames = open_watch(&c, Proto::H2, &s, std::slice::from_ref(&hot)).await;
+        frames.data(Duration::from_secs(10)).await;
+        streams.push(frames);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for i in 1..=COMMITS {
+        set(&c, &s, &hot, &[i as u8; 1_500]).await;
+        for frames in &mut streams {
+            let d = frames.data(Duration::from_secs(10)).await;
+            let value = &d.keys[0].entry_if_changed.as_ref().unwrap().value;
+            assert_eq!(value[0], i as u8);
+        }
+    }
+    drop(streams);
+    drop(c);
+    let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    assert!(status.success());
+    // `PID 1733.123456 writev(7<socket:[...]>, ...) = 1618`: writes to sockets after `since`.
+    let writes = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("write") && l.contains("<socket:"))
+        .filter(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.parse::<f64>().ok().filter(|t| *t > 1e9))
+                .is_some_and(|t| t >= since)
+        })
+        .count();
+    let frames = STREAMS * COMMITS;
+    eprintln!("{writes} socket writes for {frames} watch frames and {COMMITS} commits");
+    // At least the commits' answers: the trace was read.
+    assert!(writes >= COMMITS, "{writes} socket writes");
+    assert!(
+        writes * 4 <= frames,
+        "{writes} socket writes for {frames} watch frames (and {COMMITS} commits)"
+    );
+}
