@@ -587,6 +587,27 @@ fn direct(path: &std::path::Path, wal: WalWrites) -> committer::DirectCommitter 
     committer::DirectCommitter::new(conn).unwrap()
 }
 
+/// `keys` as a server would read them after a crash of this process: from a copy of the
+/// database and its WAL (the live connection still holds them; closing it would checkpoint).
+fn read_after_crash(path: &std::path::Path, keys: &[&str]) -> Vec<Option<Entry>> {
+    let crashed = tempfile::tempdir().unwrap();
+    let copy = crashed.path().join("db.sqlite");
+    std::fs::copy(path, &copy).unwrap();
+    std::fs::copy(
+        path.with_file_name("db.sqlite-wal"),
+        crashed.path().join("db.sqlite-wal"),
+    )
+    .expect("the WAL is still there");
+    let keys: Vec<Bytes> = keys
+        .iter()
+        .map(|k| Bytes::copy_from_slice(k.as_bytes()))
+        .collect();
+    Reader::open(&copy)
+        .unwrap()
+        .read_keys(&keys, crate::kv::now_ms())
+        .unwrap()
+}
+
 fn global_version(path: &std::path::Path) -> i64 {
     rusqlite::Connection::open(path)
         .unwrap()
@@ -653,21 +674,7 @@ fn a_failed_sync_at_commit_is_never_answered_as_not_committed() {
         // sync, and the commit comes back when the files are opened after a crash (a copy of
         // them, as the process is still alive; dropping `c` would close the connection, and
         // the last connection to close checkpoints and deletes the WAL).
-        let crashed = tempfile::tempdir().unwrap();
-        let copy = crashed.path().join("db.sqlite");
-        std::fs::copy(&path, &copy).unwrap();
-        std::fs::copy(
-            dir.path().join("db.sqlite-wal"),
-            crashed.path().join("db.sqlite-wal"),
-        )
-        .unwrap();
-        let entries = Reader::open(&copy)
-            .unwrap()
-            .read_keys(
-                &[Bytes::from_static(b"counter"), Bytes::from_static(b"k")],
-                crate::kv::now_ms(),
-            )
-            .unwrap();
+        let entries = read_after_crash(&path, &["counter", "k"]);
         assert_eq!(
             entries[0].as_ref().unwrap().value.as_u64(),
             Some(2),
@@ -926,21 +933,7 @@ async fn an_ambiguous_inline_commit_stops_the_committer_and_nothing_commits_afte
         drop(c);
         // The connection was never closed (closing would checkpoint and delete the WAL), and
         // the commit whose sync "failed" comes back when the files are opened after a crash.
-        let crashed = tempfile::tempdir().unwrap();
-        let copy = crashed.path().join("db.sqlite");
-        std::fs::copy(&path, &copy).unwrap();
-        std::fs::copy(
-            dir.path().join("db.sqlite-wal"),
-            crashed.path().join("db.sqlite-wal"),
-        )
-        .expect("the WAL is still there");
-        let entries = Reader::open(&copy)
-            .unwrap()
-            .read_keys(
-                &[Bytes::from_static(b"counter"), Bytes::from_static(b"later")],
-                crate::kv::now_ms(),
-            )
-            .unwrap();
+        let entries = read_after_crash(&path, &["counter", "later"]);
         assert_eq!(
             entries[0].as_ref().unwrap().value.as_u64(),
             Some(2),
