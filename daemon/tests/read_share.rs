@@ -154,14 +154,24 @@ async fn reads_in_flight_when_the_server_stops_are_answered() {
         .await
         .body;
     // 64 readers on the one connection, until the server stops.
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readers: Vec<_> = (0..64)
         .map(|_| {
             let (c, url, body, expected) = (c.clone(), url.clone(), body.clone(), expected.clone());
+            let stopped = stopped.clone();
             tokio::spawn(async move {
                 let mut answered = 0u64;
                 loop {
                     let call = c.try_data(Proto::H2, &url, "snapshot_read", body.clone());
                     match tokio::time::timeout(Duration::from_secs(10), call).await {
+                        // The server has exited: hyper's client pool may still hold a request
+                        // retried after GOAWAY, waiting for a connection (seen once in ~500
+                        // runs, the server gone 41 ms after SIGTERM with exit code 0). What the
+                        // server did is checked below: a read it left unanswered would hold its
+                        // connection open past the drain timeout, and the exit code would be 1.
+                        Err(_) if stopped.load(std::sync::atomic::Ordering::SeqCst) => {
+                            return answered
+                        }
                         Err(_) => panic!("a read went unanswered for 10 s"),
                         // The connection closed (GOAWAY, then gone): the server stopped.
                         Ok(None) => return answered,
@@ -184,6 +194,7 @@ async fn reads_in_flight_when_the_server_stops_are_answered() {
     }
     assert!(handed_over(&s) > 0, "no read was handed over");
     let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
+    stopped.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(
         status.success(),
         "the server did not drain cleanly: {status}"
