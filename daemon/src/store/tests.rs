@@ -845,6 +845,12 @@ fn spawn_counted(
     (handle, thread, metrics)
 }
 
+/// Sends `w` once the committer's thread waits for writes, so that it is committed inline.
+async fn write_when_idle(c: &CommitterHandle, w: AtomicWrite) -> Result<WriteOutcome, StoreError> {
+    c.wait_idle();
+    c.write_traced(w, None, Inline::WhenIdle).await.0
+}
+
 // The test's thread is its runtime's only thread: a fault plan set on it reaches a write
 // committed inline, and only such a write.
 #[tokio::test]
@@ -853,10 +859,7 @@ async fn a_write_alone_is_committed_on_the_calling_thread_when_the_committer_is_
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
         let (c, thread, metrics) = spawn_counted(&path, wal);
-        c.wait_idle();
-        let (outcome, _) = c
-            .write_traced(write(vec![set("a", "1")]), None, Inline::WhenIdle)
-            .await;
+        let outcome = write_when_idle(&c, write(vec![set("a", "1")])).await;
         committed(outcome);
         assert_eq!(metrics.inline_commits.get(), 1, "{wal:?}");
         committed(c.write(write(vec![set("b", "1")])).await);
@@ -870,10 +873,7 @@ async fn a_write_alone_is_committed_on_the_calling_thread_when_the_committer_is_
         // A full disk on this thread only: the inline write meets it (and is rolled back,
         // as on the committer's thread); the same write sent to the committer does not.
         wal_vfs::inject_faults(Some("write:ENOSPC".parse().unwrap()));
-        c.wait_idle();
-        let (outcome, _) = c
-            .write_traced(write(vec![set("c", "1")]), None, Inline::WhenIdle)
-            .await;
+        let outcome = write_when_idle(&c, write(vec![set("c", "1")])).await;
         let handed = c.write(write(vec![set("c", "1")])).await;
         wal_vfs::inject_faults(None);
         assert!(
@@ -882,10 +882,7 @@ async fn a_write_alone_is_committed_on_the_calling_thread_when_the_committer_is_
         );
         committed(handed);
         // The committer goes on after a clean failure, inline or not.
-        c.wait_idle();
-        let (outcome, _) = c
-            .write_traced(write(vec![set("d", "1")]), None, Inline::WhenIdle)
-            .await;
+        let outcome = write_when_idle(&c, write(vec![set("d", "1")])).await;
         committed(outcome);
         assert_eq!(metrics.inline_commits.get(), 3, "{wal:?}");
         drop(c);
@@ -902,10 +899,7 @@ async fn an_ambiguous_inline_commit_stops_the_committer_and_nothing_commits_afte
         committed(c.write(write(vec![sum("counter", 1)])).await);
 
         wal_vfs::inject_faults(Some("sync:EIO:times=1".parse().unwrap()));
-        c.wait_idle();
-        let (outcome, _) = c
-            .write_traced(write(vec![sum("counter", 1)]), None, Inline::WhenIdle)
-            .await;
+        let outcome = write_when_idle(&c, write(vec![sum("counter", 1)])).await;
         wal_vfs::inject_faults(None);
         assert!(
             matches!(outcome, Err(StoreError::OutcomeUnknown)),

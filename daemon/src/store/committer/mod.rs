@@ -128,7 +128,7 @@ impl CommitterHandle {
         let Ok(mut committer) = self.shared.try_lock() else {
             return Some(job);
         };
-        if committer.stopped || committer.failed.is_some() {
+        if committer.stopped {
             return Some(job);
         }
         committer.metrics.inline_commits.inc();
@@ -300,7 +300,7 @@ struct Committer {
     /// WAL, which would decide an unknown commit (as not committed) instead of leaving it to
     /// recovery at the next open.
     conn: ManuallyDrop<Connection>,
-    /// A commit failed in a way that stops the server (`failure`); nothing more is committed.
+    /// A commit failed in a way that stops the server (`failure`); set only with `stopped`.
     failed: Option<Failure>,
     /// The committer's thread has ended its loop, or a commit failed: nothing more is
     /// committed here, and cores commit nothing.
