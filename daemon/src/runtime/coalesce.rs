@@ -424,6 +424,18 @@ mod tests {
             .collect()
     }
 
+    /// docs/PERFORMANCE.md (and the notes it is made from) state the cap: it must be the code's.
+    #[test]
+    fn the_performance_notes_state_the_cap() {
+        let says = format!("gathered (up to {} KiB", CAP / 1024);
+        for doc in [
+            include_str!("../../../docs/PERFORMANCE.md"),
+            include_str!("../../../loadtest/perf-notes.md"),
+        ] {
+            assert!(doc.replace('\n', " ").contains(&says), "{says:?}");
+        }
+    }
+
     #[test]
     fn writes_land_in_order_in_one_write_per_drain() {
         let mock = Mock::default();
