@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,8 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from reportlib import free_port, log, wait_port
+from reportlib import (LONE_WRITER, free_port, gen_db, interleaved, log, median_of, summary,
+                       wait_port)
 
 TOKEN = "ab-report-token-0123456789"
 KEYS = 10_000
@@ -49,8 +49,8 @@ LOADS = {
     "h2-write-64": (2, ["write"] + ONE_CONN),
     "h1-read-1": (2, ["read", "--proto", "h1", "--concurrency", "1"]),
     "h2-read-1": (2, ["read", "--proto", "h2", "--concurrency", "1"]),
-    "h1-write-1": (2, ["write", "--proto", "h1", "--concurrency", "1"]),
-    "h2-write-1": (2, ["write", "--proto", "h2", "--concurrency", "1"]),
+    "h1-write-1": (2, LONE_WRITER["h1"]),
+    "h2-write-1": (2, LONE_WRITER["h2"]),
 }
 
 
@@ -98,8 +98,7 @@ class Runner:
     def __init__(self, a, work):
         self.a, self.work, self.n = a, work, 0
         self.db = work / "base.sqlite"
-        subprocess.run([a.loadtest, "gen-db", "--path", str(self.db), "--keys", str(KEYS)],
-                       check=True, stdout=subprocess.DEVNULL)
+        gen_db(a.loadtest, self.db, KEYS)
         self.body = work / "read.bin"
         self.body.write_bytes(point_read_body())
 
@@ -139,12 +138,8 @@ class Runner:
         if p.returncode != 0 or not out.exists():
             log(f"denokv-loadtest failed: {p.stderr[-300:]}")
             return None
-        r = json.loads(out.read_text())
-        lat = r["latency_ms"].get("all") or next(iter(r["latency_ms"].values()))
         reads = after["reads"] - before["reads"]
-        return {"ops": r["ops_per_sec"], "p50": lat["p50"], "p99": lat["p99"],
-                "server": r.get("server_cpu_ms_per_1k_ops"), "client": r.get("client_cpu_ms_per_1k_ops"),
-                "errors": r["error_total"],
+        return {**summary(json.loads(out.read_text())),
                 "handed": (after["handed"] - before["handed"]) / reads if reads else 0.0}
 
     def h2load(self, pid, port, mport, conns, streams):
@@ -191,18 +186,16 @@ def main():
     results = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="ab-report-") as tmp:
         runner = Runner(a, Path(tmp))
-        for r in range(a.rounds):
-            order = variants if r % 2 == 0 else variants[::-1]
-            for label, argv, upstream in order:
-                for load in a.load:
-                    threads, spec = LOADS[load]
-                    res = runner.run(argv, threads, spec, upstream)
-                    if res is None:
-                        continue
-                    res["load_avg"] = os.getloadavg()[0]
-                    results[(load, label)].append(res)
-                    log(f"round {r + 1} {label} {load}: {res['ops']:,.0f}/s, server "
-                        f"{res['server'] or 0:.1f} µs/op, handed over {res['handed']:.0%}")
+        for r, (label, argv, upstream) in interleaved(a.rounds, variants):
+            for load in a.load:
+                threads, spec = LOADS[load]
+                res = runner.run(argv, threads, spec, upstream)
+                if res is None:
+                    continue
+                res["load_avg"] = os.getloadavg()[0]
+                results[(load, label)].append(res)
+                log(f"round {r + 1} {label} {load}: {res['ops']:,.0f}/s, server "
+                    f"{res['server'] or 0:.1f} µs/op, handed over {res['handed']:.0%}")
     print(f"{a.rounds} rounds, {a.duration} each, load average at the end "
           f"{os.getloadavg()[0]:.1f}\n")
     print("| load | variant | ops/s, median (range) | p50 / p99 ms | server µs/op | by thread | "
@@ -213,8 +206,7 @@ def main():
             rows = results.get((load, label))
             if not rows:
                 continue
-            med = lambda k: statistics.median(x[k] for x in rows if x.get(k) is not None) \
-                if any(x.get(k) is not None for x in rows) else None
+            med = lambda k: median_of(rows, k)
             f = lambda v, d=1: "–" if v is None else f"{v:,.{d}f}"
             ops = [x["ops"] for x in rows]
             mid = sorted(rows, key=lambda x: x["ops"])[len(rows) // 2]

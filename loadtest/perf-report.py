@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Re-runs every performance measurement of denokv and writes docs/PERFORMANCE.md.
 
-    loadtest/perf-report.py                 # the full run (about half an hour on 2 cores)
+    loadtest/perf-report.py                 # the full run (about 20 minutes on 2 cores; the
+                                            # first time add the build and gen-db's 10M keys)
     loadtest/perf-report.py --quick         # a short smoke run of the same steps
     loadtest/perf-report.py --out /tmp/p.md # somewhere else
     loadtest/perf-report.py --no-build      # with the binaries already built
@@ -10,10 +11,14 @@ It builds the release binaries (into $CARGO_TARGET_DIR, default ~/.cache/denokv/
 also reads them from), then measures in one sitting on this machine: the ceilings
 (a trivial HTTP server, fdatasync/s, SQLite commits/s), this server and the upstream `denokv`
 side by side (write, read, mixed, cas, list, sum at 1/16/64/256 clients over HTTP/1.1 and h2),
-cost as the database grows (10 thousand to 10 million keys), memory with idle connections and
-watch streams, our variants (--threads, --read-sharing, --sync-mode, --wal-writes), the
-committer batch benchmark, and a CPU profile of the write load. Every number in the document comes from this
-run; raw JSON reports stay in $CARGO_TARGET_DIR/perf-report/.
+a lone writer (one client's writes, h1 and h2, ours and upstream taking turns over 3 rounds),
+cost as the database grows (10 thousand to 10 million keys, ours and upstream on the same
+files), memory with idle connections and watch streams, our variants (--threads, --io-driver
+epoll beside the default io_uring, --read-sharing, --sync-mode, --wal-writes; writes at 1 and
+64 clients, point reads at 1 and 64), the committer batch benchmark, and a CPU profile of the
+write load. Its "Targets" table is issue 15's, each target computed from this run's numbers.
+Every number in the document comes from this run; raw JSON reports stay in
+$CARGO_TARGET_DIR/perf-report/.
 
 The upstream server is taken from $UPSTREAM_DENOKV, else ~/.cache/denokv/upstream/bin/denokv,
 else installed there with `cargo install denokv --locked` (about 20 minutes); --no-upstream
@@ -36,6 +41,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -46,7 +52,8 @@ import sys
 import time
 from pathlib import Path
 
-from reportlib import ROOT, free_port, log
+from reportlib import (LONE_WRITER, ROOT, free_port, gen_db, interleaved, log, median_of,
+                       summary)
 
 TOKEN = "perf-report-token-0123456789"
 TRIVIAL_TOKEN = "trivial-server-token"
@@ -59,6 +66,10 @@ DENO_MIXES = {"reads": "point reads (kv.get)", "rw": "80% kv.get, 20% kv.set",
               "writes": "kv.set", "app": "80% kv.get, 15% kv.set, 5% get + atomic check+set"}
 OURS_T1 = "ours --threads 1"
 OURS_DEFAULT = "ours, default threads"
+# The lone writer: rounds of ours and upstream taking turns.
+LONE_ROUNDS = 3
+# The variants table's default row (--threads 2 is what every other load here runs).
+DEFAULT_VARIANT = "--threads 2 (default here)"
 
 
 def seconds(d):
@@ -119,6 +130,7 @@ class Server:
 
     def __enter__(self):
         self.log = open(self.logfile, "ab")
+        self.log_start = self.log.tell()
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             preexec_fn=lift_nofile,
@@ -134,6 +146,12 @@ class Server:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"{self.name} did not listen on {self.port}; see {self.logfile}")
+
+    def output(self):
+        """What this server has written to its log so far."""
+        with open(self.logfile, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
 
     @property
     def pid(self):
@@ -323,8 +341,7 @@ class Report:
                 for f in self.dbs.glob(f"keys-{n}.tmp.sqlite*"):
                     f.unlink()
                 t0 = time.time()
-                subprocess.run([str(self.bin / "denokv-loadtest"), "gen-db", "--path", str(tmp),
-                                "--keys", str(n)], check=True, stdout=subprocess.DEVNULL)
+                gen_db(self.bin / "denokv-loadtest", tmp, n)
                 tmp.rename(db)
                 out[("gen", n)] = time.time() - t0
             size = db.stat().st_size
@@ -333,7 +350,37 @@ class Report:
                     log(f"  {n} keys {w}")
                     out[(w, n)] = self.loadtest(w, srv, "--proto", "h2", "--concurrency", 64,
                                                 "--keys", n)
+            if self.upstream_bin:
+                # The same file: gen-db writes the SQLite format upstream reads.
+                with self.upstream(db) as srv:
+                    for w in ["read", "write"]:
+                        log(f"  {n} keys {w}, upstream")
+                        out[("upstream", w, n)] = self.loadtest(
+                            w, srv, "--proto", "h2", "--concurrency", 64, "--keys", n)
             out[("size", n)] = size
+        return out
+
+    def lone_writer(self):
+        """A lone client's writes (denokv-loadtest write --concurrency 1, ab-report.py's
+        h1-write-1 and h2-write-1 loads), ours and upstream taking turns over LONE_ROUNDS
+        rounds, each round in the reverse order of the one before; every run is a fresh server
+        on a copy of one gen-db database of KEYS keys. {(server, proto): [summary per round]}."""
+        log("a lone writer, ours and upstream taking turns")
+        base = self.work / "lone-writer-base.sqlite"
+        gen_db(self.bin / "denokv-loadtest", base, KEYS)
+        servers = [("ours", self.ours)]
+        if self.upstream_bin:
+            servers.append(("upstream", self.upstream))
+        turns = [(proto, name, mk) for proto in ["h1", "h2"] for name, mk in servers]
+        out = {}
+        for rnd, (proto, name, mk) in interleaved(LONE_ROUNDS, turns):
+            db = self.fresh_db(f"lone-{name}")
+            shutil.copy(base, db)
+            with mk(db) as srv:
+                log(f"  round {rnd + 1}: {name} {proto}")
+                load = LONE_WRITER[proto]
+                r = self.loadtest(load[0], srv, *load[1:], "--keys", KEYS)
+            out.setdefault((name, proto), []).append(summary(r))
         return out
 
     def memory(self, which):
@@ -357,7 +404,8 @@ class Report:
         out = {}
         variants = [
             ("--threads 1", ["--threads", "1"]),
-            ("--threads 2 (default here)", ["--threads", "2"]),
+            (DEFAULT_VARIANT, ["--threads", "2"]),
+            ("--io-driver epoll", ["--io-driver", "epoll"]),
             ("--read-sharing on", ["--read-sharing", "on"]),
             ("--sync-mode normal", ["--sync-mode", "normal"]),
             ("--wal-writes pwrite (default)", ["--wal-writes", "pwrite"]),
@@ -366,10 +414,13 @@ class Report:
         for label, extra in variants:
             with self.ours(self.fresh_db("variant"), extra) as srv:
                 self.preload(srv)
-                for w, c in [("write", 1), ("write", 64), ("read", 64)]:
+                for w, c in [("write", 1), ("write", 64), ("read", 1), ("read", 64)]:
                     log(f"  {label} {w} {c}")
                     out[(label, w, c)] = self.loadtest(w, srv, "--proto", "h2",
                                                        "--concurrency", c, "--keys", KEYS)
+                # The io driver the cores ran on, from the server's "N cores on DRIVER" line.
+                drivers = re.findall(r"\d+ cores on (\w+)", srv.output())
+                out[(label, "driver")] = drivers[-1] if drivers else None
         return out
 
     def batch_bench(self):
@@ -619,8 +670,8 @@ def fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
 
-def ratio(a, b):
-    return f"{a / b:.1f}×" if a and b else "–"
+def ratio(a, b, digits=1):
+    return f"{a / b:.{digits}f}×" if a and b else "–"
 
 
 def cpu(r):
@@ -650,6 +701,14 @@ def git_rev():
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
     return p.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def deno_app(deno):
+    """The app mix, 4 Deno processes × 32: ours (default threads) and upstream's ops/s, and
+    whether ours ≥ 3× upstream's without errors."""
+    o, u = (deno.get((OURS_DEFAULT, "app", 4, 32), {}), deno.get(("upstream", "app", 4, 32), {}))
+    oo, uu = o.get("ops_per_sec"), u.get("ops_per_sec")
+    return oo, uu, bool(oo and uu and not o.get("error_total")) and oo >= 3 * uu
 
 
 def render_deno(rep, deno):
@@ -688,9 +747,7 @@ def render_deno(rep, deno):
               f"{client_cpu(r)} | "
               f"{ratio(r.get('ops_per_sec'), u.get('ops_per_sec')) if label != 'upstream' else ''} |")
     w("")
-    o, u = (deno.get((OURS_DEFAULT, "app", 4, 32), {}), deno.get(("upstream", "app", 4, 32), {}))
-    oo, uu = o.get("ops_per_sec"), u.get("ops_per_sec")
-    met = bool(oo and uu and not o.get("error_total")) and oo >= 3 * uu
+    oo, uu, met = deno_app(deno)
     w(f"- Target, 4 Deno processes × 32 on the app mix, ours ≥ 3× upstream: "
       f"{fmt(oo)} ÷ {fmt(uu)} = {ratio(oo, uu)}: {'met' if met else '**not met**'}.")
     a, b = (deno.get((OURS_DEFAULT, "reads", 1, 64), {}).get("ops_per_sec"),
@@ -708,6 +765,42 @@ def render_deno(rep, deno):
                 w(f"| {mix} {procs} × {conc} | {label} | {op} | {fmt(l_.get('count'))} | "
                   f"{fmt(l_.get('p50'), 2)} | {fmt(l_.get('p90'), 2)} | {fmt(l_.get('p99'), 2)} | "
                   f"{fmt(l_.get('max'), 2)} |")
+    w("")
+    return L
+
+
+def lone_cell(rows, key, digits):
+    """The median of `key` over the rounds, each round's in brackets."""
+    each = ", ".join(fmt(x.get(key), digits) for x in rows)
+    return f"{fmt(median_of(rows, key), digits)} ({each})" if rows else "–"
+
+
+def render_lone(rep, lone):
+    """The "A lone writer" section."""
+    L = []
+    w = L.append
+    w("## A lone writer\n")
+    w("One client with one write in flight (`denokv-loadtest write --concurrency 1 --keys "
+      f"{KEYS}`, the h1-write-1 and h2-write-1 loads of `loadtest/ab-report.py`), ours and "
+      f"upstream taking turns: {LONE_ROUNDS} rounds, in each every server runs each protocol "
+      "once, the order reversed every other round; every run is a fresh server on a copy of "
+      f"one `gen-db` database of {KEYS:,} keys (the writes overwrite existing keys). "
+      f"{rep.warmup} warm-up, {rep.duration} measured. Each cell is the median across the "
+      "rounds, each round's figure in brackets; the targets use the medians.\n")
+    w("| proto | server | writes/s | p50 ms | p99 ms | server CPU µs/write | errors |")
+    w("|---|---|---:|---:|---:|---:|---:|")
+    for proto in ["h1", "h2"]:
+        o, u = lone.get(("ours", proto), []), lone.get(("upstream", proto), [])
+        for name, rows in [("ours", o), ("upstream", u)]:
+            if rows:
+                w(f"| {proto} | {name} | {lone_cell(rows, 'ops', 0)} | {lone_cell(rows, 'p50', 2)} | "
+                  f"{lone_cell(rows, 'p99', 2)} | {lone_cell(rows, 'server', 1)} | "
+                  f"{sum(x['errors'] for x in rows)} |")
+        if o and u:
+            m = lambda rows, k: median_of(rows, k)
+            w(f"| {proto} | ours ÷ upstream | {ratio(m(o, 'ops'), m(u, 'ops'), 2)} | "
+              f"{ratio(m(o, 'p50'), m(u, 'p50'), 2)} | {ratio(m(o, 'p99'), m(u, 'p99'), 2)} | "
+              f"{ratio(m(o, 'server'), m(u, 'server'), 2)} | |")
     w("")
     return L
 
@@ -766,8 +859,8 @@ def render_redis(rep, redis, ours, up, deno):
     return L
 
 
-def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof, deno,
-           redis):
+def render(rep, started, ceil, ours, up, lone, scale, mem_ours, mem_up, variants, bench, prof,
+           deno, redis):
     L = []
     w = L.append
     elapsed = (time.time() - started) / 60
@@ -784,9 +877,12 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
       "client has one request in flight). HTTP/1.1: a connection per client; h2: all clients "
       "as streams on one connection, as the Deno CLI does. Keys: 10,000 (read, mixed and list "
       "on a preloaded database), 100-byte values.")
-    w("- Ours: `denokv --threads 2` (its defaults otherwise: sync mode full, pwrite WAL writes). Upstream: "
-      "`denokv` from `cargo install denokv --locked`, its defaults." if rep.upstream_bin else
-      "- Upstream: not measured (--no-upstream).")
+    driver = variants.get((DEFAULT_VARIANT, "driver")) or "–"
+    w("- Ours: `denokv --threads 2` (its defaults otherwise: `--sync-mode full`, `--wal-writes "
+      "pwrite`, `--io-driver auto`, i.e. io_uring where the kernel allows it, else epoll: "
+      f"{driver} here, `--read-sharing off`)." + (
+          " Upstream: `denokv` from `cargo install denokv --locked`, its defaults."
+          if rep.upstream_bin else " Upstream: not measured (--no-upstream)."))
     w("- CPU ms/1k ops: the server's user+system CPU time over the measured window per 1,000 "
       "operations (= µs per operation); \"client\": the load generator's own, which competes "
       "with the server for the same cores.\n")
@@ -802,6 +898,7 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
     w(f"| SQLite one-row commits, WAL, synchronous=NORMAL | {fmt(d['sqlite_normal_commits_per_sec'])}/s |\n")
 
     w("## Targets\n")
+    w("The targets of issue 15, each from this run's measurements.\n")
     tgt = []
     for proto in ["h1", "h2"]:
         o, u = ours.get(("write", proto, 64), {}), up.get(("write", proto, 64), {})
@@ -809,38 +906,58 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
                     f"{fmt(o.get('ops_per_sec'))} ÷ {fmt(u.get('ops_per_sec'))} = "
                     f"{ratio(o.get('ops_per_sec'), u.get('ops_per_sec'))}",
                     bool(u) and o.get("ops_per_sec", 0) >= 10 * u.get("ops_per_sec", 1)))
+    for wl, noun, limit in [("write", "write", 25), ("read", "point read", 12)]:
+        for proto in ["h1", "h2"]:
+            o = ours.get((wl, proto, 64), {}).get("server_cpu_ms_per_1k_ops")
+            u = up.get((wl, proto, 64), {}).get("server_cpu_ms_per_1k_ops")
+            tgt.append((f"server CPU per {noun} at 64 clients, {proto}: ≤ {limit} µs",
+                        f"{fmt(o, 1)} µs (upstream {fmt(u, 1)} µs, {ratio(u, o)} ours)",
+                        o is not None and o <= limit))
     for proto in ["h1", "h2"]:
-        o, u = ours.get(("read", proto, 64), {}), up.get(("read", proto, 64), {})
-        t = ceil[f"trivial_{proto}"].get("ops_per_sec", 0)
-        tgt.append((f"point reads/s at 64 clients, {proto}: ≥ 3× upstream and ≥ 50% of the trivial server",
-                    f"{ratio(o.get('ops_per_sec'), u.get('ops_per_sec'))} upstream, "
-                    f"{100 * o.get('ops_per_sec', 0) / t:.0f}% of trivial" if t else "–",
-                    bool(u) and o.get("ops_per_sec", 0) >= 3 * u.get("ops_per_sec", 1)
-                    and o.get("ops_per_sec", 0) >= 0.5 * t))
+        o, u = lone.get(("ours", proto), []), lone.get(("upstream", proto), [])
+        o50, u50, o99, u99 = (median_of(o, "p50"), median_of(u, "p50"), median_of(o, "p99"),
+                              median_of(u, "p99"))
+        tgt.append((f"a lone client's write, {proto}: p50 ≤ 0.75× upstream's and p99 ≤ 1.0× "
+                    f"(medians of {LONE_ROUNDS} rounds, \"A lone writer\")",
+                    f"p50 {fmt(o50, 2)} vs {fmt(u50, 2)} ms = {ratio(o50, u50, 2)}; "
+                    f"p99 {fmt(o99, 2)} vs {fmt(u99, 2)} ms = {ratio(o99, u99, 2)}",
+                    bool(o50 and u50 and o99 and u99) and o50 <= 0.75 * u50 and o99 <= u99))
     for proto in ["h1", "h2"]:
-        p64 = lat(ours.get(("write", proto, 64), {})).get("p99")
-        p1 = lat(ours.get(("write", proto, 1), {})).get("p99")
-        tgt.append((f"write p99 at 64 clients ≤ 2× at 1 client, {proto}",
-                    f"{fmt(p64, 2)} ms vs {fmt(p1, 2)} ms = {ratio(p64, p1)}",
-                    bool(p64 and p1) and p64 <= 2 * p1))
+        o = ours.get(("read", proto, 64), {}).get("ops_per_sec")
+        u = up.get(("read", proto, 64), {}).get("ops_per_sec")
+        t = ceil[f"trivial_{proto}"].get("ops_per_sec")
+        tgt.append((f"point reads/s at 64 clients, {proto}: ≥ 70% of the trivial server",
+                    (f"{fmt(o)} vs {fmt(t)} = {100 * o / t:.0f}% of trivial" if o and t else "–")
+                    + f"; {ratio(o, u)} upstream",
+                    bool(o and t) and o >= 0.7 * t))
     # One h2 connection, as every Deno app has: the variants table's 64 streams on one connection.
     r1 = variants.get(("--threads 1", "read", 64), {}).get("ops_per_sec")
-    for label in ["--threads 2 (default here)", "--read-sharing on"]:
+    for label in [DEFAULT_VARIANT, "--read-sharing on"]:
         r2 = variants.get((label, "read", 64), {}).get("ops_per_sec")
         tgt.append((f"point reads/s, 64 streams on one h2 connection: {label} ≥ 1.5× --threads 1",
                     f"{fmt(r2)} vs {fmt(r1)} = {ratio(r2, r1)}", bool(r1 and r2) and r2 >= 1.5 * r1))
-    errs = sum(r.get("error_total", 0) for r in ours.values())
-    tgt.append(("no errors under any load (ours, all runs above)", f"{errs} errors", errs == 0))
-    wr = mem_ours.get("watch", {})
-    wp99 = lat(wr, "notify").get("p99")
-    tgt.append((f"watch delivery p99 < 5 ms at {rep.watchers} watchers", f"{fmt(wp99, 2)} ms",
-                wp99 is not None and wp99 < 5))
+    if deno is None:
+        tgt.append(("4 Deno processes × 32 on the app mix: ours ≥ 3× upstream",
+                    f"not measured: {rep.deno_skipped}", False))
+    else:
+        oo, uu, met = deno_app(deno)
+        tgt.append(("4 Deno processes × 32 on the app mix (\"Real Deno clients\"): ours ≥ 3× "
+                    "upstream", f"{fmt(oo)} ÷ {fmt(uu)} = {ratio(oo, uu)}", met))
     small, big = rep.scale_keys[0], rep.scale_keys[-1]
     for wl in ["read", "write"]:
         a, b = scale.get((wl, small), {}).get("ops_per_sec"), scale.get((wl, big), {}).get("ops_per_sec")
-        tgt.append((f"{wl}s/s at {big:,} keys ≥ 70% of {small:,} keys",
-                    f"{fmt(b)} vs {fmt(a)} = {100 * b / a:.0f}%" if a and b else "–",
-                    bool(a and b) and b >= 0.7 * a))
+        u = scale.get(("upstream", wl, big), {}).get("ops_per_sec")
+        tgt.append((f"{wl}s/s at {big:,} keys ≥ 70% of {small:,} keys and ≥ 3× upstream at "
+                    f"{big:,}",
+                    (f"{fmt(b)} vs {fmt(a)} = {100 * b / a:.0f}%" if a and b else "–")
+                    + f"; upstream {fmt(u)}, ours {ratio(b, u)}",
+                    bool(a and b and u) and b >= 0.7 * a and b >= 3 * u))
+    wr = mem_ours.get("watch", {})
+    wp99 = lat(wr, "notify").get("p99")
+    tgt.append((f"watch delivery p99 < 5 ms at {rep.watchers:,} watchers", f"{fmt(wp99, 2)} ms",
+                wp99 is not None and wp99 < 5))
+    errs = sum(r.get("error_total", 0) for r in ours.values())
+    tgt.append(("no errors under any load (ours, all runs above)", f"{errs} errors", errs == 0))
     w("| target | measured | met |\n|---|---|---|")
     for name, val, ok in tgt:
         w(f"| {name} | {val} | {'yes' if ok else '**no**'} |")
@@ -889,19 +1006,27 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
       "keys) are counted apart. sum and cas verify afterwards that the counters equal the "
       "acknowledged operations; a failed check would show as an error below.\n")
 
+    L += render_lone(rep, lone)
     L += render_deno(rep, deno)
     L += render_redis(rep, redis, ours, up, deno)
 
-    w("## Cost as the database grows (ours, h2, 64 clients)\n")
-    w("| keys | file size | reads/s | read p99 ms | server CPU µs/read | writes/s | write p99 ms | server CPU µs/write |")
-    w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    w("## Cost as the database grows (ours and upstream, h2, 64 clients)\n")
+    w("| keys | file size | reads/s | read p99 ms | server CPU µs/read | writes/s | write p99 ms | "
+      "server CPU µs/write | upstream reads/s (ours ÷) | server CPU µs/read | "
+      "upstream writes/s (ours ÷) | server CPU µs/write |")
+    w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in rep.scale_keys:
         r, wr_ = scale.get(("read", n), {}), scale.get(("write", n), {})
+        ur, uw = scale.get(("upstream", "read", n), {}), scale.get(("upstream", "write", n), {})
         size = scale.get(("size", n), 0) / 2**20
         w(f"| {n:,} | {size:,.0f} MiB | {fmt(r.get('ops_per_sec'))} | {fmt(lat(r).get('p99'), 2)} | {cpu(r)} | "
-          f"{fmt(wr_.get('ops_per_sec'))} | {fmt(lat(wr_).get('p99'), 2)} | {cpu(wr_)} |")
+          f"{fmt(wr_.get('ops_per_sec'))} | {fmt(lat(wr_).get('p99'), 2)} | {cpu(wr_)} | "
+          f"{fmt(ur.get('ops_per_sec'))} ({ratio(r.get('ops_per_sec'), ur.get('ops_per_sec'))}) | "
+          f"{cpu(ur)} | {fmt(uw.get('ops_per_sec'))} "
+          f"({ratio(wr_.get('ops_per_sec'), uw.get('ops_per_sec'))}) | {cpu(uw)} |")
     w("\nThe databases are written by `denokv-loadtest gen-db` (the same keys and bytes as a "
-      "preload over HTTP) and sit in the page cache after the first run.\n")
+      "preload over HTTP) and sit in the page cache after the first run. Upstream serves the "
+      "same file (gen-db writes the SQLite format both servers read) right after ours.\n")
 
     w("## Memory\n")
     w("| | ours | upstream |\n|---|---:|---:|")
@@ -925,16 +1050,23 @@ def render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, benc
 
     w("## Our variants (h2)\n")
     w("All clients of a load are streams on one h2 connection, as in a Deno app.\n")
+    w("The default row runs `--io-driver auto` (io_uring where the kernel allows it, else "
+      "epoll); the `--io-driver epoll` row is the same server "
+      "with its cores waiting for their sockets with epoll. The io driver column is what each "
+      "server logged it ran its cores on.\n")
     w("| variant | writes/s, 1 client | p50 / p99 ms | writes/s, 64 clients | p50 / p99 ms | "
-      "reads/s, 64 clients | server / client CPU µs per read |")
-    w("|---|---:|---:|---:|---:|---:|---:|")
+      "reads/s, 1 client | server CPU µs per read, 1 client | "
+      "reads/s, 64 clients | server / client CPU µs per read | io driver |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for label in dict.fromkeys(k[0] for k in variants):
         a, b, c = (variants.get((label, "write", 1), {}), variants.get((label, "write", 64), {}),
                    variants.get((label, "read", 64), {}))
+        r1 = variants.get((label, "read", 1), {})
         w(f"| {label} | {fmt(a.get('ops_per_sec'))} | {fmt(lat(a).get('p50'), 2)} / {fmt(lat(a).get('p99'), 2)} | "
           f"{fmt(b.get('ops_per_sec'))} | {fmt(lat(b).get('p50'), 2)} / {fmt(lat(b).get('p99'), 2)} | "
+          f"{fmt(r1.get('ops_per_sec'))} | {cpu(r1)} | "
           f"{fmt(c.get('ops_per_sec'))} | {fmt(c.get('server_cpu_ms_per_1k_ops'), 1)} / "
-          f"{fmt(c.get('client_cpu_ms_per_1k_ops'), 1)} |")
+          f"{fmt(c.get('client_cpu_ms_per_1k_ops'), 1)} | {variants.get((label, 'driver')) or '–'} |")
     w("")
 
     w("## The committer alone (criterion, `benches/`)\n")
@@ -1062,6 +1194,7 @@ def main():
     ceil = rep.ceilings()
     ours = rep.matrix("ours")
     up = rep.matrix("upstream") if rep.upstream_bin else {}
+    lone = rep.lone_writer()
     deno = rep.deno_clients()
     redis = rep.redis()
     scale = rep.scaling()
@@ -1070,8 +1203,8 @@ def main():
     variants = rep.variants()
     bench = rep.batch_bench()
     prof = rep.profile()
-    text = render(rep, started, ceil, ours, up, scale, mem_ours, mem_up, variants, bench, prof,
-                  deno, redis)
+    text = render(rep, started, ceil, ours, up, lone, scale, mem_ours, mem_up, variants, bench,
+                  prof, deno, redis)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     shutil.rmtree(rep.work / "db", ignore_errors=True)
