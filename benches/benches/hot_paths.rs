@@ -7,7 +7,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use denokv::kv::{now_ms, validate};
 use denokv::proto as pb;
 use denokv::store::committer::DirectCommitter;
-use denokv::store::{schema, Reader, SyncMode, WalWrites};
+use denokv::store::{schema, Reader, SyncMode, WalWrites, WatchRegistry, SNAPSHOT_HOLD};
 use denokv_benches::*;
 use prost::Message;
 
@@ -103,5 +103,31 @@ fn point_read(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, validation, protobuf, commit_batch, point_read);
+/// As each core's reader reads: one read snapshot shared while nothing changes (no commits
+/// here, so only the hold ends it).
+fn point_read_shared_snapshot(c: &mut Criterion) {
+    let (_dir, path) = database(10_000, 100, SyncMode::Normal);
+    let watches = std::sync::Arc::new(WatchRegistry::default());
+    let mut reader = Reader::open(&path)
+        .unwrap()
+        .share_snapshots(watches, SNAPSHOT_HOLD);
+    let mut i = 0u64;
+    c.bench_function("read/point_get_10k_keys_shared_snapshot", |b| {
+        b.iter(|| {
+            i = (i + 7919) % 10_000;
+            let ranges = validate::snapshot_read(get_request(i)).unwrap();
+            let out = reader.read_ranges(&ranges, now_ms()).unwrap();
+            assert_eq!(out[0].len(), 1);
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    validation,
+    protobuf,
+    commit_batch,
+    point_read,
+    point_read_shared_snapshot
+);
 criterion_main!(benches);

@@ -881,3 +881,54 @@ async fn versionstamps_carry_the_stored_sequence() {
     assert_eq!(e.versionstamp[..8], stamp[..8]);
     assert_eq!(e.versionstamp[8..], [0, 7]);
 }
+
+/// Each core's reader keeps its read snapshot for the reads that follow; once the server is
+/// idle none is held, or a RESTART checkpoint (which waits for every reader of the WAL) could
+/// never rewind the WAL.
+#[tokio::test]
+async fn an_idle_server_holds_no_read_snapshot_a_checkpoint_must_wait_for() {
+    let s = Server::start(&[]);
+    let c = Client::new();
+    commit(
+        &c,
+        Proto::H1,
+        &s,
+        write(vec![set(&key("a"), b"x", pb::ValueEncoding::VeBytes)]),
+    )
+    .await;
+    // The server's own checkpoint of that commit is done by then (at most one per 200 ms).
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // Another process's commit, left in the WAL: readers from now on read the WAL.
+    let other = rusqlite::Connection::open(&s.db).unwrap();
+    other
+        .execute_batch(
+            "PRAGMA wal_autocheckpoint = 0;
+             BEGIN IMMEDIATE;
+             UPDATE data_version SET version = version + 1 WHERE k = 0;
+             COMMIT;",
+        )
+        .unwrap();
+    for _ in 0..50 {
+        for p in [Proto::H1, Proto::H2] {
+            assert!(get(&c, p, &s, &key("a")).await.is_some());
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    other.busy_timeout(std::time::Duration::ZERO).unwrap();
+    let mut busy = Vec::new();
+    // A few tries: the server's poll for other processes' commits is a short read of its own.
+    for _ in 0..3 {
+        let (b, log, done): (i64, i64, i64) = other
+            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        if b == 0 {
+            assert_eq!(log, done, "every frame checkpointed");
+            return;
+        }
+        busy.push((b, log, done));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("a reader holds the WAL of an idle server: (busy, frames, checkpointed) {busy:?}");
+}

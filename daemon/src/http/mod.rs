@@ -64,6 +64,21 @@ pub struct CoreContext {
     pub reads: std::rc::Rc<read_share::CoreReads>,
     /// Requests of this core's connections being answered (`Handling`).
     pub handling: std::cell::Cell<usize>,
+    /// Told when the reader keeps a snapshot for the next reads: the core's
+    /// `release_snapshots` task ends it once the core has been idle for `SNAPSHOT_HOLD`.
+    pub snapshot_held: tokio::sync::Notify,
+}
+
+impl CoreContext {
+    /// Reads with this core's reader.
+    pub fn read<T>(&self, read: impl FnOnce(&mut Reader) -> T) -> T {
+        let mut reader = self.reader.borrow_mut();
+        let out = read(&mut reader);
+        if reader.holds_snapshot() {
+            self.snapshot_held.notify_one();
+        }
+        out
+    }
 }
 
 /// A request of the core's own connections, from hyper handing it over to its response head.
@@ -352,7 +367,7 @@ async fn snapshot_read(
         .read_budget
         .reserve(read_answer::worst_case(&ranges), metrics)
         .await;
-    let results = ctx.reader.borrow_mut().read_ranges(&ranges, now_ms())?;
+    let results = ctx.read(|reader| reader.read_ranges(&ranges, now_ms()))?;
     if span.is_on() {
         let entries: usize = results.iter().map(Vec::len).sum();
         span.set("denokv.read.entries", entries as i64);
@@ -407,6 +422,11 @@ async fn atomic_write(
         1 => Inline::WhenIdle,
         _ => Inline::Never,
     };
+    if inline == Inline::WhenIdle {
+        // A RESTART checkpoint waits for every read snapshot to end while it keeps writers
+        // out: one this thread held would block its own commit until the busy timeout.
+        ctx.reader.borrow_mut().release();
+    }
     let (outcome, batch) = committer.write_traced(write, span.context(), inline).await;
     if let Some(batch) = &batch {
         // The commit batch span that carried this write (it links back to this span).

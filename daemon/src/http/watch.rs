@@ -188,7 +188,7 @@ impl WatchReads {
 /// turns a `changed=false` key into `null`, as if it had been deleted, so the protocol's
 /// "unchanged" marker cannot be used with real Deno clients.
 fn read(ctx: &CoreContext, keys: &[Bytes]) -> Result<Snapshot, ApiError> {
-    let entries = ctx.reader.borrow_mut().read_keys(keys, now_ms())?;
+    let entries = ctx.read(|reader| reader.read_keys(keys, now_ms()))?;
     let stamps = entries
         .iter()
         .map(|e| e.as_ref().map(|e| e.versionstamp))

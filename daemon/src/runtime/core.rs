@@ -131,6 +131,7 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
         max_body_bytes: setup.limits.max_body_bytes,
         read_budget: setup.admission.reads.clone(),
         handling: Default::default(),
+        snapshot_held: Default::default(),
         reads: Rc::new(CoreReads::new(
             setup.read_share,
             setup.index,
@@ -138,6 +139,7 @@ async fn serve(setup: CoreSetup) -> anyhow::Result<usize> {
             handed_over,
         )),
     });
+    monoio::spawn(release_snapshots(ctx.clone()));
     monoio::spawn(read_share::serve_inbox(
         ctx.clone(),
         ConnWatches::new(setup.admission.watches.clone()),
@@ -290,6 +292,17 @@ async fn accept(
 }
 
 /// Proves the core's runtime still runs tasks: a core stuck in a request stops beating.
+/// Ends the read snapshot the core's reader keeps for the next reads once it is
+/// `SNAPSHOT_HOLD` old (the reader itself takes a new one when a read finds it older): an idle
+/// core would otherwise hold it for good, and with it the WAL a RESTART checkpoint must rewind.
+async fn release_snapshots(ctx: Rc<CoreContext>) {
+    loop {
+        ctx.snapshot_held.notified().await;
+        monoio::time::sleep(crate::store::SNAPSHOT_HOLD).await;
+        ctx.reader.borrow_mut().release();
+    }
+}
+
 async fn beat(beater: Rc<Beater>) {
     loop {
         beater.beat();

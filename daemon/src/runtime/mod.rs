@@ -275,7 +275,9 @@ pub fn serve(opts: ServeOptions, logging: Option<&Logging>) -> anyhow::Result<()
     for ((index, listeners), inbox) in per_core.into_iter().enumerate().zip(inboxes) {
         let setup = match Reader::open(&opts.db_path) {
             Ok(reader) => core::CoreSetup {
-                reader: reader.with_metrics(&metrics),
+                reader: reader
+                    .with_metrics(&metrics)
+                    .share_snapshots(shared.watches.clone(), store::SNAPSHOT_HOLD),
                 index,
                 listeners,
                 shared: shared.clone(),

@@ -18,7 +18,7 @@ use crate::kv::KvError;
 
 pub use committer::{CommitterHandle, Inline};
 pub use outbox::BackupOutbox;
-pub use reader::Reader;
+pub use reader::{Reader, SNAPSHOT_HOLD};
 pub use schema::SyncMode;
 pub use wal_vfs::WalWrites;
 pub use watch::WatchRegistry;

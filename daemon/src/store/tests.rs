@@ -936,3 +936,87 @@ async fn an_ambiguous_inline_commit_stops_the_committer_and_nothing_commits_afte
         assert!(entries[1].is_none(), "{wal:?}");
     }
 }
+
+/// A reader that shares its snapshot (as each core's does) still answers every read with
+/// every write acknowledged before it: each commit counts a change before its writer hears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_read_snapshot_sees_every_write_acknowledged_before_the_read() {
+    for wal in WAL_WRITES {
+        let s = TestStore::new(wal);
+        // Held "for ever" unless a change is counted: only the count can end it here.
+        let mut reader = s
+            .reader()
+            .share_snapshots(s.watches.clone(), std::time::Duration::from_secs(3600));
+        let key = Bytes::from_static(b"k");
+        for i in 0..50 {
+            let value = format!("v{i}");
+            let w = write(vec![set("k", &value)]);
+            // Both ways a write commits: queued to the committer's thread, or on this thread.
+            let stamp = if i % 2 == 0 {
+                committed(s.committer.write(w).await)
+            } else {
+                committed(write_when_idle(&s.committer, w).await)
+            };
+            let got = reader
+                .read_keys(std::slice::from_ref(&key), crate::kv::now_ms())
+                .unwrap();
+            let got = got[0].as_ref().expect("the acknowledged write is seen");
+            assert_eq!(
+                (&got.value.data[..], got.versionstamp),
+                (value.as_bytes(), stamp)
+            );
+            assert!(reader.holds_snapshot());
+        }
+        s.stop();
+    }
+}
+
+/// The snapshot is shared while nothing is counted as changed and it is younger than its
+/// hold, and not after: `release` or a counted change ends it.
+#[tokio::test]
+async fn a_shared_read_snapshot_lasts_until_a_change_is_counted_or_its_hold_ends() {
+    let s = TestStore::new(WalWrites::Pwrite);
+    let read = |reader: &mut Reader| {
+        let got = reader
+            .read_keys(&[Bytes::from_static(b"k")], crate::kv::now_ms())
+            .unwrap();
+        got[0].as_ref().map(|e| e.value.data.clone())
+    };
+    // A count of its own, which the store's commits do not move: as if they were another
+    // process's that nobody has noticed yet.
+    let unseen = Arc::new(WatchRegistry::default());
+    let mut reader = s
+        .reader()
+        .share_snapshots(unseen.clone(), std::time::Duration::from_secs(3600));
+    assert_eq!(read(&mut reader), None);
+    committed(s.committer.write(write(vec![set("k", "1")])).await);
+    assert_eq!(read(&mut reader), None, "the snapshot is shared");
+    unseen.notify_all();
+    assert_eq!(
+        read(&mut reader).as_deref(),
+        Some(&b"1"[..]),
+        "a change ends it"
+    );
+
+    committed(s.committer.write(write(vec![set("k", "2")])).await);
+    assert_eq!(read(&mut reader).as_deref(), Some(&b"1"[..]));
+    reader.release();
+    assert!(!reader.holds_snapshot());
+    assert_eq!(
+        read(&mut reader).as_deref(),
+        Some(&b"2"[..]),
+        "release ends it"
+    );
+
+    let hold = std::time::Duration::from_millis(200);
+    let mut reader = s.reader().share_snapshots(unseen, hold);
+    assert_eq!(read(&mut reader).as_deref(), Some(&b"2"[..]));
+    committed(s.committer.write(write(vec![set("k", "3")])).await);
+    std::thread::sleep(hold);
+    assert_eq!(
+        read(&mut reader).as_deref(),
+        Some(&b"3"[..]),
+        "so does its age"
+    );
+    s.stop();
+}

@@ -17,6 +17,10 @@ pub struct WatchRegistry {
     /// The global version of this process's last commit: a higher version in the file was
     /// written by another process (see `store::external`).
     own_version: AtomicU64,
+    /// Moves on at every change of the file this process learns of (its own commits, another
+    /// process's, a replica's sync), before anyone is woken or answered: a core's reader keeps
+    /// one read snapshot while this stays put (`store::reader`).
+    changes: AtomicU64,
 }
 
 impl WatchRegistry {
@@ -52,6 +56,7 @@ impl WatchRegistry {
     /// Wakes every stream watching any of `keys`. A stream that is busy keeps one pending
     /// wake-up, so changes coalesce instead of queueing.
     pub fn notify<'a>(&self, keys: impl IntoIterator<Item = &'a Bytes>) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
         let map = self.keys.lock().unwrap();
         if map.is_empty() {
             return;
@@ -68,6 +73,7 @@ impl WatchRegistry {
 
     /// Wakes every stream (after changes whose keys are unknown, such as another process's).
     pub fn notify_all(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
         let map = self.keys.lock().unwrap();
         self.generation.fetch_add(1, Ordering::AcqRel);
         for w in map.values().flatten().filter_map(Weak::upgrade) {
@@ -80,6 +86,12 @@ impl WatchRegistry {
     /// may share one read (`http::watch`).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The count of changes notified so far (see `changes`). A read snapshot taken after this
+    /// value was read includes every change counted in it.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// Number of watched keys (a key watched by two streams counts once).

@@ -574,6 +574,13 @@ mod tests {
         let poll = super::super::external::POLL_INTERVAL.as_millis();
         says(format!("within about {poll} ms"));
         says(format!("every {poll} ms"));
+        let hold = crate::store::SNAPSHOT_HOLD.as_millis();
+        says(format!("reads see its commits within {hold} ms"));
+        says(format!("for at most {hold} ms"));
+        let readme = include_str!("../../../../README.md");
+        let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+        let text = format!("reads see them within {hold} ms");
+        assert!(readme.contains(&text), "README.md lacks {text:?}");
         says(format!(
             "tried again after {} s, then 2 s, 4 s, … up to {} s",
             expiry::FIRST_RETRY.as_secs(),
