@@ -89,45 +89,33 @@ fn commit_batch(c: &mut Criterion) {
     }
 }
 
+/// Point reads of random keys of 10,000: a read transaction each (`point_get_10k_keys`), and
+/// as each core's reader reads, one read snapshot shared while nothing changes (no commits
+/// here, so only the hold ends it).
 fn point_read(c: &mut Criterion) {
     let (_dir, path) = database(10_000, 100, SyncMode::Normal);
-    let mut reader = Reader::open(&path).unwrap();
-    let mut i = 0u64;
-    c.bench_function("read/point_get_10k_keys", |b| {
-        b.iter(|| {
-            i = (i + 7919) % 10_000;
-            let ranges = validate::snapshot_read(get_request(i)).unwrap();
-            let out = reader.read_ranges(&ranges, now_ms()).unwrap();
-            assert_eq!(out[0].len(), 1);
-        })
-    });
-}
-
-/// As each core's reader reads: one read snapshot shared while nothing changes (no commits
-/// here, so only the hold ends it).
-fn point_read_shared_snapshot(c: &mut Criterion) {
-    let (_dir, path) = database(10_000, 100, SyncMode::Normal);
     let watches = std::sync::Arc::new(WatchRegistry::default());
-    let mut reader = Reader::open(&path)
-        .unwrap()
-        .share_snapshots(watches, SNAPSHOT_HOLD);
-    let mut i = 0u64;
-    c.bench_function("read/point_get_10k_keys_shared_snapshot", |b| {
-        b.iter(|| {
-            i = (i + 7919) % 10_000;
-            let ranges = validate::snapshot_read(get_request(i)).unwrap();
-            let out = reader.read_ranges(&ranges, now_ms()).unwrap();
-            assert_eq!(out[0].len(), 1);
-        })
-    });
+    let readers = [
+        ("read/point_get_10k_keys", Reader::open(&path).unwrap()),
+        (
+            "read/point_get_10k_keys_shared_snapshot",
+            Reader::open(&path)
+                .unwrap()
+                .share_snapshots(watches, SNAPSHOT_HOLD),
+        ),
+    ];
+    for (name, mut reader) in readers {
+        let mut i = 0u64;
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 7919) % 10_000;
+                let ranges = validate::snapshot_read(get_request(i)).unwrap();
+                let out = reader.read_ranges(&ranges, now_ms()).unwrap();
+                assert_eq!(out[0].len(), 1);
+            })
+        });
+    }
 }
 
-criterion_group!(
-    benches,
-    validation,
-    protobuf,
-    commit_batch,
-    point_read,
-    point_read_shared_snapshot
-);
+criterion_group!(benches, validation, protobuf, commit_batch, point_read);
 criterion_main!(benches);
