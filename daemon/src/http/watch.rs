@@ -143,11 +143,12 @@ enum Wake {
     Reload,
 }
 
-/// One core's watch reads of the current notification generation, by key set: when a commit
+/// One core's watch reads at the current count of changes (`WatchRegistry::changes`), by key set: when a commit
 /// wakes many streams watching the same keys (a thousand browsers on one document, say), the
 /// first one reads and encodes the frame, and the others reuse both.
 #[derive(Default)]
 pub struct WatchReads {
+    /// The count of changes the reads below were made at.
     generation: u64,
     by_keys: HashMap<Vec<Bytes>, Snapshot>,
 }
@@ -164,9 +165,9 @@ impl WatchReads {
     const MAX_KEY_SETS: usize = 4096;
 
     fn read(&mut self, ctx: &CoreContext, keys: &[Bytes]) -> Result<Snapshot, ApiError> {
-        // Read the generation before the database: the read then holds every commit notified
-        // up to it, so any stream woken by those commits may use it.
-        let generation = ctx.shared.watches.generation();
+        // Read the count of changes before the database: the read then holds every commit
+        // notified up to it, so any stream woken by those commits may use it.
+        let generation = ctx.shared.watches.changes();
         if generation != self.generation {
             self.generation = generation;
             self.by_keys.clear();

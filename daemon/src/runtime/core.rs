@@ -291,7 +291,6 @@ async fn accept(
     }
 }
 
-/// Proves the core's runtime still runs tasks: a core stuck in a request stops beating.
 /// Ends the read snapshot the core's reader keeps for the next reads once it is
 /// `SNAPSHOT_HOLD` old (the reader itself takes a new one when a read finds it older): an idle
 /// core would otherwise hold it for good, and with it the WAL a RESTART checkpoint must rewind.
@@ -303,6 +302,7 @@ async fn release_snapshots(ctx: Rc<CoreContext>) {
     }
 }
 
+/// Proves the core's runtime still runs tasks: a core stuck in a request stops beating.
 async fn beat(beater: Rc<Beater>) {
     loop {
         beater.beat();

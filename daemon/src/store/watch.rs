@@ -11,15 +11,13 @@ use tokio::sync::Notify;
 #[derive(Default)]
 pub struct WatchRegistry {
     keys: Mutex<HashMap<Bytes, Vec<Weak<Notify>>>>,
-    /// Moves on at every notification, before anyone is woken: a read made after a stream
-    /// saw generation G includes every commit notified up to G (see `generation`).
-    generation: AtomicU64,
     /// The global version of this process's last commit: a higher version in the file was
     /// written by another process (see `store::external`).
     own_version: AtomicU64,
     /// Moves on at every change of the file this process learns of (its own commits, another
     /// process's, a replica's sync), before anyone is woken or answered: a core's reader keeps
-    /// one read snapshot while this stays put (`store::reader`).
+    /// one read snapshot while this stays put (`store::reader`), and the watch streams one
+    /// notification woke share one read (`http::watch`).
     changes: AtomicU64,
 }
 
@@ -61,7 +59,6 @@ impl WatchRegistry {
         if map.is_empty() {
             return;
         }
-        self.generation.fetch_add(1, Ordering::AcqRel);
         for k in keys {
             if let Some(watchers) = map.get(k) {
                 for w in watchers.iter().filter_map(Weak::upgrade) {
@@ -75,21 +72,14 @@ impl WatchRegistry {
     pub fn notify_all(&self) {
         self.changes.fetch_add(1, Ordering::AcqRel);
         let map = self.keys.lock().unwrap();
-        self.generation.fetch_add(1, Ordering::AcqRel);
         for w in map.values().flatten().filter_map(Weak::upgrade) {
             w.notify_one();
         }
     }
 
-    /// The notification count so far. Every commit that was notified before this value was
-    /// read is visible to a read started after it, so streams woken by the same notification
-    /// may share one read (`http::watch`).
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
     /// The count of changes notified so far (see `changes`). A read snapshot taken after this
-    /// value was read includes every change counted in it.
+    /// value was read includes every change counted in it, so streams woken by the same
+    /// notification may share one read (`http::watch`).
     pub fn changes(&self) -> u64 {
         self.changes.load(Ordering::Acquire)
     }
