@@ -423,8 +423,9 @@ async fn atomic_write(
         _ => Inline::Never,
     };
     if inline == Inline::WhenIdle {
-        // A RESTART checkpoint waits for every read snapshot to end while it keeps writers
-        // out: one this thread held would block its own commit until the busy timeout.
+        // Another process's RESTART checkpoint waits for every read snapshot to end while it
+        // keeps writers out: one this thread held would block its own commit until the busy
+        // timeout.
         ctx.reader.borrow_mut().release();
     }
     let (outcome, batch) = committer.write_traced(write, span.context(), inline).await;

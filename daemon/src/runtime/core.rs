@@ -293,7 +293,7 @@ async fn accept(
 
 /// Ends the read snapshot the core's reader keeps for the next reads once it is
 /// `SNAPSHOT_HOLD` old (the reader itself takes a new one when a read finds it older): an idle
-/// core would otherwise hold it for good, and with it the WAL a RESTART checkpoint must rewind.
+/// core would otherwise hold it for good, and with it the WAL's rewind (store::checkpointer).
 async fn release_snapshots(ctx: Rc<CoreContext>) {
     loop {
         ctx.snapshot_held.notified().await;

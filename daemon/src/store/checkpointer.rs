@@ -5,11 +5,21 @@
 //! fsyncing it. The committer turns that off and pokes this thread after its commits instead; a
 //! PASSIVE checkpoint here never blocks the committer or the readers.
 //!
-//! Under sustained writes a PASSIVE checkpoint never catches up with the end of the WAL, and
-//! SQLite only rewinds the WAL once everything in it was checkpointed, so the file would grow
-//! without bound. Past `RESTART_FRAMES` the checkpointer therefore runs a RESTART checkpoint,
-//! which holds the committer up for the short time it takes to copy what PASSIVE left, and the
-//! WAL file is truncated back to `JOURNAL_SIZE_LIMIT` when it rewinds.
+//! SQLite only rewinds the WAL (the next writer starts again at its beginning) once everything
+//! in it was copied into the database, and under sustained writes a PASSIVE checkpoint never
+//! catches up with the end of the WAL, so the file would grow without bound. Past
+//! `WalBound::restart_frames` the checkpointer therefore catches up: it syncs what its passes
+//! copied and makes more passes while the writers write, until a pass finds at most
+//! `FINISH_FRAMES` new, and then asks the committer to run a RESTART checkpoint on its own
+//! connection between two of its transactions (`Checkpoints::finish_requested`): nothing is
+//! appended meanwhile, so it copies and syncs only the last frames (1-4 ms of held-up writes at
+//! 10M keys) and rewinds the WAL; a WAL file that grew past `JOURNAL_SIZE_LIMIT` is cut back to
+//! it at the next commit.
+//!
+//! Why not a RESTART from this thread: it needs the write lock, which the committer frees for
+//! microseconds between batches, and SQLite's busy handler polls for it in sleeps of up to
+//! 100 ms. Under load at 10M keys such a RESTART waited up to 5.7 s while the WAL grew to
+//! 820 MiB, and writes stalled meanwhile (docs/PERFORMANCE.md).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,39 +29,95 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-/// Least time between two checkpoints; pokes in between coalesce.
-const MIN_INTERVAL: Duration = Duration::from_millis(200);
+/// How large the WAL may grow, and how often it is checkpointed.
+#[derive(Clone, Copy, Debug)]
+pub struct WalBound {
+    /// WAL frames (pages) past which the checkpointer makes the WAL rewind.
+    pub restart_frames: i64,
+    /// Least time between two checkpoints; pokes in between coalesce. The WAL may grow by what
+    /// is written in this time beyond `restart_frames`.
+    pub interval: Duration,
+}
 
-/// WAL frames (pages) past which a checkpoint also rewinds the WAL: 32 MiB of 4 KiB pages.
-pub const RESTART_FRAMES: i64 = 8192;
+impl WalBound {
+    /// 32 MiB of 4 KiB pages, checkpointed at most 5 times a second.
+    pub const DEFAULT: WalBound = WalBound {
+        restart_frames: 8192,
+        interval: Duration::from_millis(200),
+    };
+}
+/// Frames the checkpointer's passes may leave for the committer to copy: the committer holds
+/// writes up while it does.
+const FINISH_FRAMES: i64 = 1024;
+/// Most passes the checkpointer makes to catch up before it hands the rest over.
+const CATCH_UP_PASSES: u32 = 4;
+/// Longest the committer waits for readers when it finishes a checkpoint, holding writes up.
+const FINISH_READER_WAIT_MS: i32 = 10;
 /// Size the WAL file is cut back to when it rewinds.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
-/// Pokes the checkpointer; dropping it stops the thread.
-pub struct CheckpointPoke {
+/// The committer's side of the checkpointer: pokes it after commits, and copies the last frames
+/// of the WAL when it asks. Dropping it stops the thread.
+pub struct Checkpoints {
     tx: flume::Sender<()>,
     /// Set by a poke, cleared when a checkpoint starts: pokes in between send nothing, so the
     /// thread is woken once per checkpoint, not once per commit (a context switch on the
     /// committer's path to its reply, on a machine with few cores).
     pending: Arc<AtomicBool>,
+    /// Set by the checkpointer when it wants the committer to finish a checkpoint.
+    finish_wanted: Arc<AtomicBool>,
+    /// Where the committer's pass reports; the checkpointer waits for it.
+    finished: flume::Sender<rusqlite::Result<(i64, i64)>>,
 }
 
-impl CheckpointPoke {
+impl Checkpoints {
     /// Says that commits happened; never blocks.
     pub fn poke(&self) {
         if !self.pending.swap(true, Ordering::AcqRel) {
             let _ = self.tx.try_send(());
         }
     }
+
+    /// If the checkpointer asked for it, copies what is left of the WAL into the database on
+    /// `conn`, the writer's connection, outside any transaction (nothing is appended meanwhile),
+    /// and rewinds the WAL.
+    pub fn finish_requested(&self, conn: &Connection) {
+        if self.finish_wanted.swap(false, Ordering::AcqRel) {
+            let _ = self.finished.try_send(restart_briefly(conn));
+        }
+    }
 }
 
-/// The checkpointer's side of the pokes.
-struct Pokes {
+/// A RESTART checkpoint that waits for readers still on older WAL frames (each core's ends
+/// within `SNAPSHOT_HOLD`) for at most about `FINISH_READER_WAIT_MS`, checking every 100 µs
+/// (SQLite's own busy handler sleeps up to 100 ms at a time). A longer read, such as a backup
+/// upload's snapshot, is not waited for: the writes it would hold up matter more than the
+/// WAL's size, and the next round tries again.
+fn restart_briefly(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    fn poll(retries: i32) -> bool {
+        if retries >= FINISH_READER_WAIT_MS * 10 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+        true
+    }
+    conn.busy_handler(Some(poll))?;
+    let result = checkpoint(conn, "RESTART");
+    conn.busy_timeout(super::schema::BUSY_TIMEOUT)?;
+    result
+}
+
+/// The checkpointer's side of the committer.
+struct Committer {
     rx: flume::Receiver<()>,
     pending: Arc<AtomicBool>,
+    finish_wanted: Arc<AtomicBool>,
+    finished: flume::Receiver<rusqlite::Result<(i64, i64)>>,
+    /// Wakes the committer's thread when it waits for writes.
+    wake: Box<dyn Fn() + Send>,
 }
 
-impl Pokes {
+impl Committer {
     fn recv(&self) -> Result<(), flume::RecvError> {
         self.rx.recv()
     }
@@ -64,78 +130,148 @@ impl Pokes {
     fn taken(&self) {
         self.pending.store(false, Ordering::Release);
     }
+
+    /// Asks the committer to finish the checkpoint and waits for its pass; `None` once the
+    /// committer has stopped.
+    fn finish(&self) -> Option<rusqlite::Result<(i64, i64)>> {
+        self.finish_wanted.store(true, Ordering::Release);
+        (self.wake)();
+        self.finished.recv().ok()
+    }
 }
 
-/// Starts the checkpointer thread on its own connection to `path`.
-pub fn spawn(path: &Path) -> anyhow::Result<(CheckpointPoke, JoinHandle<()>)> {
-    spawn_with(path, RESTART_FRAMES)
-}
-
-/// [`spawn`] with another WAL bound (tests use a small one).
-pub fn spawn_with(
+/// Starts the checkpointer thread on its own connection to `path`, keeping the WAL within
+/// `bound` (`WalBound::DEFAULT`; tests use a small one); `wake` wakes the committer's thread
+/// (see `Checkpoints::finish_requested`).
+pub fn spawn(
     path: &Path,
-    restart_frames: i64,
-) -> anyhow::Result<(CheckpointPoke, JoinHandle<()>)> {
+    bound: WalBound,
+    wake: Box<dyn Fn() + Send>,
+) -> anyhow::Result<(Checkpoints, JoinHandle<()>)> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(Duration::from_millis(5000))?;
+    conn.busy_timeout(super::schema::BUSY_TIMEOUT)?;
     limit_wal_file(&conn)?;
-    let (poke, pokes) = channel();
+    // Read-only is enough for fsync.
+    let db = std::fs::File::open(path)?;
+    let (checkpoints, committer) = channel(wake);
     let thread = std::thread::Builder::new()
         .name("checkpointer".into())
-        .spawn(move || run(&conn, &pokes, restart_frames))?;
-    Ok((poke, thread))
+        .spawn(move || run(&conn, &db, &committer, bound))?;
+    Ok((checkpoints, thread))
 }
 
-fn channel() -> (CheckpointPoke, Pokes) {
+fn channel(wake: Box<dyn Fn() + Send>) -> (Checkpoints, Committer) {
     let (tx, rx) = flume::bounded::<()>(1);
+    // One request at a time: the checkpointer waits for each answer.
+    let (finished_tx, finished_rx) = flume::bounded(1);
     let pending = Arc::new(AtomicBool::new(false));
-    let poke = CheckpointPoke {
+    let finish_wanted = Arc::new(AtomicBool::new(false));
+    let checkpoints = Checkpoints {
         tx,
         pending: pending.clone(),
+        finish_wanted: finish_wanted.clone(),
+        finished: finished_tx,
     };
-    let pokes = Pokes { rx, pending };
-    (poke, pokes)
+    let committer = Committer {
+        rx,
+        pending,
+        finish_wanted,
+        finished: finished_rx,
+        wake,
+    };
+    (checkpoints, committer)
 }
 
-/// Checkpoints when poked, at most once per `MIN_INTERVAL`; returns as soon as the poker is
-/// dropped, even in the middle of a pause.
-fn run(conn: &Connection, pokes: &Pokes, restart_frames: i64) {
-    let mut poked = pokes.recv().is_ok();
+/// Checkpoints when poked, at most once per `bound.interval`; returns as soon as the
+/// committer's side is dropped, even in the middle of a pause.
+fn run(conn: &Connection, db: &std::fs::File, committer: &Committer, bound: WalBound) {
+    let mut poked = committer.recv().is_ok();
     while poked {
-        pokes.taken();
+        committer.taken();
         crate::fatal::debug::panic_point("checkpointer");
-        let result = match checkpoint(conn, "PASSIVE") {
-            Ok((frames, _)) if frames >= restart_frames => checkpoint(conn, "RESTART").map(|_| ()),
-            other => other.map(|_| ()),
-        };
-        if let Err(e) = result {
-            if is_fatal(&e) {
-                crate::fatal::stop(format!(
-                    "a WAL checkpoint failed: {e}. Pages copied into the database file may not \
-                     be on the disk; the WAL still holds them, and recovery at the next open \
-                     replays it"
-                ));
-                return;
+        match checkpoint_round(conn, db, committer, bound.restart_frames) {
+            Ok(Round::Done) => {}
+            Ok(Round::CommitterStopped) => return,
+            Err(e) => {
+                if is_fatal(&e) {
+                    crate::fatal::stop(format!(
+                        "a WAL checkpoint failed: {e}. Pages copied into the database file may \
+                         not be on the disk; the WAL still holds them, and recovery at the next \
+                         open replays it"
+                    ));
+                    return;
+                }
+                // A full disk or a busy reader: the WAL keeps everything; the next poke retries.
+                tracing::warn!("WAL checkpoint failed: {e}");
             }
-            // A full disk or a busy reader: the WAL keeps everything; the next poke retries.
-            tracing::warn!("WAL checkpoint failed: {e}");
         }
-        let deadline = std::time::Instant::now() + MIN_INTERVAL;
+        let deadline = std::time::Instant::now() + bound.interval;
         poked = false;
         loop {
-            match pokes.recv_deadline(deadline) {
+            match committer.recv_deadline(deadline) {
                 Ok(()) => poked = true,
                 Err(flume::RecvTimeoutError::Timeout) => break,
                 Err(flume::RecvTimeoutError::Disconnected) => return,
             }
         }
         if !poked {
-            poked = pokes.recv().is_ok();
+            poked = committer.recv().is_ok();
         }
     }
+}
+
+enum Round {
+    Done,
+    CommitterStopped,
+}
+
+/// One checkpoint: a PASSIVE pass, and past `restart_frames` the catch-up and the committer's
+/// RESTART that rewind the WAL (module comment).
+fn checkpoint_round(
+    conn: &Connection,
+    db: &std::fs::File,
+    committer: &Committer,
+    restart_frames: i64,
+) -> rusqlite::Result<Round> {
+    let (frames, mut copied) = checkpoint(conn, "PASSIVE")?;
+    if frames < restart_frames {
+        return Ok(Round::Done);
+    }
+    // A pass copies the frames that were there when it began; the writers append more
+    // meanwhile. Each pass copies what was appended during the one before, so the gap shrinks
+    // as long as copying is faster than writing. What the last pass left, the committer copies.
+    //
+    // A pass that has not caught up with the end of the WAL does not sync the database file
+    // (the WAL still holds what it copied): only the one that catches up does, the committer's.
+    // Left to it, that sync would write back the pages of every pass while writes wait (60 to
+    // 120 ms at 10M keys); synced here, it has only its own last frames to write.
+    for _ in 1..CATCH_UP_PASSES {
+        sync_database(db)?;
+        let (frames, now_copied) = checkpoint(conn, "PASSIVE")?;
+        let appended = frames - copied;
+        copied = now_copied;
+        if appended <= FINISH_FRAMES {
+            break;
+        }
+    }
+    sync_database(db)?;
+    match committer.finish() {
+        Some(result) => result.map(|_| Round::Done),
+        None => Ok(Round::CommitterStopped),
+    }
+}
+
+/// Writes back what the passes copied into the database file; a failure is a failed sync.
+fn sync_database(db: &std::fs::File) -> rusqlite::Result<()> {
+    db.sync_data().map_err(|e| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+            Some(format!("syncing the database file: {e}")),
+        )
+    })
 }
 
 /// An I/O error other than a full disk: after a failed write-back, the kernel may have dropped
@@ -175,7 +311,11 @@ mod tests {
         let writer = schema::open_writer(&path, SyncMode::Normal, WalWrites::IoUring).unwrap();
         writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
         limit_wal_file(&writer).unwrap();
-        let (poke, thread) = spawn_with(&path, 64).unwrap();
+        let bound = WalBound {
+            restart_frames: 64,
+            ..WalBound::DEFAULT
+        };
+        let (checkpoints, thread) = spawn(&path, bound, Box::new(|| {})).unwrap();
         let value = vec![7u8; 3000];
         let wal = dir.path().join("db.sqlite-wal");
         let mut largest = 0;
@@ -187,7 +327,9 @@ mod tests {
                     rusqlite::params![i.to_be_bytes(), value],
                 )
                 .unwrap();
-            poke.poke();
+            // As the committer does after each commit.
+            checkpoints.poke();
+            checkpoints.finish_requested(&writer);
             largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
             // Room for the checkpointer thread to run even on a busy machine (it failed once at
             // 28 MB with every 50th commit here while two builds shared the two cores).
@@ -195,7 +337,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        drop(poke);
+        drop(checkpoints);
         thread.join().unwrap();
         // Without the restart the WAL ends near 11,000 frames (44 MB) here; with it the file only
         // holds what arrives between two checkpoints.
@@ -207,7 +349,7 @@ mod tests {
 
     #[test]
     fn pokes_between_two_checkpoints_wake_the_thread_once() {
-        let (poke, pokes) = channel();
+        let (poke, pokes) = channel(Box::new(|| {}));
         for _ in 0..1000 {
             poke.poke();
         }
@@ -224,5 +366,63 @@ mod tests {
         drop(poke);
         assert!(pokes.recv().is_ok(), "the queued poke outlives the poker");
         assert!(pokes.recv().is_err(), "then the thread stops");
+    }
+
+    /// The checkpointer waits for the committer's RESTART; a committer that stops instead
+    /// (its side dropped unanswered, as when the server shuts down) must not leave it waiting,
+    /// or the committer's own join of this thread would never return.
+    #[test]
+    fn a_checkpointer_waiting_for_the_committer_stops_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let writer = schema::open_writer(&path, SyncMode::Normal, WalWrites::Pwrite).unwrap();
+        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        writer
+            .execute(
+                "INSERT INTO kv (k, v, v_encoding, version) VALUES (x'01', x'02', 3, 1)",
+                [],
+            )
+            .unwrap();
+        let (woken_tx, woken) = flume::unbounded();
+        let bound = WalBound {
+            restart_frames: 1,
+            ..WalBound::DEFAULT
+        };
+        let wake = Box::new(move || {
+            let _ = woken_tx.send(());
+        });
+        let (checkpoints, thread) = spawn(&path, bound, wake).unwrap();
+        checkpoints.poke();
+        woken
+            .recv_timeout(Duration::from_secs(10))
+            .expect("past the bound, the checkpointer wakes the committer");
+        drop(checkpoints);
+        let (joined_tx, joined) = flume::bounded(1);
+        std::thread::spawn(move || {
+            thread.join().unwrap();
+            let _ = joined_tx.send(());
+        });
+        joined
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the checkpointer stops when the committer does");
+    }
+
+    #[test]
+    fn the_reliability_doc_states_the_wal_bound() {
+        let doc = include_str!("../../../docs/RELIABILITY.md");
+        let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+        let says = |text: String| assert!(doc.contains(&text), "RELIABILITY.md lacks {text:?}");
+        let bound = WalBound::DEFAULT;
+        says(format!(
+            "passes {} MiB ({} frames)",
+            (bound.restart_frames * 4096) >> 20,
+            bound.restart_frames
+        ));
+        says(format!("at most {FINISH_FRAMES} left by the passes"));
+        says(format!("at most {FINISH_READER_WAIT_MS} ms for readers"));
+        says(format!("{} ms later", bound.interval.as_millis()));
+        says(format!("cut back to {} MiB", JOURNAL_SIZE_LIMIT >> 20));
+        let hold = crate::store::SNAPSHOT_HOLD.as_millis();
+        says(format!("snapshot ends within {hold} ms"));
     }
 }

@@ -310,7 +310,7 @@ impl OutboxReader {
         let conn = Connection::open_with_flags(path, flags)
             .with_context(|| format!("cannot open database {} for the backup", path.display()))?;
         // The committer holds the write lock for a batch at a time: wait for it.
-        conn.busy_timeout(std::time::Duration::from_millis(5000))?;
+        conn.busy_timeout(super::schema::BUSY_TIMEOUT)?;
         // Acknowledgements need no fsync of their own (which would hold the write lock the
         // committer waits for): one lost in a crash leaves rows that were shipped, and the
         // restarted backup finds them in S3 before shipping anything (writer::already_shipped).

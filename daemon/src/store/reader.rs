@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 
 /// How long a core's reader may keep one read snapshot. Bounds how late it sees another
 /// process's commits (which this process learns of only by polling) and how long it holds
-/// back a RESTART checkpoint.
+/// back the WAL's rewind (store::checkpointer).
 pub const SNAPSHOT_HOLD: Duration = Duration::from_millis(1);
 
 /// One read-only SQLite connection; each core owns one.

@@ -100,8 +100,11 @@ pub fn open_reader(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
+/// How long a connection waits for a lock another connection holds before it gives up.
+pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(5000);
+
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(std::time::Duration::from_millis(5000))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);
     // Without the planner stability guarantee SQLite plans `LIMIT ?` for the bound value and
     // re-prepares the cached statement every time a new value is bound: 14x slower reads.

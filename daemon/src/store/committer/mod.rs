@@ -26,7 +26,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use self::failure::Failure;
-use super::checkpointer::{self, CheckpointPoke};
+use super::checkpointer::{self, Checkpoints, WalBound};
 use super::outbox::{BackupOutbox, Recorder};
 use super::sql::GET_VERSION;
 use super::watch::WatchRegistry;
@@ -194,6 +194,18 @@ pub fn spawn_with_heartbeat(
     metrics: Arc<Metrics>,
     backup: BackupOutbox,
 ) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
+    spawn_bounded(conn, watches, heartbeat, metrics, backup, WalBound::DEFAULT)
+}
+
+/// [`spawn_with_heartbeat`] with another WAL bound (tests use a small one).
+pub fn spawn_bounded(
+    conn: Connection,
+    watches: Arc<WatchRegistry>,
+    heartbeat: Option<Beater>,
+    metrics: Arc<Metrics>,
+    backup: BackupOutbox,
+    wal_bound: WalBound,
+) -> anyhow::Result<(CommitterHandle, JoinHandle<()>)> {
     let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
     // Checkpoints run on their own thread (see checkpointer.rs), not inside our commits.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -202,7 +214,15 @@ pub fn spawn_with_heartbeat(
         .path()
         .map(std::path::PathBuf::from)
         .unwrap_or_default();
-    let (checkpoints, checkpointer) = checkpointer::spawn(&path)?;
+    // The checkpointer wakes this thread to finish a checkpoint; it must not keep the queue
+    // open (the committer stops once every handle is gone).
+    let queue = tx.downgrade();
+    let wake = Box::new(move || {
+        if let Some(tx) = queue.upgrade() {
+            let _ = tx.try_send(Message::Reschedule);
+        }
+    });
+    let (checkpoints, checkpointer) = checkpointer::spawn(&path, wal_bound, wake)?;
     let mut committer = Committer::new(conn, watches, metrics, backup)?;
     committer.checkpoints = Some(checkpoints);
     committer.heartbeat = heartbeat;
@@ -258,6 +278,7 @@ fn run(shared: &Mutex<Committer>, rx: &flume::Receiver<Message>) -> Result<(), F
             Ok(Message::Stop) | Err(flume::RecvTimeoutError::Disconnected) => break,
             Ok(Message::Reschedule) | Err(flume::RecvTimeoutError::Timeout) => {
                 committer.sweep_if_due()?;
+                committer.finish_checkpoint();
                 wait = committer.next_wait();
                 continue;
             }
@@ -266,6 +287,7 @@ fn run(shared: &Mutex<Committer>, rx: &flume::Receiver<Message>) -> Result<(), F
         let stopping = fill(&mut batch, || rx.try_recv().ok());
         committer.commit_batch(batch)?;
         committer.sweep_if_due()?;
+        committer.finish_checkpoint();
         if stopping {
             break;
         }
@@ -306,7 +328,7 @@ struct Committer {
     /// committed here, and cores commit nothing.
     stopped: bool,
     /// Told after commits; `None` once stopping.
-    checkpoints: Option<CheckpointPoke>,
+    checkpoints: Option<Checkpoints>,
     /// Last committed global version (`data_version.version`).
     version: u64,
     watches: Arc<WatchRegistry>,
@@ -425,6 +447,14 @@ impl Committer {
             c.poke();
         }
         self.watches.committed(version, keys);
+    }
+
+    /// Copies the last frames of the WAL if the checkpointer asked (checkpointer.rs): called
+    /// between two transactions, by the only writer.
+    fn finish_checkpoint(&self) {
+        if let Some(c) = &self.checkpoints {
+            c.finish_requested(&self.conn);
+        }
     }
 
     /// Beats the heartbeat; how long to wait for writes before the next turn (a sweep, or a
