@@ -418,7 +418,9 @@ mod tests {
             (bound.restart_frames * 4096) >> 20,
             bound.restart_frames
         ));
-        says(format!("at most {FINISH_FRAMES} left by the passes"));
+        says(format!(
+            "at most {FINISH_FRAMES} new frames (or after {CATCH_UP_PASSES} passes)"
+        ));
         says(format!("at most {FINISH_READER_WAIT_MS} ms for readers"));
         says(format!("{} ms later", bound.interval.as_millis()));
         says(format!("cut back to {} MiB", JOURNAL_SIZE_LIMIT >> 20));
