@@ -126,6 +126,57 @@ async fn a_real_fsync_failure_of_the_wal_stops_the_server() {
     stopped_and_recovered(&mut s, &db, &written, "strace").await;
 }
 
+/// A failed sync of the database file during a WAL checkpoint, as a real failing system call:
+/// strace makes the checkpointer's `fdatasync` of the database file fail with EIO (SQLite
+/// itself syncs with fsync). Pages it copied may not be on the disk, so the server stops, and
+/// recovery replays them from the WAL, which still holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_of_the_database_file_at_a_checkpoint_stops_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let path = db.display().to_string();
+    let wrapper = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-P",
+        &path,
+        "-e",
+        "trace=fdatasync",
+        "-e",
+        "inject=fdatasync:error=EIO",
+    ];
+    let mut s = Launch::new(&db).wrapper(&wrapper, true).start();
+    let c = Client::new();
+    // The checkpointer syncs the database file once the WAL passes 32 MiB: 60 kB values
+    // (about 400 of them).
+    let value = "v".repeat(60_000);
+    let mut acknowledged = Vec::new();
+    for i in 0..2_000 {
+        let k = format!("k{i}");
+        match set_key(&c, H2, &s.url(""), &k, &value).await {
+            Some(r) if r.status == 200 => acknowledged.push(k),
+            // Stopping: a write answered during the drain, or a closed connection.
+            _ => break,
+        }
+    }
+    assert!(acknowledged.len() > 100, "{} writes", acknowledged.len());
+    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(30)));
+    let log = s.log_text();
+    assert_eq!(status.code(), Some(1), "{status:?}; log:\n{log}");
+    assert!(
+        log.contains("a WAL checkpoint failed") && log.contains("syncing the database file"),
+        "{log}"
+    );
+    let s = Launch::new(&db).start();
+    for k in &acknowledged {
+        let entry = get_key(&c, H2, &s.url(""), k).await;
+        assert!(entry.is_some_and(|v| v.len() == value.len()), "{k}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_wal_write_is_rolled_back_and_the_server_carries_on() {
     for (wal, errno, status) in [
