@@ -519,3 +519,44 @@ async fn one_commit_reaches_many_watch_streams_on_one_connection_in_few_socket_w
         "{writes} socket writes for {frames} watch frames (and {COMMITS} commits)"
     );
 }
+
+/// Streams woken by the same commit on one core share one read of their keys
+/// (`http::watch::WatchReads`): 100 streams on one connection, one commit, one row read.
+#[tokio::test]
+async fn streams_woken_by_one_commit_share_one_read() {
+    const STREAMS: usize = 100;
+    let s = Server::start(&[]);
+    let c = Client::new();
+    let hot = key("hot");
+    set(&c, &s, &hot, b"0").await;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut frames = open_watch(&c, Proto::H2, &s, std::slice::from_ref(&hot)).await;
+        frames.data(Duration::from_secs(10)).await;
+        streams.push(frames);
+    }
+    let rows = || {
+        let (_, _, body) = s.scrape();
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix("denokv_read_rows_total ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .expect("denokv_read_rows_total")
+    };
+    let before = rows();
+    set(&c, &s, &hot, b"1").await;
+    for frames in &mut streams {
+        let d = frames.data(Duration::from_secs(10)).await;
+        assert_eq!(
+            &d.keys[0].entry_if_changed.as_ref().unwrap().value[..],
+            b"1"
+        );
+    }
+    let read = rows() - before;
+    assert_eq!(
+        read, 1.0,
+        "{read} rows read for {STREAMS} frames of one commit"
+    );
+}

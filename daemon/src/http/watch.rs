@@ -37,6 +37,7 @@ pub fn start(
     let subscription = ctx.shared.watches.subscribe(&keys);
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let mut seen = vec![None; keys.len()];
+    let keys = KeySet::new(keys);
     let first = frame(ctx, &keys, &mut seen, true)?.expect("the first frame is always built");
     let open = GaugeGuard::new(&ctx.shared.metrics.watch_streams);
     monoio::spawn(stream(
@@ -57,7 +58,7 @@ pub fn start(
 /// The keys of a stream, and the token that may read them.
 struct Watched {
     access: Arc<Access>,
-    keys: Vec<Bytes>,
+    keys: KeySet,
 }
 
 async fn stream(
@@ -71,37 +72,48 @@ async fn stream(
     // ends.
     _open: (GaugeGuard, WatchPermit),
 ) {
-    let Watched { mut access, keys } = watched;
+    let Watched {
+        mut access,
+        keys: key_set,
+    } = watched;
     let mut shutdown = ctx.shutdown.clone();
     // Subscribed first, then checked: a reload since the request was authenticated counts.
     let mut reloads = ctx.tokens.reloads();
-    if !still_allowed(&ctx, &mut access, &keys) {
+    if !still_allowed(&ctx, &mut access, &key_set.keys) {
         return;
     }
     if tx.send(PING).await.is_err() || tx.send(first).await.is_err() {
         return;
     }
+    // Made once, not at every wake-up: a stream woken by every commit would otherwise add and
+    // remove a timer and three waiters each time. Pings go out every `PING_INTERVAL`, also
+    // between frames.
+    let mut ping = std::pin::pin!(monoio::time::sleep(PING_INTERVAL));
+    let mut closed = std::pin::pin!(tx.closed());
+    let mut stopping = std::pin::pin!(shutdown.wait_for(|stopping| *stopping));
     loop {
         let wake = monoio::select! {
             _ = subscription.changed() => Wake::Commit,
-            _ = monoio::time::sleep(PING_INTERVAL) => Wake::Ping,
+            _ = &mut ping => Wake::Ping,
             r = reloads.changed() => if r.is_ok() { Wake::Reload } else { return },
-            _ = tx.closed() => return,
-            _ = shutdown.wait_for(|stopping| *stopping) => return,
+            _ = &mut closed => return,
+            _ = &mut stopping => return,
         };
         if wake == Wake::Reload {
-            if !still_allowed(&ctx, &mut access, &keys) {
+            if !still_allowed(&ctx, &mut access, &key_set.keys) {
                 return;
             }
             continue;
         }
         if wake == Wake::Ping {
+            ping.as_mut()
+                .reset(monoio::time::Instant::now() + PING_INTERVAL);
             if tx.send(PING).await.is_err() {
                 return;
             }
             continue;
         }
-        match frame(&ctx, &keys, &mut seen, false) {
+        match frame(&ctx, &key_set, &mut seen, false) {
             Ok(Some(bytes)) => {
                 if tx.send(bytes).await.is_err() {
                     return;
@@ -114,6 +126,24 @@ async fn stream(
                 return;
             }
         }
+    }
+}
+
+/// A stream's keys and their hash, computed once: streams woken together look their shared
+/// read up by it (`WatchReads`).
+struct KeySet {
+    keys: Vec<Bytes>,
+    hash: u64,
+}
+
+impl KeySet {
+    fn new(keys: Vec<Bytes>) -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        thread_local! {
+            static HASHER: RandomState = RandomState::new();
+        }
+        let hash = HASHER.with(|h| h.hash_one(&keys));
+        KeySet { keys, hash }
     }
 }
 
@@ -143,19 +173,20 @@ enum Wake {
     Reload,
 }
 
-/// One core's watch reads at the current count of changes (`WatchRegistry::changes`), by key set: when a commit
-/// wakes many streams watching the same keys (a thousand browsers on one document, say), the
-/// first one reads and encodes the frame, and the others reuse both.
+/// One core's watch reads at the current count of changes (`WatchRegistry::changes`), by key
+/// set: when a commit wakes many streams watching the same keys (a thousand browsers on one
+/// document, say), the first one reads and encodes the frame, and the others reuse both.
 #[derive(Default)]
 pub struct WatchReads {
     /// The count of changes the reads below were made at.
     generation: u64,
-    by_keys: HashMap<Vec<Bytes>, Snapshot>,
+    /// By `KeySet::hash`; streams whose different key sets share a hash read for themselves.
+    by_keys: HashMap<u64, Rc<Snapshot>>,
 }
 
 /// The keys' versionstamps at one read, and the frame that carries their entries.
-#[derive(Clone)]
 struct Snapshot {
+    keys: Vec<Bytes>,
     stamps: Vec<Option<Versionstamp>>,
     frame: Bytes,
 }
@@ -164,7 +195,7 @@ impl WatchReads {
     /// Most key sets kept for one generation (a bound on memory, not a limit on streams).
     const MAX_KEY_SETS: usize = 4096;
 
-    fn read(&mut self, ctx: &CoreContext, keys: &[Bytes]) -> Result<Snapshot, ApiError> {
+    fn read(&mut self, ctx: &CoreContext, key_set: &KeySet) -> Result<Rc<Snapshot>, ApiError> {
         // Read the count of changes before the database: the read then holds every commit
         // notified up to it, so any stream woken by those commits may use it.
         let generation = ctx.shared.watches.changes();
@@ -172,12 +203,16 @@ impl WatchReads {
             self.generation = generation;
             self.by_keys.clear();
         }
-        if let Some(snapshot) = self.by_keys.get(keys) {
-            return Ok(snapshot.clone());
+        if let Some(snapshot) = self.by_keys.get(&key_set.hash) {
+            if snapshot.keys == key_set.keys {
+                return Ok(snapshot.clone());
+            }
         }
-        let snapshot = read(ctx, keys)?;
+        let snapshot = Rc::new(read(ctx, &key_set.keys)?);
         if self.by_keys.len() < Self::MAX_KEY_SETS {
-            self.by_keys.insert(keys.to_vec(), snapshot.clone());
+            self.by_keys
+                .entry(key_set.hash)
+                .or_insert_with(|| snapshot.clone());
         }
         Ok(snapshot)
     }
@@ -208,6 +243,7 @@ fn read(ctx: &CoreContext, keys: &[Bytes]) -> Result<Snapshot, ApiError> {
     buf.put_u32_le(msg.encoded_len() as u32);
     msg.encode(&mut buf).expect("buffer has room");
     Ok(Snapshot {
+        keys: keys.to_vec(),
         stamps,
         frame: buf.freeze(),
     })
@@ -217,17 +253,17 @@ fn read(ctx: &CoreContext, keys: &[Bytes]) -> Result<Snapshot, ApiError> {
 /// (and this is not the first).
 fn frame(
     ctx: &CoreContext,
-    keys: &[Bytes],
+    key_set: &KeySet,
     seen: &mut [Option<Versionstamp>],
     first: bool,
 ) -> Result<Option<Bytes>, ApiError> {
     let snapshot = if first {
         // A new stream reads for itself: its subscription is newer than any shared read.
-        read(ctx, keys)?
+        Rc::new(read(ctx, &key_set.keys)?)
     } else {
-        ctx.watch_reads.borrow_mut().read(ctx, keys)?
+        ctx.watch_reads.borrow_mut().read(ctx, key_set)?
     };
     let changed = first || snapshot.stamps.as_slice() != &*seen;
     seen.copy_from_slice(&snapshot.stamps);
-    Ok(changed.then_some(snapshot.frame))
+    Ok(changed.then(|| snapshot.frame.clone()))
 }
