@@ -897,6 +897,13 @@ async fn an_ambiguous_inline_commit_stops_the_committer_and_nothing_commits_afte
         let path = dir.path().join("db.sqlite");
         let (c, thread, metrics) = spawn_counted(&path, wal);
         committed(c.write(write(vec![sum("counter", 1)])).await);
+        // The commit pokes the checkpointer, which copies the whole WAL and then pauses. A
+        // commit after a complete copy rewinds the WAL and syncs its new header first: the
+        // fault would hit that sync, before any frame is written. So: let the checkpointer
+        // finish, rewind with a commit of the committer's thread, and fail the next commit's
+        // sync while the checkpointer pauses.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        committed(c.write(write(vec![sum("counter", 1)])).await);
 
         wal_vfs::inject_faults(Some("sync:EIO:times=1".parse().unwrap()));
         let outcome = write_when_idle(&c, write(vec![sum("counter", 1)])).await;
@@ -930,7 +937,7 @@ async fn an_ambiguous_inline_commit_stops_the_committer_and_nothing_commits_afte
         let entries = read_after_crash(&path, &["counter", "later"]);
         assert_eq!(
             entries[0].as_ref().unwrap().value.as_u64(),
-            Some(2),
+            Some(3),
             "{wal:?}"
         );
         assert!(entries[1].is_none(), "{wal:?}");
@@ -1113,4 +1120,23 @@ async fn sustained_scattered_writes_keep_the_wal_file_bounded() {
 /// Spreads consecutive numbers over the key space (a bijection on u64).
 fn scatter(n: u64) -> u64 {
     n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17)
+}
+
+/// An inline commit that sets no expiry leaves the committer's thread asleep: waking it costs
+/// the writer a futex call, and the thread may then take the lock from under its next write
+/// (which then waits for the hand-over).
+#[tokio::test]
+async fn an_inline_commit_without_an_expiry_leaves_the_committer_thread_asleep() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, thread, metrics) = spawn_counted(&dir.path().join("db.sqlite"), WalWrites::Pwrite);
+    // Once the thread has started (its first sweep takes the lock).
+    committed(c.write(write(vec![set("first", "v")])).await);
+    for i in 0..20 {
+        committed(write_when_idle(&c, write(vec![set(&format!("k{i}"), "v")])).await);
+        // A message for the thread would still be queued: it takes a while to wake.
+        assert_eq!(c.queue_depth(), 0, "commit {i} woke the committer's thread");
+    }
+    assert_eq!(metrics.inline_commits.get(), 20);
+    drop(c);
+    thread.join().unwrap();
 }

@@ -50,6 +50,11 @@ impl Schedule {
         }
     }
 
+    /// The earliest expiry known (ms); only ever brought forward by commits.
+    pub fn next_expiry(&self) -> Option<i64> {
+        self.next_expiry
+    }
+
     /// A committed write set an expiry at `t` (ms).
     pub fn expires_at(&mut self, t: i64) {
         self.next_expiry = Some(self.next_expiry.map_or(t, |n| n.min(t)));

@@ -132,14 +132,17 @@ impl CommitterHandle {
             return Some(job);
         }
         committer.metrics.inline_commits.inc();
-        let sweep_due = committer.schedule.due_in();
+        let next_expiry = committer.schedule.next_expiry();
         if let Err(failure) = committer.commit_batch(vec![job]) {
             // As the committer's thread would: stop the server now; the thread answers the
             // writes queued meanwhile and never closes the connection.
             crate::fatal::stop(stop_reason(&failure));
             committer.failed = Some(failure);
-        } else if committer.schedule.due_in() < sweep_due {
-            // The thread waits for the sweep it knew of; a full queue is woken anyway.
+        } else if committer.schedule.next_expiry() != next_expiry {
+            // The write expires before anything the thread knew of, and the thread waits for
+            // the sweep it knew of; a full queue is woken anyway. (Not otherwise: waking the
+            // thread costs a lone writer a futex call and a committer that may take the lock
+            // from under its next write.)
             let _ = self.tx.try_send(Message::Reschedule);
         }
         None
