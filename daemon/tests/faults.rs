@@ -103,22 +103,19 @@ async fn a_real_fsync_failure_of_the_wal_stops_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
     let wal = format!("{}-wal", db.display());
-    let wrapper = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-P",
-        &wal,
-        "-e",
-        "trace=fsync,fdatasync",
-        "-e",
-        "inject=fsync:error=EIO:when=4",
-    ];
     let mut s = Launch::new(&db)
         .args(&["--wal-writes", "pwrite"])
-        .wrapper(&wrapper, true)
+        .under_strace(
+            "/dev/null",
+            &[
+                "-P",
+                &wal,
+                "-e",
+                "trace=fsync,fdatasync",
+                "-e",
+                "inject=fsync:error=EIO:when=4",
+            ],
+        )
         .start();
     let (mut written, doubtful, r) = write_until_refused(&Client::new(), &s).await;
     assert_eq!(r.status, 409, "{}", r.text());
@@ -135,20 +132,19 @@ async fn a_failed_sync_of_the_database_file_at_a_checkpoint_stops_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
     let path = db.display().to_string();
-    let wrapper = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-P",
-        &path,
-        "-e",
-        "trace=fdatasync",
-        "-e",
-        "inject=fdatasync:error=EIO",
-    ];
-    let mut s = Launch::new(&db).wrapper(&wrapper, true).start();
+    let mut s = Launch::new(&db)
+        .under_strace(
+            "/dev/null",
+            &[
+                "-P",
+                &path,
+                "-e",
+                "trace=fdatasync",
+                "-e",
+                "inject=fdatasync:error=EIO",
+            ],
+        )
+        .start();
     let c = Client::new();
     // The checkpointer syncs the database file once the WAL passes 32 MiB: 60 kB values
     // (about 400 of them).

@@ -779,7 +779,7 @@ async fn read_only_mode_answers_write_disabled() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
     {
-        let mut rw = Server::start_on(&db, &[], &[]);
+        let mut rw = Server::start_on(&db, &[]);
         let c = Client::new();
         commit(
             &c,
@@ -794,7 +794,7 @@ async fn read_only_mode_answers_write_disabled() {
             .unwrap();
         assert!(status.success());
     }
-    let ro = Server::start_on(&db, &["--read-only"], &[]);
+    let ro = Server::start_on(&db, &["--read-only"]);
     let c = Client::new();
     assert!(get(&c, Proto::H2, &ro, &key("a")).await.is_some());
     let out = commit(
@@ -857,7 +857,7 @@ async fn versionstamps_carry_the_stored_sequence() {
     // SPEC §10 D14: bytes 8-9 of a read versionstamp are the row's `seq` (set by replicas).
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
-    let mut rw = Server::start_on(&db, &[], &[]);
+    let mut rw = Server::start_on(&db, &[]);
     let c = Client::new();
     let stamp = commit(
         &c,
@@ -875,7 +875,7 @@ async fn versionstamps_carry_the_stored_sequence() {
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute("UPDATE kv SET seq = 7", []).unwrap();
     drop(conn);
-    let ro = Server::start_on(&db, &["--read-only"], &[]);
+    let ro = Server::start_on(&db, &["--read-only"]);
     let c = Client::new();
     let e = get(&c, Proto::H2, &ro, &key("a")).await.unwrap();
     assert_eq!(e.versionstamp[..8], stamp[..8]);

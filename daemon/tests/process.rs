@@ -157,27 +157,19 @@ async fn environment_variables_configure_the_server() {
 
 #[tokio::test]
 async fn serves_on_epoll_when_io_uring_is_denied() {
-    if std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        panic!("strace is needed for this test (apt-get install strace)");
-    }
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
-    let wrapper = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=io_uring_setup",
-        "-e",
-        "inject=io_uring_setup:error=ENOSYS",
-    ];
-    let mut s = Server::start_on(&db, &[], &wrapper);
+    let mut s = Launch::new(&db)
+        .under_strace(
+            "/dev/null",
+            &[
+                "-e",
+                "trace=io_uring_setup",
+                "-e",
+                "inject=io_uring_setup:error=ENOSYS",
+            ],
+        )
+        .start();
     assert!(s.log_text().contains("cores on epoll"), "{}", s.log_text());
     serves_both_protocols(&s).await;
     let status = tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
@@ -257,22 +249,18 @@ async fn writer_wal_syscalls(
     let db = dir.path().join("db.sqlite");
     let trace = dir.path().join("trace");
     let trace_arg = trace.display().to_string();
-    let wrapper = [
-        "strace",
-        "-f",
-        "-qq",
-        "-y",
-        "-o",
-        &trace_arg,
-        "-e",
-        "trace=pwrite64,fsync,fdatasync,io_uring_enter",
-    ];
     let args: Vec<&str> = extra
         .iter()
         .copied()
         .chain(["--io-driver", "epoll"])
         .collect();
-    let mut s = Server::start_on(&db, &args, &wrapper);
+    let mut s = Launch::new(&db)
+        .args(&args)
+        .under_strace(
+            &trace_arg,
+            &["-y", "-e", "trace=pwrite64,fsync,fdatasync,io_uring_enter"],
+        )
+        .start();
     let pid = s.pid();
     // The threads that commit: the committer's, and the cores' (a lone write is committed on
     // the core that received it).
@@ -466,7 +454,7 @@ impl HeldWrite {
 }
 
 async fn assert_all_present(db: &std::path::Path, acked: &[String]) {
-    let mut s = Server::start_on(db, &[], &[]);
+    let mut s = Server::start_on(db, &[]);
     let c = Client::new();
     let url = s.url("");
     for k in acked {
@@ -492,7 +480,7 @@ enum Stop {
 async fn acknowledged_writes_survive(stop: Stop, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
-    let mut s = Server::start_on(&db, extra, &[]);
+    let mut s = Server::start_on(&db, extra);
     let acked = Arc::new(Mutex::new(Vec::new()));
     let failed_at = Arc::new(Mutex::new(Vec::new()));
     let load = tokio::spawn(write_load(

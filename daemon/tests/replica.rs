@@ -513,7 +513,7 @@ fn pitr_with(bin: &str, db: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool
 
 /// What a replica file holds, read by our server started `--read-only` on it.
 async fn served_by_read_only(c: &Client, db: &Path) -> Contents {
-    let mut s = Server::start_on(db, &["--read-only", "--threads", "1"], &[]);
+    let mut s = Server::start_on(db, &["--read-only", "--threads", "1"]);
     let got = dump(c, &s.url("")).await;
     tokio::task::spawn_blocking(move || s.stop()).await.unwrap();
     got

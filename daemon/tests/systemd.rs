@@ -147,7 +147,7 @@ async fn notifies_ready_status_reloading_and_stopping() {
 async fn read_only_status_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
-    let first = Server::start_on(&db, &[], &[]);
+    let first = Server::start_on(&db, &[]);
     stop(first).await;
     let notify = NotifySocket::bind(false);
     let s = Launch::new(&db)

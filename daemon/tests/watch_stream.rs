@@ -271,14 +271,14 @@ async fn a_read_only_server_streams_every_commit_of_other_processes() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
     let k = key("shared");
-    let mut writer = Server::start_on(&db, &[], &[]);
+    let mut writer = Server::start_on(&db, &[]);
     let c = Client::new();
     set(&c, &writer, &k, b"0").await;
     tokio::task::spawn_blocking(move || writer.stop())
         .await
         .unwrap();
 
-    let s = Server::start_on(&db, &["--read-only"], &[]);
+    let s = Server::start_on(&db, &["--read-only"]);
     for p in BOTH {
         let mut frames = open_watch(&c, p, &s, std::slice::from_ref(&k)).await;
         next_value(&mut frames, Duration::from_secs(5)).await;
@@ -298,7 +298,7 @@ async fn a_read_only_server_streams_every_commit_of_other_processes() {
 async fn other_processes_commits_reach_watchers_under_steady_load() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
-    let s = Server::start_on(&db, &[], &[]);
+    let s = Server::start_on(&db, &[]);
     let c = Client::new();
     let k = key("watched");
     set(&c, &s, &k, b"0").await;
@@ -460,18 +460,9 @@ async fn one_commit_reaches_many_watch_streams_on_one_connection_in_few_socket_w
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("trace");
     let trace_arg = trace.display().to_string();
-    let wrapper = [
-        "strace",
-        "-f",
-        "-qq",
-        "-y",
-        "-ttt",
-        "-o",
-        &trace_arg,
-        "-e",
-        "trace=write,writev",
-    ];
-    let mut s = Server::start_on(&dir.path().join("db.sqlite"), &[], &wrapper);
+    let mut s = Launch::new(&dir.path().join("db.sqlite"))
+        .under_strace(&trace_arg, &["-y", "-ttt", "-e", "trace=write,writev"])
+        .start();
     let c = Client::new();
     let hot = key("hot");
     // A watch frame of about 1.6 KB, as in the watch load.

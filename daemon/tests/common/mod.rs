@@ -45,18 +45,14 @@ impl Server {
     pub fn start(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
-        let mut s = Server::start_on(&db, extra, &[]);
+        let mut s = Server::start_on(&db, extra);
         s._dir = Some(dir);
         s
     }
 
-    /// `wrapper` runs before the binary (e.g. `strace ...`).
-    pub fn start_on(db: &Path, extra: &[&str], wrapper: &[&str]) -> Server {
-        let mut launch = Launch::new(db).args(extra);
-        if !wrapper.is_empty() {
-            launch = launch.wrapper(wrapper, true);
-        }
-        launch.start()
+    /// A server on the database file `db`, with `extra` arguments.
+    pub fn start_on(db: &Path, extra: &[&str]) -> Server {
+        Launch::new(db).args(extra).start()
     }
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
@@ -224,6 +220,18 @@ impl Launch {
         self.cmd = cmd;
         self.forks = forks;
         self
+    }
+
+    /// Runs the server under `strace -f -qq -o output options…` (to trace its system calls
+    /// into `output`, or to make some fail with `-e inject=…`).
+    pub fn under_strace(self, output: &str, options: &[&str]) -> Launch {
+        assert!(
+            Command::new("strace").arg("-V").output().is_ok(),
+            "strace is needed for this test (apt-get install strace)"
+        );
+        let mut wrapper = vec!["strace", "-f", "-qq", "-o", output];
+        wrapper.extend_from_slice(options);
+        self.wrapper(&wrapper, true)
     }
 
     pub fn kick(mut self, addr: SocketAddr) -> Launch {
