@@ -53,6 +53,10 @@ const FINISH_FRAMES: i64 = 1024;
 const CATCH_UP_PASSES: u32 = 4;
 /// Longest the committer waits for readers when it finishes a checkpoint, holding writes up.
 const FINISH_READER_WAIT_MS: i32 = 10;
+/// After a finish that a reader held back, the pause before the committer is asked again,
+/// doubled at each further one up to `HELD_BACK_MAX`.
+const HELD_BACK_FIRST: Duration = Duration::from_millis(200);
+const HELD_BACK_MAX: Duration = Duration::from_secs(5);
 /// Size the WAL file is cut back to when it rewinds.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
@@ -188,11 +192,12 @@ fn channel(wake: Box<dyn Fn() + Send>) -> (Checkpoints, Committer) {
 /// Checkpoints when poked, at most once per `bound.interval`; returns as soon as the
 /// committer's side is dropped, even in the middle of a pause.
 fn run(conn: &Connection, db: &std::fs::File, committer: &Committer, bound: WalBound) {
+    let mut held_back = HeldBack::default();
     let mut poked = committer.recv().is_ok();
     while poked {
         committer.taken();
         crate::fatal::debug::panic_point("checkpointer");
-        match checkpoint_round(conn, db, committer, bound.restart_frames) {
+        match checkpoint_round(conn, db, committer, bound.restart_frames, &mut held_back) {
             Ok(Round::Done) => {}
             Ok(Round::CommitterStopped) => return,
             Err(e) => {
@@ -235,6 +240,7 @@ fn checkpoint_round(
     db: &std::fs::File,
     committer: &Committer,
     restart_frames: i64,
+    held_back: &mut HeldBack,
 ) -> rusqlite::Result<Round> {
     let (frames, mut copied) = checkpoint(conn, "PASSIVE")?;
     if frames < restart_frames {
@@ -258,9 +264,41 @@ fn checkpoint_round(
         }
     }
     sync_database(db)?;
+    if !held_back.may_ask() {
+        return Ok(Round::Done);
+    }
     match committer.finish() {
-        Some(result) => result.map(|_| Round::Done),
+        Some(result) => {
+            let (frames, copied) = result?;
+            held_back.record(copied < frames);
+            Ok(Round::Done)
+        }
         None => Ok(Round::CommitterStopped),
+    }
+}
+
+/// A read that lasts (a backup upload's snapshot, say) holds the WAL's rewind back for as long
+/// as it lasts, and each finish the committer tries meanwhile holds writes up for
+/// `FINISH_READER_WAIT_MS`: after one that was held back, the committer is asked again only
+/// after a pause that grows up to `HELD_BACK_MAX`.
+#[derive(Default)]
+struct HeldBack {
+    until: Option<(std::time::Instant, Duration)>,
+}
+
+impl HeldBack {
+    fn may_ask(&self) -> bool {
+        self.until
+            .is_none_or(|(at, _)| std::time::Instant::now() >= at)
+    }
+
+    fn record(&mut self, held_back: bool) {
+        self.until = held_back.then(|| {
+            let pause = self
+                .until
+                .map_or(HELD_BACK_FIRST, |(_, p)| (p * 2).min(HELD_BACK_MAX));
+            (std::time::Instant::now() + pause, pause)
+        });
     }
 }
 
@@ -407,6 +445,67 @@ mod tests {
             .expect("the checkpointer stops when the committer does");
     }
 
+    /// A reader that holds the WAL back for long (as a backup upload's snapshot does) is not
+    /// waited for at every round: each try would hold writes up.
+    #[test]
+    fn a_long_read_holding_the_wal_back_is_retried_after_growing_pauses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let writer = schema::open_writer(&path, SyncMode::Normal, WalWrites::Pwrite).unwrap();
+        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        let insert = |i: u32| {
+            writer
+                .execute(
+                    "INSERT INTO kv (k, v, v_encoding, version) VALUES (?1, ?2, 3, 1)",
+                    rusqlite::params![i.to_be_bytes(), vec![7u8; 3000]],
+                )
+                .unwrap();
+        };
+        insert(0);
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM kv", [], |r| r.get(0))
+            .unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = asked.clone();
+        let wake = Box::new(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        let bound = WalBound {
+            restart_frames: 16,
+            interval: Duration::from_millis(10),
+        };
+        let (checkpoints, thread) = spawn(&path, bound, wake).unwrap();
+        // The test's thread is the committer: it writes, pokes, and finishes when asked.
+        let mut i = 1;
+        let mut write_for = |how_long: Duration| {
+            let end = std::time::Instant::now() + how_long;
+            while std::time::Instant::now() < end {
+                insert(i);
+                i += 1;
+                checkpoints.poke();
+                checkpoints.finish_requested(&writer);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        write_for(Duration::from_millis(1500));
+        let while_held = asked.load(Ordering::Relaxed);
+        // Asked at once, then after 200, 400 and 800 ms; every 10 ms round without pauses.
+        assert!(
+            (1..=6).contains(&while_held),
+            "asked {while_held} times in 1.5 s"
+        );
+        reader.execute_batch("COMMIT").unwrap();
+        write_for(Duration::from_millis(3000));
+        assert!(
+            asked.load(Ordering::Relaxed) > while_held + 2,
+            "asked again once the read ended"
+        );
+        drop(checkpoints);
+        thread.join().unwrap();
+    }
+
     #[test]
     fn the_reliability_doc_states_the_wal_bound() {
         let doc = include_str!("../../../docs/RELIABILITY.md");
@@ -422,8 +521,17 @@ mod tests {
             "at most {FINISH_FRAMES} new frames (or after {CATCH_UP_PASSES} passes)"
         ));
         says(format!("at most {FINISH_READER_WAIT_MS} ms for readers"));
-        says(format!("{} ms later", bound.interval.as_millis()));
+        says(format!(
+            "asked again after {} ms, then {} ms, … up to {} s",
+            HELD_BACK_FIRST.as_millis(),
+            (HELD_BACK_FIRST * 2).as_millis(),
+            HELD_BACK_MAX.as_secs()
+        ));
         says(format!("cut back to {} MiB", JOURNAL_SIZE_LIMIT >> 20));
+        says(format!(
+            "one checkpoint interval ({} ms)",
+            bound.interval.as_millis()
+        ));
         let hold = crate::store::SNAPSHOT_HOLD.as_millis();
         says(format!("snapshot ends within {hold} ms"));
     }
