@@ -4,7 +4,8 @@
 //! `MAX_BATCH` writes or `MAX_BATCH_BYTES`), opens one transaction, applies each write inside
 //! its own `SAVEPOINT` (`apply`), rolls a failing write back to its savepoint, commits once,
 //! and only then answers the writers and wakes the watchers (`batch`). It also sweeps expired
-//! rows (`expiry`). When a commit fails in a way that leaves its outcome unknown, it answers
+//! rows (`expiry`), and finishes a WAL checkpoint between two transactions when the
+//! checkpointer asks, which rewinds the WAL (`super::checkpointer`). When a commit fails in a way that leaves its outcome unknown, it answers
 //! accordingly, stops taking writes and stops the server (`failure`, `crate::fatal`).
 //!
 //! A write whose core has nothing else to do, sent while the committer is idle (no write
@@ -58,7 +59,8 @@ type Reply = (Result<WriteOutcome, StoreError>, Option<SpanContext>);
 
 enum Message {
     Write(WriteJob),
-    /// A core's commit brought the next expiry sweep forward: wait less.
+    /// A core's commit brought the next expiry sweep forward (wait less), or the checkpointer
+    /// asks for a checkpoint to be finished (`Checkpoints::finish_requested`): look again.
     Reschedule,
     /// Commit what is queued, then stop.
     Stop,
