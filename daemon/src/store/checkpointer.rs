@@ -53,9 +53,9 @@ const FINISH_FRAMES: i64 = 1024;
 const CATCH_UP_PASSES: u32 = 4;
 /// Longest the committer waits for readers when it finishes a checkpoint, holding writes up.
 const FINISH_READER_WAIT_MS: i32 = 10;
-/// After a finish that a reader held back, the pause before the committer is asked again,
-/// doubled at each further one up to `HELD_BACK_MAX`.
-const HELD_BACK_FIRST: Duration = Duration::from_millis(200);
+/// Finishes held back by readers in a row after which the committer is asked again only after
+/// a pause: one checkpoint interval, doubled at each further one up to `HELD_BACK_MAX`.
+const HELD_BACK_TRIES: u32 = 3;
 const HELD_BACK_MAX: Duration = Duration::from_secs(5);
 /// Size the WAL file is cut back to when it rewinds.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
@@ -192,7 +192,7 @@ fn channel(wake: Box<dyn Fn() + Send>) -> (Checkpoints, Committer) {
 /// Checkpoints when poked, at most once per `bound.interval`; returns as soon as the
 /// committer's side is dropped, even in the middle of a pause.
 fn run(conn: &Connection, db: &std::fs::File, committer: &Committer, bound: WalBound) {
-    let mut held_back = HeldBack::default();
+    let mut held_back = HeldBack::new(bound.interval);
     let mut poked = committer.recv().is_ok();
     while poked {
         committer.taken();
@@ -279,26 +279,44 @@ fn checkpoint_round(
 
 /// A read that lasts (a backup upload's snapshot, say) holds the WAL's rewind back for as long
 /// as it lasts, and each finish the committer tries meanwhile holds writes up for
-/// `FINISH_READER_WAIT_MS`: after one that was held back, the committer is asked again only
-/// after a pause that grows up to `HELD_BACK_MAX`.
-#[derive(Default)]
+/// `FINISH_READER_WAIT_MS`. A busy reader may hold back a try now and then (its thread was not
+/// scheduled in time), and the next round should try again; after `HELD_BACK_TRIES` in a row,
+/// the committer is asked again only after a pause that starts at one checkpoint interval and
+/// doubles up to `HELD_BACK_MAX`.
 struct HeldBack {
-    until: Option<(std::time::Instant, Duration)>,
+    first: Duration,
+    /// Tries held back in a row.
+    tries: u32,
+    until: Option<std::time::Instant>,
 }
 
 impl HeldBack {
+    fn new(first: Duration) -> Self {
+        HeldBack {
+            first,
+            tries: 0,
+            until: None,
+        }
+    }
+
     fn may_ask(&self) -> bool {
-        self.until
-            .is_none_or(|(at, _)| std::time::Instant::now() >= at)
+        self.until.is_none_or(|at| std::time::Instant::now() >= at)
     }
 
     fn record(&mut self, held_back: bool) {
-        self.until = held_back.then(|| {
+        if !held_back {
+            self.tries = 0;
+            self.until = None;
+            return;
+        }
+        self.tries += 1;
+        if let Some(doublings) = self.tries.checked_sub(HELD_BACK_TRIES) {
             let pause = self
-                .until
-                .map_or(HELD_BACK_FIRST, |(_, p)| (p * 2).min(HELD_BACK_MAX));
-            (std::time::Instant::now() + pause, pause)
-        });
+                .first
+                .saturating_mul(1 << doublings.min(16))
+                .min(HELD_BACK_MAX);
+            self.until = Some(std::time::Instant::now() + pause);
+        }
     }
 }
 
@@ -491,9 +509,10 @@ mod tests {
         };
         write_for(Duration::from_millis(1500));
         let while_held = asked.load(Ordering::Relaxed);
-        // Asked at once, then after 200, 400 and 800 ms; every 10 ms round without pauses.
+        // Asked at three rounds, then after pauses of 10, 20, 40, … ms: about 11 times in
+        // 1.5 s; at every round (about 50 of them) without the pauses.
         assert!(
-            (1..=6).contains(&while_held),
+            (1..=16).contains(&while_held),
             "asked {while_held} times in 1.5 s"
         );
         reader.execute_batch("COMMIT").unwrap();
@@ -522,9 +541,10 @@ mod tests {
         ));
         says(format!("at most {FINISH_READER_WAIT_MS} ms for readers"));
         says(format!(
-            "asked again after {} ms, then {} ms, … up to {} s",
-            HELD_BACK_FIRST.as_millis(),
-            (HELD_BACK_FIRST * 2).as_millis(),
+            "after {HELD_BACK_TRIES} tries in a row that readers held back, the committer is \
+             asked again after {} ms, then {} ms, … up to {} s",
+            bound.interval.as_millis(),
+            (bound.interval * 2).as_millis(),
             HELD_BACK_MAX.as_secs()
         ));
         says(format!("cut back to {} MiB", JOURNAL_SIZE_LIMIT >> 20));
