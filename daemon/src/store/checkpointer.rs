@@ -360,29 +360,39 @@ mod tests {
     use super::*;
     use crate::store::{schema, SyncMode, WalWrites};
 
+    /// A writer connection as the committer's, without SQLite's own checkpoints.
+    fn writer(path: &Path, wal: WalWrites) -> Connection {
+        let writer = schema::open_writer(path, SyncMode::Normal, wal).unwrap();
+        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        writer
+    }
+
+    /// Commits row `i`: about a page of WAL.
+    fn insert(writer: &Connection, i: u32) {
+        writer
+            .execute(
+                "INSERT INTO kv (k, v, v_encoding, version) VALUES (?1, ?2, 3, 1)",
+                rusqlite::params![i.to_be_bytes(), vec![7u8; 3000]],
+            )
+            .unwrap();
+    }
+
     #[test]
     fn sustained_writes_cannot_grow_the_wal_without_bound() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let writer = schema::open_writer(&path, SyncMode::Normal, WalWrites::IoUring).unwrap();
-        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        let writer = writer(&path, WalWrites::IoUring);
         limit_wal_file(&writer).unwrap();
         let bound = WalBound {
             restart_frames: 64,
             ..WalBound::DEFAULT
         };
         let (checkpoints, thread) = spawn(&path, bound, Box::new(|| {})).unwrap();
-        let value = vec![7u8; 3000];
         let wal = dir.path().join("db.sqlite-wal");
         let mut largest = 0;
         // 2,000 commits of about five pages each, poking after each as the committer does.
         for i in 0..2000u32 {
-            writer
-                .execute(
-                    "INSERT INTO kv (k, v, v_encoding, version) VALUES (?1, ?2, 3, 1)",
-                    rusqlite::params![i.to_be_bytes(), value],
-                )
-                .unwrap();
+            insert(&writer, i);
             // As the committer does after each commit.
             checkpoints.poke();
             checkpoints.finish_requested(&writer);
@@ -431,14 +441,9 @@ mod tests {
     fn a_checkpointer_waiting_for_the_committer_stops_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let writer = schema::open_writer(&path, SyncMode::Normal, WalWrites::Pwrite).unwrap();
-        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        writer
-            .execute(
-                "INSERT INTO kv (k, v, v_encoding, version) VALUES (x'01', x'02', 3, 1)",
-                [],
-            )
-            .unwrap();
+        // Kept open: closing the last connection would checkpoint and delete the WAL.
+        let writer = writer(&path, WalWrites::Pwrite);
+        insert(&writer, 0);
         let (woken_tx, woken) = flume::unbounded();
         let bound = WalBound {
             restart_frames: 1,
@@ -469,17 +474,8 @@ mod tests {
     fn a_long_read_holding_the_wal_back_is_retried_after_growing_pauses() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let writer = schema::open_writer(&path, SyncMode::Normal, WalWrites::Pwrite).unwrap();
-        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        let insert = |i: u32| {
-            writer
-                .execute(
-                    "INSERT INTO kv (k, v, v_encoding, version) VALUES (?1, ?2, 3, 1)",
-                    rusqlite::params![i.to_be_bytes(), vec![7u8; 3000]],
-                )
-                .unwrap();
-        };
-        insert(0);
+        let writer = writer(&path, WalWrites::Pwrite);
+        insert(&writer, 0);
         let reader = Connection::open(&path).unwrap();
         reader.execute_batch("BEGIN").unwrap();
         let _: i64 = reader
@@ -500,7 +496,7 @@ mod tests {
         let mut write_for = |how_long: Duration| {
             let end = std::time::Instant::now() + how_long;
             while std::time::Instant::now() < end {
-                insert(i);
+                insert(&writer, i);
                 i += 1;
                 checkpoints.poke();
                 checkpoints.finish_requested(&writer);
